@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from zsfw import plugins
+from zsfw.allocation import AllocationError
+from zsfw.interfaces import ByteBudget, LayerScores
+
+
+class CountFormat:
+    """1 byte per kept element: easy numbers for hand-made instances."""
+
+    name = "count"
+
+    def lowrank_bytes(self, out_features, in_features, rank, bias):
+        return rank * (out_features + in_features)
+
+    def dense_bytes(self, out_features, in_features, bias):
+        return 10**9  # never stay dense in these instances
+
+
+def _layer(name, scores, m=4, n=4):
+    scores = torch.tensor(scores, dtype=torch.float64)
+    sigma = torch.arange(scores.numel(), 0, -1, dtype=torch.float64)
+    return LayerScores(name, m, n, False, sigma, scores)
+
+
+def _layers():
+    # scores listed by component, largest σ first; drops happen from the end of each list
+    return [_layer("a", [5.0, -0.1, 0.3, -0.2]),
+            _layer("b", [4.0, 0.05, -0.4, 0.2]),
+            _layer("c", [3.0, -0.3, 0.1, 0.15])]
+
+
+def _simulate_zero_sum(layers, budget):
+    """The rule written out step by step, with no heaps."""
+    ranks = {l.name: l.full_rank for l in layers}
+    picks, running = [], 0.0
+    while budget.total(layers, ranks) > budget.limit:
+        frontier = [(l, l.scores[ranks[l.name] - 1].item()) for l in layers if ranks[l.name] > 1]
+        nonneg = [(abs(s), i, l, s) for i, (l, s) in enumerate(frontier) if s >= 0]
+        neg = [(abs(s), i, l, s) for i, (l, s) in enumerate(frontier) if s < 0]
+        pool = (nonneg or neg) if running <= 0 else (neg or nonneg)
+        _, _, layer, score = min(pool, key=lambda t: (t[0], layers.index(t[2])))
+        ranks[layer.name] -= 1
+        running += score
+        picks.append((layer.name, score))
+    return ranks, picks
+
+
+def _budget(layers, ratio):
+    return ByteBudget(layers, ratio, CountFormat())
+
+
+def test_zero_sum_matches_step_by_step_simulation():
+    layers = _layers()
+    for ratio in (0.9, 0.7, 0.5, 0.4):
+        budget = _budget(layers, ratio)
+        allocator = plugins.create("allocator", "zero_sum")
+        ranks = allocator.allocate(layers, budget)
+        expected_ranks, expected_picks = _simulate_zero_sum(layers, budget)
+        assert ranks == expected_ranks
+        assert [(layers[i].name, s) for i, s in allocator.picks] == expected_picks
+
+
+def test_zero_sum_meets_budget_tightly_with_bounded_running_sum():
+    g = torch.Generator().manual_seed(1)
+    layers = [_layer(f"l{i}", (torch.randn(16, generator=g) * (i + 1)).tolist(), 16, 16)
+              for i in range(6)]
+    budget = _budget(layers, 0.3)
+    allocator = plugins.create("allocator", "zero_sum")
+    ranks = allocator.allocate(layers, budget)
+    assert budget.total(layers, ranks) <= budget.limit
+    # one drop fewer would not have met the budget
+    i_last, _ = allocator.picks[-1]
+    undo = dict(ranks, **{layers[i_last].name: ranks[layers[i_last].name] + 1})
+    assert budget.total(layers, undo) > budget.limit
+    running = 0.0
+    ranks_now = {l.name: l.full_rank for l in layers}
+    for i, score in allocator.picks:
+        layer = layers[i]
+        # each layer drops its components from the smallest σ upwards
+        assert score == layer.scores[ranks_now[layer.name] - 1].item()
+        frontier = [l.scores[ranks_now[l.name] - 1].item() for l in layers if ranks_now[l.name] > 1]
+        # the sum only moves away from zero when no component could pull it back
+        if running <= 0 and score < 0:
+            assert all(s < 0 for s in frontier)
+        if running > 0 and score >= 0:
+            assert all(s >= 0 for s in frontier)
+        running += score
+        ranks_now[layer.name] -= 1
+    assert ranks_now == ranks
+
+
+def test_greedy_negative_drops_most_negative_first():
+    layers = _layers()
+    allocator = plugins.create("allocator", "greedy_negative")
+    allocator.allocate(layers, _budget(layers, 0.75))
+    # frontier (a -0.2, b 0.2, c 0.15): -0.2 goes; then (0.3, 0.2, 0.15): 0.15; then (0.3, 0.2, 0.1)
+    assert [s for _, s in allocator.picks[:3]] == [-0.2, 0.15, 0.1]
+
+
+def test_uniform_gives_every_layer_the_same_ratio():
+    layers = [_layer("sq", [0.0] * 32, 32, 32), _layer("tall", [0.0] * 16, 64, 16),
+              _layer("wide", [0.0] * 24, 24, 96)]
+
+    class Bf16:
+        name = "bf16like"
+
+        def lowrank_bytes(self, m, n, k, bias):
+            return 2 * k * (m + n)
+
+        def dense_bytes(self, m, n, bias):
+            return 2 * m * n
+
+    budget = ByteBudget(layers, 0.4, Bf16())
+    ranks = plugins.create("allocator", "uniform").allocate(layers, budget)
+    for layer in layers:
+        kept = budget.cost(layer, ranks[layer.name]) / budget.reference_bytes(layer)
+        step = 2 * (layer.out_features + layer.in_features) / budget.reference_bytes(layer)
+        assert 0.4 - step < kept <= 0.4
+
+
+def test_impossible_budget_is_a_clear_error():
+    layers = _layers()
+    with pytest.raises(AllocationError, match="cannot be met"):
+        plugins.create("allocator", "zero_sum").allocate(layers, _budget(layers, 0.1))

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+import zsfw
+from zsfw.calibration import CalibrationError, calibration_windows, load_texts, sample_windows, tokenize
+
+from conftest import VOCAB
+
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+
+
+def _docs(n=40, words=30):
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
+            for _ in range(n)]
+
+
+def test_sources_of_every_kind_give_the_same_texts(tmp_path):
+    import datasets
+
+    docs = _docs()
+    (tmp_path / "a.txt").write_text("\n".join(docs))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "1.txt").write_text("\n".join(docs[:20]))
+    (folder / "2.txt").write_text("\n".join(docs[20:]))
+    for source in (tmp_path / "a.txt", str(tmp_path / "b.jsonl"), tmp_path / "c.parquet", folder,
+                   datasets.Dataset.from_dict({"text": docs}), iter(docs)):
+        assert load_texts(source) == docs
+
+
+def test_missing_or_mixed_sources_are_errors(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_texts(tmp_path / "nope.txt")
+    (tmp_path / "a.txt").write_text("w1 w2")
+    (tmp_path / "b.jsonl").write_text('{"text": "w1"}')
+    with pytest.raises(CalibrationError, match="mixes file kinds"):
+        load_texts(tmp_path)
+    with pytest.raises(CalibrationError, match="must yield strings"):
+        load_texts([1, 2])
+
+
+def test_windows_are_deterministic_distinct_and_within_max_tokens(tokenizer):
+    tokens = tokenize(tokenizer, _docs())
+    assert tokens.numel() == 40 * 31  # 30 words + EOS per document
+    a = sample_windows(tokens, 10, 32, seed=3)
+    assert torch.equal(a, sample_windows(tokens, 10, 32, seed=3))
+    assert not torch.equal(a, sample_windows(tokens, 10, 32, seed=4))
+    assert len({tuple(w.tolist()) for w in a}) == 10
+    limited = sample_windows(tokens, 4, 32, seed=0, max_tokens=128)
+    chunks = {tuple(tokens[i:i + 32].tolist()) for i in range(0, 128, 32)}
+    assert {tuple(w.tolist()) for w in limited} == chunks
+
+
+def test_too_little_text_says_how_much_was_found(tokenizer):
+    with pytest.raises(CalibrationError, match=r"has 1240 tokens, enough for 38 windows of 32; 50 were requested"):
+        calibration_windows(tokenizer, _docs(), samples=50, sequence_length=32)
+
+
+def test_compress_from_a_text_file(tmp_path, tokenizer, llama):
+    path = tmp_path / "cal.txt"
+    path.write_text("\n".join(_docs()))
+    recipe = {"s": {"m": {"ZeroSumSVDModifier": {"ratio": 0.7, "calibration": {"samples": 6, "sequence_length": 32}}}}}
+    _, report = zsfw.compress(llama, recipe, path, tokenizer=tokenizer)
+    assert report.calibration_tokens == 6 * 32

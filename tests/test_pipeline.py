@@ -1,0 +1,105 @@
+import copy
+
+import pytest
+import torch
+
+import zsfw
+from zsfw.modules import LowRankLinear
+from zsfw.statistics import next_token_loss
+
+
+def _recipe(**modifier):
+    cal = modifier.pop("calibration", {"samples": 8, "sequence_length": 32})
+    return {"test_stage": {"modifiers": {"ZeroSumSVDModifier": {"calibration": cal, **modifier}}}}
+
+
+def _logit_error(original, compressed, windows):
+    with torch.no_grad():
+        ref = original(input_ids=windows).logits
+        out = compressed(input_ids=windows).logits
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_logits_approach_original_as_ratio_goes_to_one(llama, windows):
+    errors = []
+    for ratio in (0.5, 0.7, 0.9, 1.0):
+        model, report = zsfw.compress(copy.deepcopy(llama), _recipe(ratio=ratio), windows)
+        assert report.total_bytes <= report.budget_bytes
+        errors.append(_logit_error(llama, model, windows))
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 1e-2  # ratio 1: every layer dense, only bf16 rounding remains
+    assert errors[0] > 10 * errors[-1]
+
+
+def test_fp32_factors_at_full_rank_reproduce_the_layer(llama, windows):
+    x = torch.randn(3, 32)
+    linear = llama.model.layers[0].mlp.up_proj
+    fmt = zsfw.plugins.create("storage", "fp32")
+    from zsfw.linalg import lowrank_factors, whitened_svd
+
+    U, sigma, Vh = whitened_svd(linear.weight.detach(), None)
+    module = fmt.lowrank_module(*lowrank_factors(U, sigma, Vh, None, 32), None)
+    assert torch.allclose(module(x), linear(x), atol=1e-5)
+
+
+def test_report_is_consistent(llama, windows, tmp_path):
+    model, report = zsfw.compress(llama, _recipe(ratio=0.6), windows, output_dir=tmp_path)
+    modules = dict(model.named_modules())
+    for layer in report.layers:
+        module = modules[layer.name]
+        if layer.dense:
+            assert not isinstance(module, LowRankLinear)
+        else:
+            assert isinstance(module, LowRankLinear) and module.rank == layer.rank
+            assert module.A.weight.dtype == torch.bfloat16
+            stored = sum(p.numel() * p.element_size() for p in module.parameters())
+            assert stored == layer.bytes
+    assert report.total_bytes <= report.budget_bytes
+    assert (tmp_path / "report.json").is_file()
+    reloaded = zsfw.load_recipe(tmp_path / "recipe.yaml")
+    assert reloaded.modifier.ratio == 0.6
+    assert "total:" in report.table()
+    assert set(report.timings) >= {"statistics", "factorize + score", "allocate", "truncate"}
+
+
+def test_biased_architecture_keeps_biases_and_stable_keys(qwen2, windows):
+    model, report = zsfw.compress(qwen2, _recipe(ratio=0.6, storage="fp32"), windows)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LowRankLinear) and q.bias is not None
+    keys = [k for k in model.state_dict() if k.startswith("model.layers.0.self_attn.q_proj.")]
+    assert sorted(keys) == ["model.layers.0.self_attn.q_proj.A.weight",
+                            "model.layers.0.self_attn.q_proj.B.bias",
+                            "model.layers.0.self_attn.q_proj.B.weight"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=windows).logits).all()
+
+
+def test_corrector_lowers_calibration_loss(llama, windows):
+    base = _recipe(ratio=0.5, storage="fp32")
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), base, windows)
+    corrected, report = zsfw.compress(
+        copy.deepcopy(llama), _recipe(ratio=0.5, storage="fp32",
+                                      corrector={"name": "projected_gradient", "cycles": 2}), windows)
+    with torch.no_grad():
+        before = next_token_loss(one_shot, windows).item()
+        after = next_token_loss(corrected, windows).item()
+    assert len(report.correction_losses) == 2
+    assert report.correction_losses[0] == pytest.approx(before, rel=1e-4)
+    assert after < before
+
+
+@pytest.mark.parametrize("allocator,scorer", [("uniform", "first_order"), ("zero_sum", "sigma"),
+                                              ("greedy_negative", "first_order")])
+def test_baselines_run_in_the_same_harness(llama, windows, allocator, scorer):
+    model, report = zsfw.compress(llama, _recipe(ratio=0.6, allocator=allocator, scorer=scorer),
+                                  windows)
+    assert report.total_bytes <= report.budget_bytes
+    if allocator == "uniform":
+        kept = {round(l.kept, 1) for l in report.layers if l.shape[0] == l.shape[1]}
+        assert len(kept) == 1
+
+
+def test_plain_svd_without_whitening(llama, windows):
+    model, report = zsfw.compress(llama, _recipe(ratio=0.8, whiten=False), windows)
+    assert all(l.whitening == "" for l in report.layers)
+    assert report.calibration_tokens == windows.numel()

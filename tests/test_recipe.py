@@ -1,0 +1,82 @@
+import pytest
+import yaml
+
+import zsfw
+from zsfw.recipe import RecipeError, load_recipe
+from zsfw.targets import TargetError, find_targets
+
+GOOD = """
+my_stage:
+  my_modifiers:
+    ZeroSumSVDModifier:
+      ratio: 0.7
+      corrector: {name: projected_gradient, cycles: 3}
+      calibration: {samples: 4, sequence_length: 16}
+"""
+
+
+def test_path_string_dict_and_object_give_the_same_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(GOOD)
+    from_path = load_recipe(path)
+    from_str_path = load_recipe(str(path))
+    from_yaml = load_recipe(GOOD)
+    from_dict = load_recipe(yaml.safe_load(GOOD))
+    from_object = load_recipe(zsfw.ZeroSumSVDModifier(
+        ratio=0.7, corrector={"name": "projected_gradient", "cycles": 3},
+        calibration={"samples": 4, "sequence_length": 16}))
+    mods = [r.modifier for r in (from_path, from_str_path, from_yaml, from_dict, from_object)]
+    assert all(m == mods[0] for m in mods)
+    assert mods[0].corrector.options == {"cycles": 3}
+    assert load_recipe(from_yaml.to_yaml()).modifier == mods[0]
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("ratio: 1.5", r"<yaml string>: s\.m\.ZeroSumSVDModifier\.ratio: .*less than or equal to 1.*got 1\.5"),
+    ("ratios: 0.5", r"ratios: unknown key; allowed keys: targets, ignore, ratio"),
+    ("calibration: {samples: 4, seq_len: 8}", r"calibration\.seq_len: unknown key; allowed keys: samples, sequence_length"),
+    ("calibration: {samples: 0}", r"calibration\.samples: .*greater than 0.*got 0"),
+    ("calibration: {samples: 2, gradient_samples: 3}", r"gradient_samples \(3\) must be <= samples \(2\)"),
+    ("scorer: magic", r"scorer: 'magic' is not a registered scorer; registered: first_order, sigma"),
+    ("allocator: {name: nope}", r"allocator: 'nope' is not a registered allocator; registered: .*zero_sum"),
+    ("storage: int3", r"storage: 'int3' is not a registered storage; registered: bf16, fp16, fp32"),
+    ("targets: ['re:(']", r"targets: .*'re:\(' is not a valid regex.*got \['re:\('\]"),
+    ("whiten: maybe", r"whiten: .*valid boolean.*got 'maybe'"),
+])
+def test_validation_errors_name_key_value_and_allowed(body, expected):
+    text = "s:\n  m:\n    ZeroSumSVDModifier:\n      " + body + "\n"
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(text)
+
+
+def test_structure_errors(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match="unknown modifier 'QuantizationModifier'; allowed: ZeroSumSVDModifier"):
+        load_recipe({"s": {"m": {"QuantizationModifier": {}}}})
+    with pytest.raises(RecipeError, match="exactly one stage"):
+        load_recipe({"a": {}, "b": {}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("s:\n  m:\n    ZeroSumSVDModifier:\n      ratio: -1\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml: s\.m\.ZeroSumSVDModifier\.ratio"):
+        load_recipe(bad)
+
+
+def test_targets_that_match_nothing_or_non_linear_are_errors(llama):
+    with pytest.raises(TargetError, match=r"\['re:.*nothing_here'\] match no module"):
+        find_targets(llama, ["Linear", "re:.*nothing_here"], [])
+    with pytest.raises(TargetError, match="is a LlamaMLP, not a torch.nn.Linear"):
+        find_targets(llama, ["re:model\\.layers\\.0\\.mlp"], [])
+    found = find_targets(llama, ["re:.*mlp\\..*_proj"], ["re:.*down_proj"])
+    assert sorted(n.rsplit(".", 1)[1] for n in found) == ["gate_proj", "gate_proj", "up_proj", "up_proj"]
+    assert "lm_head" not in find_targets(llama, ["Linear"], [])  # tied output embedding
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        load_recipe(path)
+    assert load_recipe(Path(__file__).parent.parent / "recipes" / "zero_sum.yaml").modifier == load_recipe(None).modifier

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from zsfw.linalg import first_order_scores, whitened_svd, whitening_factor
+from zsfw.statistics import NonFiniteError, collect, next_token_loss
+from zsfw.targets import find_targets
+
+
+def _targets(model):
+    return find_targets(model, ["Linear"], ["lm_head"])
+
+
+def test_groups_follow_shared_inputs_without_names(llama, windows):
+    stats = collect(llama, _targets(llama), windows, batch_size=3)
+    by_member = {tuple(sorted(n.rsplit(".", 1)[1] for n in members)) for members in stats.groups.values()}
+    assert by_member == {("k_proj", "q_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
+    assert len(stats.groups) == 8  # 4 groups × 2 blocks
+
+
+def test_covariance_and_gradient_are_exact(llama, windows):
+    targets = _targets(llama)
+    name = "model.layers.1.mlp.down_proj"
+    seen = []
+    handle = targets[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    stats = collect(llama, targets, windows, gradient_samples=5, batch_size=2)
+    handle.remove()
+    X = torch.cat(seen).double()
+    C = stats.covariances[stats.group_of(name)]
+    assert C.dtype == torch.float64
+    assert torch.allclose(C, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-8)
+    # the gradient is that of the mean token loss over the first 5 windows
+    weight = targets[name].weight
+    weight.requires_grad_(True)
+    next_token_loss(llama, windows[:5]).backward()
+    assert torch.allclose(stats.gradients[name], weight.grad, rtol=1e-4, atol=1e-7)
+    weight.grad = None
+
+
+def test_parameters_requires_grad_restored(llama, windows):
+    before = {n: p.requires_grad for n, p in llama.named_parameters()}
+    collect(llama, _targets(llama), windows[:2])
+    assert before == {n: p.requires_grad for n, p in llama.named_parameters()}
+    assert all(p.grad is None for p in llama.parameters())
+
+
+def test_non_finite_activation_names_the_module(llama, windows):
+    targets = _targets(llama)
+    with torch.no_grad():
+        llama.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.(gate|up)_proj"):
+        collect(llama, targets, windows[:2])
+
+
+def test_first_order_score_predicts_loss_change(llama, windows):
+    """ΔL_i is the exact derivative (central difference) and predicts removing a small component."""
+    model = llama.double()
+    batch = windows[:4]
+    targets = _targets(model)
+    stats = collect(model, targets, batch)
+    name = "model.layers.1.mlp.down_proj"
+    linear = targets[name]
+    W = linear.weight.detach().clone()
+    S = whitening_factor(stats.covariances[stats.group_of(name)], 1e-6).S
+    U, sigma, Vh = whitened_svd(W, S)
+    scores = first_order_scores(U, sigma, Vh, stats.gradients[name], S)
+
+    def loss_at(weight):  # in float64 throughout (transformers' loss casts logits to float32)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            logits = model(input_ids=batch).logits[:, :-1]
+            value = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                      batch[:, 1:].reshape(-1)).item()
+            linear.weight.copy_(W)
+        return value
+
+    base = loss_at(W)
+    small = range(sigma.numel() - 8, sigma.numel())
+    agree = 0
+    for i in small:
+        component = torch.linalg.solve_triangular(S, sigma[i] * torch.outer(U[:, i], Vh[i]),
+                                                  upper=False, left=False)
+        h = 0.1  # the model keeps some float32 internals (RoPE): a small h hits their noise
+        slope = (loss_at(W - h * component) - loss_at(W + h * component)) / (2 * h)
+        assert abs(slope - scores[i].item()) <= 1e-2 * abs(scores[i].item()) + 1e-7
+        true = loss_at(W - component) - base
+        predicted = scores[i].item()
+        agree += (true > 0) == (predicted > 0) and abs(true) / 3 <= abs(predicted) <= 3 * abs(true)
+    assert agree >= 5, f"only {agree}/8 removals predicted in sign and magnitude" 

@@ -1,0 +1,37 @@
+"""zsfw: low-rank compression of Hugging Face causal LMs with Zero-Sum SVD.
+
+    import zsfw
+    model, report = zsfw.compress(model, "recipes/zero_sum.yaml", "calibration.txt")
+    print(report.table())
+
+Every step (scorer, allocator, corrector, storage format) is a plugin; see ``zsfw.hookspecs``.
+"""
+
+from zsfw.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["hookimpl", "compress", "load_recipe", "Recipe", "ZeroSumSVDModifier", "LowRankLinear",
+           "register_plugin", "__version__"]
+
+
+def __getattr__(name: str):
+    # Heavy imports (torch, transformers) wait until used, so plugins can import `zsfw.hookimpl`
+    # cheaply and the plugin manager can import plugins while zsfw itself is importing.
+    if name == "compress":
+        from zsfw.pipeline import compress
+
+        return compress
+    if name in ("load_recipe", "Recipe", "ZeroSumSVDModifier"):
+        from zsfw import recipe
+
+        return getattr(recipe, name)
+    if name == "LowRankLinear":
+        from zsfw.modules import LowRankLinear
+
+        return LowRankLinear
+    if name == "register_plugin":
+        from zsfw.plugins import register_plugin
+
+        return register_plugin
+    raise AttributeError(f"module 'zsfw' has no attribute {name!r}")

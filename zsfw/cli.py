@@ -1,0 +1,65 @@
+"""The ``zsfw`` command: ``zsfw compress``, ``zsfw plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from zsfw.models import load_model
+    from zsfw.pipeline import compress
+
+    dataset = args.dataset
+    if dataset is None:
+        from zsfw.sources import news_text_path
+
+        dataset = news_text_path()
+    model, tokenizer = load_model(args.model)
+    recipe = args.recipe if args.recipe else None
+    _, report = compress(model, recipe, dataset, output_dir=args.output, tokenizer=tokenizer)
+    print(report.table())
+    if args.output:
+        print(f"report and effective recipe written to {args.output}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from zsfw.plugins import registry
+
+    for kind, components in registry().items():
+        print(f"{kind}s:")
+        for name, c in sorted(components.items()):
+            print(f"  {name:<20} {c.plugin:<20} {c.distribution} {c.version}".rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zsfw", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compress", help="compress a causal LM with a recipe")
+    p.add_argument("--model", default="default",
+                   help="checkpoint folder, .gguf file, hub id, or 'default' (SmolLM2-135M)")
+    p.add_argument("--recipe", default=None, help="recipe YAML (default: recipes/zero_sum.yaml's "
+                                                  "settings, built in)")
+    p.add_argument("--dataset", default=None,
+                   help="calibration text: file or folder (txt/jsonl/parquet) or hub dataset id "
+                        "(default: the embedded news text)")
+    p.add_argument("--output", type=Path, default=None, help="folder for report and recipe")
+    p.set_defaults(run=_compress)
+    p = sub.add_parser("plugins", help="list registered scorers, allocators, correctors, formats")
+    p.set_defaults(run=_plugins)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"zsfw: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Whitening, whitened SVD, first-order scores and truncation, in float64.
+
+Notation follows DESIGN.md: W is out×in (y = W x), C = E[x xᵀ] the input second moment, S the
+lower-triangular factor with S Sᵀ = C + damping. Then ‖(W − W')X‖ = ‖(W − W')S‖ for the
+calibration inputs, so the best rank-k layer is the truncated SVD of W S mapped back by S⁻¹.
+``S is None`` means no whitening (plain SVD of W). No explicit inverse is ever formed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Whitening:
+    """A whitening factor and how it was obtained (for the report)."""
+
+    S: torch.Tensor  # lower-triangular, float64
+    relative_damping: float  # damping added to the diagonal, relative to mean(diag C)
+    method: str  # "cholesky" or "eigh-clamped"
+
+
+def whitening_factor(C: torch.Tensor, damping: float = 1e-4, max_tries: int = 6) -> Whitening:
+    """Lower-triangular S with S Sᵀ = C + λ I, λ = damping × mean(diag C).
+
+    On a failed Cholesky the damping grows tenfold per try; if that never succeeds, the
+    eigenvalues of C are clamped to λ and the result is factorized instead.
+    """
+    C = C.to(torch.float64)
+    C = (C + C.mT) / 2
+    n = C.shape[0]
+    scale = C.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny).item()
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    rel = damping
+    for _ in range(max_tries):
+        lam = rel * scale
+        S, info = torch.linalg.cholesky_ex(C + lam * eye)
+        if info.item() == 0:
+            return Whitening(S, rel, "cholesky")
+        rel = rel * 10 if rel > 0 else 1e-10
+    evals, evecs = torch.linalg.eigh(C)
+    clamped = (evecs * evals.clamp_min(max(damping, 1e-8) * scale)) @ evecs.mT
+    S = torch.linalg.cholesky((clamped + clamped.mT) / 2)
+    return Whitening(S, damping, "eigh-clamped")
+
+
+def whiten(W: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
+    """W S in float64 (W itself when not whitening)."""
+    W = W.to(torch.float64)
+    return W if S is None else W @ S
+
+
+def unwhiten(M: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
+    """M S⁻¹ by a triangular solve."""
+    if S is None:
+        return M
+    return torch.linalg.solve_triangular(S, M, upper=False, left=False)
+
+
+def whitened_svd(W: torch.Tensor, S: torch.Tensor | None):
+    """U, σ (descending), Vᵀ of W S, all float64."""
+    return torch.linalg.svd(whiten(W, S), full_matrices=False)
+
+
+def first_order_scores(
+    U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, G: torch.Tensor, S: torch.Tensor | None
+) -> torch.Tensor:
+    """ΔL_i = −σ_i u_iᵀ (G S⁻ᵀ) v_i: first-order loss change of setting σ_i to zero."""
+    G = G.to(torch.float64)
+    H = G if S is None else torch.linalg.solve_triangular(S.mT, G, upper=True, left=False)
+    return -sigma * ((U.mT @ H) * Vh).sum(dim=1)
+
+
+def lowrank_factors(
+    U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, S: torch.Tensor | None, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U_k Σ_k^½ (out×k) and A = Σ_k^½ V_kᵀ S⁻¹ (k×in), so that B A ≈ W."""
+    root = sigma[:rank].sqrt()
+    B = U[:, :rank].to(torch.float64) * root
+    A = unwhiten(root[:, None] * Vh[:rank].to(torch.float64), S)
+    return B, A
+
+
+def truncate(W: torch.Tensor, S: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the best rank-``rank`` approximation of W in the whitened norm."""
+    U, sigma, Vh = whitened_svd(W, S)
+    return lowrank_factors(U, sigma, Vh, S, rank)
+
+
+def relative_tail_energy(sigma: torch.Tensor, rank: int) -> float:
+    """‖W S − (W S)_k‖_F / ‖W S‖_F: the whitened reconstruction error at ``rank``."""
+    energy = sigma.to(torch.float64).square()
+    total = energy.sum()
+    return 0.0 if total == 0 else (energy[rank:].sum() / total).sqrt().item()

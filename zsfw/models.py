@@ -1,0 +1,50 @@
+"""Loading the causal LM to compress: a checkpoint folder, a hub id, a GGUF file or the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+"""Stands for the embedded default model, SmolLM2-135M-Instruct (see ``zsfw.sources``)."""
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be found or is not a supported causal LM."""
+
+
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a checkpoint folder, a ``.gguf`` file, a hub id or ``"default"``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(source) == DEFAULT_MODEL:
+        from zsfw.sources import default_model_path
+
+        source = default_model_path()
+    path = Path(source).expanduser()
+    kwargs: dict = {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
+        kwargs["gguf_file"] = path.name
+        location = str(path.parent)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{str(path)!r} is not a model folder: it has no config.json")
+        location = str(path)
+    elif str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise ModelLoadError(f"model {str(source)!r} does not exist")
+    else:
+        location = str(source)  # a hub id, which works only when the hub is reachable
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load {str(source)!r} as a causal LM: {exc}") from exc
+    if "gguf_file" in kwargs:  # dequantized on load: a plain float model from here on
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model.eval(), tokenizer
+

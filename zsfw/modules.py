@@ -1,0 +1,95 @@
+"""The modules a compressed model is built from.
+
+``LowRankLinear`` replaces an ``nn.Linear`` (y = W x + b, W: out×in) by two factors,
+y = B (A x) + b with A: rank×in and B: out×rank. Its ``state_dict`` keys are stable:
+
+    <name>.A.weight   (rank, in_features)
+    <name>.B.weight   (out_features, rank)
+    <name>.B.bias     (out_features,)        only when the original layer had a bias
+
+Factors are stored in the storage format's dtype and computed in the input's dtype, so bf16
+factors serve an fp32 model without rounding its activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _weight_as(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+class LowRankLinear(nn.Module):
+    """A rank-``rank`` linear layer, a drop-in replacement for ``nn.Linear``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 < rank <= min(in_features, out_features):
+            raise ValueError(
+                f"rank must be in 1..{min(in_features, out_features)} for a "
+                f"{out_features}x{in_features} layer, got {rank}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(
+        cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> "LowRankLinear":
+        """Build from B (out×rank), A (rank×in) and an optional bias, stored as ``dtype``."""
+        module = cls(A.shape[1], B.shape[0], A.shape[0], bias=bias is not None,
+                     device=A.device, dtype=dtype)
+        with torch.no_grad():
+            module.A.weight.copy_(A)
+            module.B.weight.copy_(B)
+            if bias is not None:
+                module.B.bias.copy_(bias)
+        return module
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.B.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.B.bias
+        h = F.linear(x, _weight_as(self.A.weight, x))
+        return F.linear(h, _weight_as(self.B.weight, x), None if bias is None else _weight_as(bias, x))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.B.bias is not None}")
+
+
+class StoredLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is stored in another dtype than the activations.
+
+    Layers left dense keep their keys (``weight``, ``bias``) and are computed in the input's dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else _weight_as(self.bias, x)
+        return F.linear(x, _weight_as(self.weight, x), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "StoredLinear":
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=dtype)
+        with torch.no_grad():
+            module.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module

@@ -1,0 +1,245 @@
+"""The compression pipeline, one way through:
+
+recipe → targets + calibration windows → statistics (one pass: C and G) → whitened SVD and
+scores, layer group by layer group → allocation under the byte budget → truncation →
+correction (optional) → modules of the storage format → report.
+
+Memory stays bounded: a group's covariance is freed once factorized, a layer's gradient once
+scored, and the SVD factors wait on disk (safetensors, in a temporary folder) until the
+allocation says which of them to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from zsfw import plugins
+from zsfw.calibration import DatasetLike, calibration_windows
+from zsfw.interfaces import ByteBudget, LayerScores, LayerSpectrum
+from zsfw.linalg import lowrank_factors, relative_tail_energy, truncate, whitened_svd, whitening_factor
+from zsfw.recipe import RecipeLike, load_recipe
+from zsfw.report import LayerReport, Report
+from zsfw.statistics import collect
+from zsfw.targets import find_targets
+
+log = logging.getLogger(__name__)
+
+
+class _Spill:
+    """Tensors parked on disk between phases, so they are never all in memory at once."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="zsfw-", dir=directory)
+
+    def _path(self, key: str) -> Path:
+        return Path(self._dir.name) / f"{key}.safetensors"
+
+    def put(self, key: str, **tensors: torch.Tensor) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self._path(key))
+
+    def get(self, key: str, device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in load_file(self._path(key)).items()}
+
+    def has(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+class _Correction:
+    """The truncated model as a corrector sees it (implements ``CorrectionProblem``)."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], ranks: dict[str, int],
+                 spill: _Spill, windows: torch.Tensor, batch_size: int) -> None:
+        self.model, self.targets, self.ranks, self.spill = model, targets, ranks, spill
+        self.windows, self.batch_size = windows, batch_size
+        self.layers = list(ranks)
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.originals: dict[str, torch.Tensor] = {}
+
+    def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        weight = self.targets[name].weight
+        self.originals.setdefault(name, weight.detach().clone())
+        self.factors[name] = (B.to(weight.dtype), A.to(weight.dtype))
+        with torch.no_grad():
+            weight.copy_(B @ A)
+
+    def original(self, name: str) -> torch.Tensor:
+        return self.originals[name]
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.targets[name].weight.detach()
+
+    def gradients(self) -> tuple[float, dict[str, torch.Tensor]]:
+        stats = collect(self.model, {n: self.targets[n] for n in self.layers}, self.windows,
+                        batch_size=self.batch_size, moments=False, desc="correction gradient")
+        return stats.loss, stats.gradients
+
+    def retruncate(self, name: str, weight: torch.Tensor) -> None:
+        S = _whitener(self.spill, name, weight.device)
+        self.install(name, *truncate(weight, S, self.ranks[name]))
+
+
+def _whitener(spill: _Spill, name: str, device: torch.device) -> torch.Tensor | None:
+    key = f"S.{name}"
+    return spill.get(key, device)["S"] if spill.has(key) else None
+
+
+def compress(
+    model: nn.Module,
+    recipe: RecipeLike = None,
+    dataset: DatasetLike | torch.Tensor | None = None,
+    output_dir: str | Path | None = None,
+    tokenizer: Any = None,
+) -> tuple[nn.Module, Report]:
+    """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset``.
+
+    ``dataset`` is text (see ``zsfw.calibration``) or a ready (windows × tokens) tensor of ids.
+    Text needs ``tokenizer`` (default: the model's own, from ``model.name_or_path``).
+    Returns the model and a report; with ``output_dir`` the report and the effective recipe
+    are written there.
+    """
+    recipe = load_recipe(recipe)
+    m = recipe.modifier
+    scorer = plugins.create("scorer", m.scorer.name, m.scorer.options)
+    allocator = plugins.create("allocator", m.allocator.name, m.allocator.options)
+    corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
+    storage = plugins.create("storage", m.storage.name, m.storage.options)
+    report = Report(recipe=recipe.to_dict())
+    cal = m.calibration
+
+    targets = find_targets(model, m.targets, m.ignore)
+    with report.phase("calibration data"):
+        windows = _windows(model, dataset, tokenizer, cal)
+    with report.phase("statistics"):
+        stats = collect(model, targets, windows, gradient_samples=cal.gradient_samples,
+                        batch_size=cal.batch_size, moments=m.whiten,
+                        gradients=scorer.needs_gradient, desc="statistics + gradient")
+    report.calibration_tokens, report.calibration_loss = stats.tokens or windows.numel(), stats.loss
+    groups = stats.groups if m.whiten else {name: [name] for name in targets}
+
+    spill = _Spill()
+    try:
+        layer_scores: dict[str, LayerScores] = {}
+        notes: dict[str, str] = {}
+        with report.phase("factorize + score"):
+            bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
+            for group, members in groups.items():
+                S = None
+                if m.whiten:
+                    whitening = whitening_factor(stats.covariances.pop(group), m.damping)
+                    S = whitening.S
+                    note = _whitening_note(whitening, m.damping)
+                    if note:
+                        log.warning("whitening of %s needed %s", members, note)
+                for name in members:
+                    weight = targets[name].weight.detach()
+                    U, sigma, Vh = whitened_svd(weight, S)
+                    scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S,
+                                                        stats.gradients.pop(name, None)))
+                    layer_scores[name] = LayerScores(name, weight.shape[0], weight.shape[1],
+                                                     targets[name].bias is not None,
+                                                     sigma.cpu(), scores.to(torch.float64).cpu())
+                    spill.put(f"svd.{name}", U=U.float(), Vh=Vh.float())
+                    if S is not None:
+                        spill.put(f"S.{name}", S=S)
+                        notes[name] = note
+                    bar.update()
+            bar.close()
+        del stats
+
+        with report.phase("allocate"):
+            ordered = [layer_scores[name] for name in targets]
+            budget = ByteBudget(ordered, m.ratio, storage)
+            ranks = allocator.allocate(ordered, budget)
+            _check_allocation(m.allocator.name, ordered, ranks, budget)
+        report.budget_bytes = budget.limit
+        lowrank = {l.name: ranks[l.name] for l in ordered if not budget.is_dense(l, ranks[l.name])}
+
+        device = next(model.parameters()).device
+        problem = _Correction(model, targets, lowrank, spill, windows[: cal.gradient_samples],
+                              cal.batch_size)
+        with report.phase("truncate"):
+            for name, linear in tqdm(targets.items(), desc="truncate", unit="layer"):
+                if name not in lowrank:
+                    model.set_submodule(name, storage.dense_module(linear))
+                    continue
+                svd = spill.get(f"svd.{name}", device)
+                B, A = lowrank_factors(svd["U"], layer_scores[name].sigma.to(device), svd["Vh"],
+                                       _whitener(spill, name, device), lowrank[name])
+                if corrector:
+                    problem.install(name, B, A)
+                else:
+                    model.set_submodule(name, storage.lowrank_module(B, A, linear.bias))
+        if corrector:
+            with report.phase("correct"):
+                report.correction_losses = corrector.correct(problem)
+                for name, (B, A) in problem.factors.items():
+                    model.set_submodule(name, storage.lowrank_module(B, A, targets[name].bias))
+    finally:
+        spill.close()
+
+    for layer in ordered:
+        rank = ranks[layer.name]
+        dense = layer.name not in lowrank
+        report.layers.append(LayerReport(
+            name=layer.name, shape=(layer.out_features, layer.in_features),
+            rank=layer.full_rank if dense else rank, full_rank=layer.full_rank, dense=dense,
+            bytes=budget.cost(layer, layer.full_rank if dense else rank),
+            reference_bytes=budget.reference_bytes(layer),
+            predicted_delta_loss=0.0 if dense else layer.scores[rank:].sum().item(),
+            whitened_error=0.0 if dense else relative_tail_energy(layer.sigma, rank),
+            whitening=notes.get(layer.name, "")))
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.save(out / "recipe.yaml")
+        report.save(out / "report.json")
+    return model, report
+
+
+def _windows(model: nn.Module, dataset: Any, tokenizer: Any, cal) -> torch.Tensor:
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.dtype != torch.long:
+            raise ValueError(f"a tensor dataset must be (windows × tokens) int64 ids, got "
+                             f"{tuple(dataset.shape)} {dataset.dtype}")
+        return dataset
+    if dataset is None:
+        raise ValueError("compress needs calibration data: a text file/folder, a datasets.Dataset, "
+                         "an iterable of strings, or a tensor of token ids")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    return calibration_windows(tokenizer, dataset, cal.samples, cal.sequence_length, cal.seed,
+                               cal.max_tokens)
+
+
+def _whitening_note(whitening, damping: float) -> str:
+    if whitening.method != "cholesky":
+        return f"{whitening.method} whitening"
+    if whitening.relative_damping > damping:
+        return f"damping raised to {whitening.relative_damping:.0e}"
+    return ""
+
+
+def _check_allocation(name: str, layers: list[LayerScores], ranks: dict[str, int],
+                      budget: ByteBudget) -> None:
+    for layer in layers:
+        rank = ranks.get(layer.name)
+        if rank is None or not 1 <= rank <= layer.full_rank:
+            raise RuntimeError(f"allocator {name!r} gave {layer.name!r} rank {rank}; "
+                               f"allowed 1..{layer.full_rank}")
+    spent = budget.total(layers, ranks)
+    if spent > budget.limit:
+        raise RuntimeError(f"allocator {name!r} spent {spent} bytes, over the budget of "
+                           f"{budget.limit}")

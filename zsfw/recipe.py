@@ -1,0 +1,227 @@
+"""Recipes: what to compress and how, in the llm-compressor YAML shape users know.
+
+    zero_sum_stage:
+      compression_modifiers:
+        ZeroSumSVDModifier:
+          targets: [Linear]          # class names, or "re:" full-match regexes over module names
+          ignore: [lm_head]
+          ratio: 0.8                 # bytes kept, vs the targets at 16 bits per weight
+          scorer: first_order        # a name, or {name: ..., <options>}
+          allocator: zero_sum
+          corrector: null            # e.g. {name: projected_gradient, cycles: 5}
+          storage: bf16
+          calibration: {samples: 32, sequence_length: 512}
+
+``load_recipe`` takes a path, a YAML string, a dict or a ``Recipe`` and validates it; every error
+names the source, the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zsfw import plugins
+
+MODIFIER_NAME = "ZeroSumSVDModifier"
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed; the message names the source and the offending key."""
+
+
+class PluginSpec(BaseModel):
+    """A plugin by registered name, with the options its constructor takes."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "options" not in value:
+            rest = {k: v for k, v in value.items() if k != "name"}
+            return {"name": value.get("name"), "options": rest}
+        return value
+
+    def to_yaml(self) -> Any:
+        return self.name if not self.options else {"name": self.name, **self.options}
+
+
+class CalibrationConfig(BaseModel):
+    """How calibration windows are drawn from the dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(32, gt=0, description="number of windows")
+    sequence_length: int = Field(512, gt=1, description="tokens per window")
+    gradient_samples: int | None = Field(
+        None, gt=0, description="windows that also get a backward pass (default: all)")
+    batch_size: int = Field(1, gt=0, description="windows per forward pass")
+    seed: int = 0
+    max_tokens: int | None = Field(
+        None, gt=1, description="draw windows only from the first max_tokens tokens of the text")
+
+    @model_validator(mode="after")
+    def _gradient_within_samples(self) -> "CalibrationConfig":
+        if self.gradient_samples is not None and self.gradient_samples > self.samples:
+            raise ValueError(f"gradient_samples ({self.gradient_samples}) must be <= samples "
+                             f"({self.samples})")
+        return self
+
+
+class ZeroSumSVDModifier(BaseModel):
+    """Low-rank compression of the target linear layers under one global byte budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], min_length=1)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    ratio: float = Field(0.8, gt=0, le=1)
+    scorer: PluginSpec = PluginSpec(name="first_order")
+    allocator: PluginSpec = PluginSpec(name="zero_sum")
+    corrector: PluginSpec | None = None
+    storage: PluginSpec = PluginSpec(name="bf16")
+    whiten: bool = True
+    damping: float = Field(1e-4, ge=0, description="relative to the mean diagonal of C")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        import re
+
+        for v in values:
+            if v.startswith("re:"):
+                try:
+                    re.compile(v[3:])
+                except re.error as exc:
+                    raise ValueError(f"{v!r} is not a valid regex: {exc}") from exc
+        return values
+
+
+class Recipe(BaseModel):
+    """One stage holding one modifier (the llm-compressor layout)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: str = "zero_sum_stage"
+    group: str = "compression_modifiers"
+    modifier: ZeroSumSVDModifier = Field(default_factory=ZeroSumSVDModifier)
+    source: str = Field("<python>", exclude=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.modifier
+        body = m.model_dump(exclude={"scorer", "allocator", "corrector", "storage", "calibration"})
+        body.update(scorer=m.scorer.to_yaml(), allocator=m.allocator.to_yaml(),
+                    corrector=m.corrector.to_yaml() if m.corrector else None,
+                    storage=m.storage.to_yaml(), calibration=m.calibration.model_dump())
+        return {self.stage: {self.group: {MODIFIER_NAME: body}}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+RecipeLike = Union[str, os.PathLike, dict, Recipe, ZeroSumSVDModifier, None]
+
+
+def load_recipe(recipe: RecipeLike = None) -> Recipe:
+    """Validate a recipe given as a path, a YAML string, a dict or an object (None: defaults)."""
+    if recipe is None:
+        return _check_plugins(Recipe())
+    if isinstance(recipe, Recipe):
+        return _check_plugins(recipe)
+    if isinstance(recipe, ZeroSumSVDModifier):
+        return _check_plugins(Recipe(modifier=recipe))
+    source = "<dict>"
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and _looks_like_path(recipe)):
+        path = Path(recipe)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        source, text = str(path), path.read_text()
+        recipe = _parse_yaml(text, source)
+    elif isinstance(recipe, str):
+        source = "<yaml string>"
+        recipe = _parse_yaml(recipe, source)
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping stage -> modifiers -> "
+                          f"{MODIFIER_NAME}, got {type(recipe).__name__}")
+    return _check_plugins(_from_dict(recipe, source))
+
+
+def _looks_like_path(text: str) -> bool:
+    return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.exists(text))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}") from exc
+
+
+def _single(mapping: Any, where: str, what: str, source: str) -> tuple[str, Any]:
+    if not isinstance(mapping, dict) or len(mapping) != 1:
+        got = list(mapping) if isinstance(mapping, dict) else type(mapping).__name__
+        raise RecipeError(f"{source}: {where} must hold exactly one {what}, got {got}")
+    return next(iter(mapping.items()))
+
+
+def _from_dict(data: dict, source: str) -> Recipe:
+    stage, groups = _single(data, "the recipe", "stage (e.g. zero_sum_stage)", source)
+    group, modifiers = _single(groups, stage, "modifier group (e.g. compression_modifiers)", source)
+    name, args = _single(modifiers, f"{stage}.{group}", f"modifier ({MODIFIER_NAME})", source)
+    where = f"{stage}.{group}.{name}"
+    if name != MODIFIER_NAME:
+        raise RecipeError(f"{source}: {where}: unknown modifier {name!r}; allowed: {MODIFIER_NAME}")
+    try:
+        modifier = ZeroSumSVDModifier.model_validate(args or {})
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc, source, where)) from None
+    return Recipe(stage=stage, group=group, modifier=modifier, source=source)
+
+
+def _describe(exc: ValidationError, source: str, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join([where, *loc])
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+            lines.append(f"{source}: {key}: unknown key; allowed keys: {allowed}")
+        else:
+            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = ZeroSumSVDModifier
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _check_plugins(recipe: Recipe) -> Recipe:
+    m = recipe.modifier
+    where = f"{recipe.source}: {recipe.stage}.{recipe.group}.{MODIFIER_NAME}"
+    for kind, spec in (("scorer", m.scorer), ("allocator", m.allocator),
+                       ("corrector", m.corrector), ("storage", m.storage)):
+        if spec is None:
+            continue
+        registered = plugins.names(kind)
+        if spec.name not in registered:
+            raise RecipeError(f"{where}.{kind}: {spec.name!r} is not a registered {kind}; "
+                              f"registered: {', '.join(registered) or '(none)'}")
+    return recipe

@@ -1,0 +1,103 @@
+"""The compression report: per-layer ranks and bytes, totals, timings and memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    rank: int  # kept rank; == full_rank for a layer left dense
+    full_rank: int
+    dense: bool
+    bytes: int  # as priced by the storage format
+    reference_bytes: int  # the original layer at 16 bits per weight
+    predicted_delta_loss: float  # sum of the scores of the dropped components
+    whitened_error: float  # ‖W S − (W S)_k‖_F / ‖W S‖_F
+    whitening: str = ""  # how S was obtained, when not a plain Cholesky at the requested damping
+
+    @property
+    def kept(self) -> float:
+        return self.bytes / self.reference_bytes
+
+
+@dataclass
+class Report:
+    recipe: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    budget_bytes: int = 0
+    calibration_tokens: int = 0
+    calibration_loss: float = float("nan")
+    correction_losses: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # phase -> peak so far
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(l.bytes for l in self.layers)
+
+    @property
+    def reference_bytes(self) -> int:
+        return sum(l.reference_bytes for l in self.layers)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a pipeline phase and record the peak memory after it."""
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.peak_rss_mb[name] = peak_rss_mb()
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for layer, row in zip(self.layers, out["layers"]):
+            row["kept"] = layer.kept
+        out["totals"] = {
+            "bytes": self.total_bytes,
+            "reference_bytes": self.reference_bytes,
+            "kept": self.total_bytes / max(self.reference_bytes, 1),
+            "predicted_delta_loss": sum(l.predicted_delta_loss for l in self.layers),
+            "dense_layers": sum(l.dense for l in self.layers),
+            "seconds": sum(self.timings.values()),
+        }
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    def table(self) -> str:
+        """A plain-text table: one row per layer, then totals, timings and memory."""
+        head = f"{'module':<40} {'shape':>11} {'rank':>11} {'kept':>6} {'bytes':>10} {'ΔL sum':>10} {'w.err':>6}"
+        rows = [head, "-" * len(head)]
+        for l in self.layers:
+            rank = "dense" if l.dense else f"{l.rank}/{l.full_rank}"
+            rows.append(f"{l.name[-40:]:<40} {l.shape[0]:>5}x{l.shape[1]:<5} {rank:>11} "
+                        f"{l.kept:>6.3f} {l.bytes:>10} {l.predicted_delta_loss:>10.3g} "
+                        f"{l.whitened_error:>6.3f}{'  ' + l.whitening if l.whitening else ''}")
+        t = self.to_dict()["totals"]
+        rows += ["-" * len(head),
+                 f"total: {t['bytes']} bytes of {t['reference_bytes']} (kept {t['kept']:.3f}, "
+                 f"budget {self.budget_bytes}), {t['dense_layers']} dense layer(s), "
+                 f"predicted ΔL {t['predicted_delta_loss']:.4g}",
+                 f"calibration: {self.calibration_tokens} tokens, loss {self.calibration_loss:.4f}"
+                 + (f", after correction cycles {['%.4f' % x for x in self.correction_losses]}"
+                    if self.correction_losses else ""),
+                 "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+                 + f" (total {t['seconds']:.1f}s)",
+                 f"peak RSS: {max(self.peak_rss_mb.values(), default=peak_rss_mb()):.0f} MB"]
+        return "\n".join(rows)

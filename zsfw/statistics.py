@@ -1,0 +1,163 @@
+"""One pass of the calibration data through the model: input second moments and gradients.
+
+For every target layer the pass collects C = E[x xᵀ] of its input (XᵀX of each micro-batch in
+the activation dtype, summed in float64, divided by the token count) and G = ∂L/∂W of the mean
+next-token loss. Targets that read the same input tensor (q/k/v, gate/up) share one C: the
+grouping is found by tensor identity during the pass, never from module names. Only target
+weights require gradients; windows beyond ``gradient_samples`` run forward only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in activations or gradients; names the module where it appeared."""
+
+
+@dataclass
+class CalibrationStatistics:
+    """Second moments by input group, gradients by layer, and the calibration loss."""
+
+    covariances: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> C (in×in)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> target names
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # target -> G (out×in)
+    tokens: int = 0
+    loss: float = float("nan")
+
+    def group_of(self, name: str) -> str:
+        return next(g for g, members in self.groups.items() if name in members)
+
+
+class _InputMoments:
+    """Forward pre-hooks that accumulate XᵀX once per distinct input tensor."""
+
+    def __init__(self, targets: dict[str, nn.Linear], dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.group_of: dict[str, str] = {}
+        self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, group)
+        self.tokens = 0
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in targets.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if id(x) in self.seen and self.seen[id(x)][0] is x:
+                group = self.seen[id(x)][1]
+            else:
+                group = name
+                self._accumulate(name, x)
+            if self.group_of.setdefault(name, group) != group:
+                raise RuntimeError(f"{name!r} shared its input with {self.group_of[name]!r} in one "
+                                   f"batch and with {group!r} in another; the model's data flow "
+                                   f"changes between batches")
+            self.seen[id(x)] = (x, group)
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(f"non-finite values in the input of {name!r}")
+        xtx = (x.T @ x).to(self.dtype)
+        if name in self.sums:
+            self.sums[name] += xtx
+        else:
+            self.sums[name] = xtx
+
+    def new_batch(self, tokens: int) -> None:
+        self.seen.clear()
+        self.tokens += tokens
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.seen.clear()
+
+
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``input_ids`` (the loss every score refers to)."""
+    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
+def collect(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    windows: torch.Tensor,
+    gradient_samples: int | None = None,
+    batch_size: int = 1,
+    moments: bool = True,
+    gradients: bool = True,
+    accumulate_dtype: torch.dtype = torch.float64,
+    desc: str = "calibration",
+) -> CalibrationStatistics:
+    """Run ``windows`` through ``model`` once, gathering what the requested statistics need.
+
+    The gradient is that of the mean token loss over the first ``gradient_samples`` windows
+    (all by default), accumulated over micro-batches of ``batch_size`` windows.
+    """
+    n_grad = windows.shape[0] if gradient_samples is None else min(gradient_samples, windows.shape[0])
+    if not gradients:
+        n_grad = 0
+    device = next(model.parameters()).device
+    hooks = _InputMoments(targets, accumulate_dtype) if moments else None
+    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    stats = CalibrationStatistics()
+    loss_sum, loss_tokens = 0.0, 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in targets.values():
+            module.weight.requires_grad_(n_grad > 0)
+            module.weight.grad = None
+        grad_tokens = n_grad * (windows.shape[1] - 1)
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch",
+                          total=-(-windows.shape[0] // batch_size)):
+            batch = windows[start:start + batch_size].to(device)
+            with_grad = batch[: max(0, n_grad - start)]
+            without = batch[with_grad.shape[0]:]
+            for part, grad in ((with_grad, True), (without, False)):
+                if part.shape[0] == 0:
+                    continue
+                if hooks:
+                    hooks.new_batch(part.numel())
+                with torch.set_grad_enabled(grad):
+                    loss = next_token_loss(model, part)
+                    if grad:
+                        (loss * (part.numel() - part.shape[0]) / grad_tokens).backward()
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
+                loss_sum += loss.item() * (part.numel() - part.shape[0])
+                loss_tokens += part.numel() - part.shape[0]
+        grads = {name: m.weight.grad for name, m in targets.items()} if n_grad else {}
+    finally:
+        if hooks:
+            hooks.remove()
+        for p, (flag, grad) in saved.items():
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    stats.loss = loss_sum / max(loss_tokens, 1)
+    if hooks:
+        stats.tokens = hooks.tokens
+        for name, group in hooks.group_of.items():
+            stats.groups.setdefault(group, []).append(name)
+        for group, total in hooks.sums.items():
+            stats.covariances[group] = total.div_(hooks.tokens)
+    for name, grad in grads.items():
+        if grad is None:
+            raise RuntimeError(f"{name!r} received no gradient: it does not affect the loss")
+        if not torch.isfinite(grad).all():
+            raise NonFiniteError(f"non-finite gradient for the weight of {name!r}")
+        stats.gradients[name] = grad
+    return stats
