@@ -22,7 +22,7 @@ def test_covariance_and_gradient_are_exact(llama, windows):
     name = "model.layers.1.mlp.down_proj"
     seen = []
     handle = targets[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    stats = collect(llama, targets, windows, gradient_samples=5, batch_size=2)
+    stats = collect(llama, targets, windows, gradient_samples=5, batch_size=2, checkpoint_layers=False)
     handle.remove()
     X = torch.cat(seen).double()
     C = stats.covariances[stats.group_of(name)]
@@ -34,6 +34,18 @@ def test_covariance_and_gradient_are_exact(llama, windows):
     next_token_loss(llama, windows[:5]).backward()
     assert torch.allclose(stats.gradients[name], weight.grad, rtol=1e-4, atol=1e-7)
     weight.grad = None
+
+
+def test_checkpointed_layers_give_the_same_statistics(llama, windows):
+    targets = _targets(llama)
+    plain = collect(llama, targets, windows, gradient_samples=5, checkpoint_layers=False)
+    saved = collect(llama, targets, windows, gradient_samples=5, checkpoint_layers=True)
+    assert plain.groups == saved.groups and plain.tokens == saved.tokens
+    for group, C in plain.covariances.items():
+        assert torch.equal(C, saved.covariances[group])
+    for name, G in plain.gradients.items():
+        assert torch.allclose(G, saved.gradients[name], rtol=1e-5, atol=1e-8)
+    assert type(llama.model.layers[0]).forward is llama.model.layers[0].forward.__func__
 
 
 def test_parameters_requires_grad_restored(llama, windows):

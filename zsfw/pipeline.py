@@ -48,9 +48,6 @@ class _Spill:
     def get(self, key: str, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in load_file(self._path(key)).items()}
 
-    def has(self, key: str) -> bool:
-        return self._path(key).exists()
-
     def close(self) -> None:
         self._dir.cleanup()
 
@@ -59,9 +56,9 @@ class _Correction:
     """The truncated model as a corrector sees it (implements ``CorrectionProblem``)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], ranks: dict[str, int],
-                 spill: _Spill, windows: torch.Tensor, batch_size: int) -> None:
+                 spill: _Spill, whitener_of: dict[str, str], windows: torch.Tensor, cal) -> None:
         self.model, self.targets, self.ranks, self.spill = model, targets, ranks, spill
-        self.windows, self.batch_size = windows, batch_size
+        self.whitener_of, self.windows, self.cal = whitener_of, windows, cal
         self.layers = list(ranks)
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.originals: dict[str, torch.Tensor] = {}
@@ -81,17 +78,17 @@ class _Correction:
 
     def gradients(self) -> tuple[float, dict[str, torch.Tensor]]:
         stats = collect(self.model, {n: self.targets[n] for n in self.layers}, self.windows,
-                        batch_size=self.batch_size, moments=False, desc="correction gradient")
+                        batch_size=self.cal.batch_size, moments=False,
+                        checkpoint_layers=self.cal.checkpoint_layers, desc="correction gradient")
         return stats.loss, stats.gradients
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
-        S = _whitener(self.spill, name, weight.device)
+        S = _whitener(self.spill, self.whitener_of.get(name), weight.device)
         self.install(name, *truncate(weight, S, self.ranks[name]))
 
 
-def _whitener(spill: _Spill, name: str, device: torch.device) -> torch.Tensor | None:
-    key = f"S.{name}"
-    return spill.get(key, device)["S"] if spill.has(key) else None
+def _whitener(spill: _Spill, group: str | None, device: torch.device) -> torch.Tensor | None:
+    return None if group is None else spill.get(f"S.{group}", device)["S"]
 
 
 def compress(
@@ -123,7 +120,8 @@ def compress(
     with report.phase("statistics"):
         stats = collect(model, targets, windows, gradient_samples=cal.gradient_samples,
                         batch_size=cal.batch_size, moments=m.whiten,
-                        gradients=scorer.needs_gradient, desc="statistics + gradient")
+                        gradients=scorer.needs_gradient, checkpoint_layers=cal.checkpoint_layers,
+                        desc="statistics + gradient")
     report.calibration_tokens, report.calibration_loss = stats.tokens or windows.numel(), stats.loss
     groups = stats.groups if m.whiten else {name: [name] for name in targets}
 
@@ -131,6 +129,7 @@ def compress(
     try:
         layer_scores: dict[str, LayerScores] = {}
         notes: dict[str, str] = {}
+        whitener_of: dict[str, str] = {}  # layer -> group whose S it uses
         with report.phase("factorize + score"):
             bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
             for group, members in groups.items():
@@ -138,6 +137,7 @@ def compress(
                 if m.whiten:
                     whitening = whitening_factor(stats.covariances.pop(group), m.damping)
                     S = whitening.S
+                    spill.put(f"S.{group}", S=S)
                     note = _whitening_note(whitening, m.damping)
                     if note:
                         log.warning("whitening of %s needed %s", members, note)
@@ -151,7 +151,7 @@ def compress(
                                                      sigma.cpu(), scores.to(torch.float64).cpu())
                     spill.put(f"svd.{name}", U=U.float(), Vh=Vh.float())
                     if S is not None:
-                        spill.put(f"S.{name}", S=S)
+                        whitener_of[name] = group
                         notes[name] = note
                     bar.update()
             bar.close()
@@ -166,8 +166,8 @@ def compress(
         lowrank = {l.name: ranks[l.name] for l in ordered if not budget.is_dense(l, ranks[l.name])}
 
         device = next(model.parameters()).device
-        problem = _Correction(model, targets, lowrank, spill, windows[: cal.gradient_samples],
-                              cal.batch_size)
+        problem = _Correction(model, targets, lowrank, spill, whitener_of,
+                              windows[: cal.gradient_samples], cal)
         with report.phase("truncate"):
             for name, linear in tqdm(targets.items(), desc="truncate", unit="layer"):
                 if name not in lowrank:
@@ -175,7 +175,8 @@ def compress(
                     continue
                 svd = spill.get(f"svd.{name}", device)
                 B, A = lowrank_factors(svd["U"], layer_scores[name].sigma.to(device), svd["Vh"],
-                                       _whitener(spill, name, device), lowrank[name])
+                                       _whitener(spill, whitener_of.get(name), device),
+                                       lowrank[name])
                 if corrector:
                     problem.install(name, B, A)
                 else:

@@ -9,10 +9,14 @@ weights require gradients; windows beyond ``gradient_samples`` run forward only.
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 
@@ -43,10 +47,13 @@ class _InputMoments:
         self.group_of: dict[str, str] = {}
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, group)
         self.tokens = 0
+        self.active = True  # off while backward recomputes checkpointed layers
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in targets.items()]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
+            if not self.active:
+                return
             x = args[0]
             if id(x) in self.seen and self.seen[id(x)][0] is x:
                 group = self.seen[id(x)][1]
@@ -83,6 +90,24 @@ class _InputMoments:
         self.seen.clear()
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (the classes it lists in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+@contextmanager
+def _checkpointed(layers: list[nn.Module]) -> Iterator[None]:
+    """Activation checkpointing of ``layers`` for the duration of the block."""
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward shows through again
+
+
 def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``input_ids`` (the loss every score refers to)."""
     return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
@@ -97,18 +122,22 @@ def collect(
     moments: bool = True,
     gradients: bool = True,
     accumulate_dtype: torch.dtype = torch.float64,
+    checkpoint_layers: bool = True,
     desc: str = "calibration",
 ) -> CalibrationStatistics:
     """Run ``windows`` through ``model`` once, gathering what the requested statistics need.
 
     The gradient is that of the mean token loss over the first ``gradient_samples`` windows
-    (all by default), accumulated over micro-batches of ``batch_size`` windows.
+    (all by default), accumulated over micro-batches of ``batch_size`` windows. With
+    ``checkpoint_layers`` the decoder layers keep only their inputs for the backward pass and
+    recompute the rest: about one more forward pass of time for far less activation memory.
     """
     n_grad = windows.shape[0] if gradient_samples is None else min(gradient_samples, windows.shape[0])
     if not gradients:
         n_grad = 0
     device = next(model.parameters()).device
     hooks = _InputMoments(targets, accumulate_dtype) if moments else None
+    layers = decoder_layers(model) if checkpoint_layers else []
     saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     was_training = model.training
     model.eval()
@@ -131,10 +160,14 @@ def collect(
                     continue
                 if hooks:
                     hooks.new_batch(part.numel())
-                with torch.set_grad_enabled(grad):
+                with torch.set_grad_enabled(grad), _checkpointed(layers if grad else []):
                     loss = next_token_loss(model, part)
                     if grad:
+                        if hooks:
+                            hooks.active = False
                         (loss * (part.numel() - part.shape[0]) / grad_tokens).backward()
+                        if hooks:
+                            hooks.active = True
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
                 loss_sum += loss.item() * (part.numel() - part.shape[0])
