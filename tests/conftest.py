@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB = 64
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]
 
 
 def tiny_llama(seed: int = 0, **overrides):
@@ -70,3 +71,22 @@ def llama(windows):
 @pytest.fixture
 def qwen2(windows):
     return train_briefly(tiny_qwen2(), windows)
+
+
+def word_docs(n: int = 40, words: int = 30) -> list[str]:
+    """Documents of random words the tiny tokenizer knows (one token per word)."""
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")

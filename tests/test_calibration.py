@@ -6,26 +6,7 @@ import torch
 import zsfw
 from zsfw.calibration import CalibrationError, calibration_windows, load_texts, sample_windows, tokenize
 
-from conftest import VOCAB
-
-WORDS = [f"w{i}" for i in range(VOCAB - 2)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
-
-
-def _docs(n=40, words=30):
-    g = torch.Generator().manual_seed(0)
-    return [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
-            for _ in range(n)]
+from conftest import word_docs as _docs
 
 
 def test_sources_of_every_kind_give_the_same_texts(tmp_path):

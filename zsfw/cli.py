@@ -11,14 +11,15 @@ from pathlib import Path
 def _compress(args: argparse.Namespace) -> int:
     from zsfw.models import load_model
     from zsfw.pipeline import compress
+    from zsfw.recipe import load_recipe
 
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
     dataset = args.dataset
     if dataset is None:
         from zsfw.sources import news_text_path
 
         dataset = news_text_path()
     model, tokenizer = load_model(args.model)
-    recipe = args.recipe if args.recipe else None
     _, report = compress(model, recipe, dataset, output_dir=args.output, tokenizer=tokenizer)
     print(report.table())
     if args.output:

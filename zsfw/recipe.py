@@ -66,8 +66,8 @@ class CalibrationConfig(BaseModel):
     batch_size: int = Field(1, gt=0, description="windows per forward pass")
     seed: int = 0
     checkpoint_layers: bool = Field(
-        True, description="recompute decoder layers in the backward pass: ~1 more forward of "
-                          "time for far less activation memory")
+        False, description="recompute decoder layers in the backward pass: ~1 more forward of "
+                           "time for less activation memory")
     max_tokens: int | None = Field(
         None, gt=1, description="draw windows only from the first max_tokens tokens of the text")
 

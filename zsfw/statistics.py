@@ -122,7 +122,7 @@ def collect(
     moments: bool = True,
     gradients: bool = True,
     accumulate_dtype: torch.dtype = torch.float64,
-    checkpoint_layers: bool = True,
+    checkpoint_layers: bool = False,
     desc: str = "calibration",
 ) -> CalibrationStatistics:
     """Run ``windows`` through ``model`` once, gathering what the requested statistics need.
