@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from zsfw.linalg import first_order_scores, whitened_svd, whitening_factor
-from zsfw.statistics import NonFiniteError, collect, next_token_loss
+from zsfw.statistics import NonFiniteError, chunked_next_token_loss, collect, loss_function, next_token_loss
 from zsfw.targets import find_targets
 
 
@@ -24,7 +24,7 @@ def test_covariance_and_gradient_are_exact(llama, windows):
     handle = targets[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
     stats = collect(llama, targets, windows, gradient_samples=5, batch_size=2, checkpoint_layers=False)
     handle.remove()
-    X = torch.cat(seen).double()
+    X = torch.cat(seen[2:]).double()  # the first two calls are the loss-function probe
     C = stats.covariances[stats.group_of(name)]
     assert C.dtype == torch.float64
     assert torch.allclose(C, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-8)
@@ -98,3 +98,27 @@ def test_first_order_score_predicts_loss_change(llama, windows):
         predicted = scores[i].item()
         agree += (true > 0) == (predicted > 0) and abs(true) / 3 <= abs(predicted) <= 3 * abs(true)
     assert agree >= 5, f"only {agree}/8 removals predicted in sign and magnitude" 
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_chunked_loss_equals_the_models_own(model, windows, request):
+    model = request.getfixturevalue(model)
+    ids = windows[:2, :300]  # 299 positions: chunks of 128, 128 and 43
+    chunked, plain = chunked_next_token_loss(model, ids), next_token_loss(model, ids)
+    assert torch.allclose(chunked, plain, rtol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(chunked, params), torch.autograd.grad(plain, params)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+    assert loss_function(model, ids[:1, :32]) is chunked_next_token_loss
+
+
+def test_a_head_that_is_not_a_plain_projection_keeps_the_models_loss(llama, windows):
+    forward = llama.forward
+
+    def softcapped(**kwargs):  # what e.g. Gemma 2 does to its logits
+        out = forward(**kwargs)
+        out.loss = out.loss * 1.5
+        return out
+
+    llama.forward = softcapped
+    assert loss_function(llama, windows[:1, :32]) is next_token_loss
