@@ -43,6 +43,9 @@ def run_one(method: str, ratio: float) -> dict:
     import torch
 
     import zsfw
+    from zsfw.memory import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()  # as the CLI does
     from zsfw.calibration import load_texts, tokenize
     from zsfw.evaluate import perplexity
     from zsfw.models import load_model

@@ -43,7 +43,7 @@ def test_fp32_factors_at_full_rank_reproduce_the_layer(llama, windows):
 
 
 def test_report_is_consistent(llama, windows, tmp_path):
-    model, report = zsfw.compress(llama, _recipe(ratio=0.6), windows, output_dir=tmp_path)
+    model, report = zsfw.compress(llama, _recipe(ratio=0.6), windows, output_dir=tmp_path / "out")
     modules = dict(model.named_modules())
     for layer in report.layers:
         module = modules[layer.name]
@@ -55,8 +55,8 @@ def test_report_is_consistent(llama, windows, tmp_path):
             stored = sum(p.numel() * p.element_size() for p in module.parameters())
             assert stored == layer.bytes
     assert report.total_bytes <= report.budget_bytes
-    assert (tmp_path / "report.json").is_file()
-    reloaded = zsfw.load_recipe(tmp_path / "recipe.yaml")
+    assert (tmp_path / "out" / "report.json").is_file()
+    reloaded = zsfw.load_recipe(tmp_path / "out" / "recipe.yaml")
     assert reloaded.modifier.ratio == 0.6
     assert "total:" in report.table()
     assert set(report.timings) >= {"statistics", "factorize + score", "allocate", "truncate"}

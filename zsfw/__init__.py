@@ -8,20 +8,27 @@ Every step (scorer, allocator, corrector, storage format) is a plugin; see ``zsf
 """
 
 from zsfw.hookspecs import hookimpl
+from zsfw.hf_quantizer import register as _register_with_transformers
+
+_register_with_transformers()  # from_pretrained of a zsfw folder builds the compressed modules
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "compress", "load_recipe", "Recipe", "ZeroSumSVDModifier", "LowRankLinear",
+__all__ = ["hookimpl", "compress", "save", "load", "load_recipe", "Recipe", "ZeroSumSVDModifier", "LowRankLinear",
            "register_plugin", "__version__"]
 
 
 def __getattr__(name: str):
-    # Heavy imports (torch, transformers) wait until used, so plugins can import `zsfw.hookimpl`
-    # cheaply and the plugin manager can import plugins while zsfw itself is importing.
+    # The pipeline's modules wait until used, so the plugin manager can import plugins (which
+    # import `zsfw.hookimpl`) while zsfw itself is importing.
     if name == "compress":
         from zsfw.pipeline import compress
 
         return compress
+    if name in ("save", "load"):
+        from zsfw import checkpoint
+
+        return getattr(checkpoint, name)
     if name in ("load_recipe", "Recipe", "ZeroSumSVDModifier"):
         from zsfw import recipe
 

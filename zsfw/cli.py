@@ -1,4 +1,4 @@
-"""The ``zsfw`` command: ``zsfw compress``, ``zsfw plugins``."""
+"""The ``zsfw`` command: ``zsfw compress``, ``zsfw inspect``, ``zsfw plugins``."""
 
 from __future__ import annotations
 
@@ -13,17 +13,32 @@ def _compress(args: argparse.Namespace) -> int:
     from zsfw.pipeline import compress
     from zsfw.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    recipe = load_recipe(args.recipe)  # a bad recipe or output folder fails before the model loads
+    if args.output is not None:
+        from zsfw.checkpoint import check_destination
+
+        check_destination(args.output, args.overwrite)
     dataset = args.dataset
     if dataset is None:
         from zsfw.sources import news_text_path
 
         dataset = news_text_path()
     model, tokenizer = load_model(args.model)
-    _, report = compress(model, recipe, dataset, output_dir=args.output, tokenizer=tokenizer)
+    _, report = compress(model, recipe, dataset, output_dir=args.output, tokenizer=tokenizer,
+                         overwrite=args.overwrite)
     print(report.table())
     if args.output:
-        print(f"report and effective recipe written to {args.output}")
+        print(f"compressed model, tokenizer, recipe and report saved to {args.output}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from zsfw.inspection import plot, saved_modules, table
+
+    modules = saved_modules(args.directory)
+    print(table(modules))
+    png = args.plot or Path(f"{args.directory.resolve().name}-ranks.png")
+    print(f"plot of kept bytes per block written to {plot(modules, png, str(args.directory))}")
     return 0
 
 
@@ -38,6 +53,8 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zsfw.checkpoint import CheckpointError
+
     parser = argparse.ArgumentParser(prog="zsfw", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compress", help="compress a causal LM with a recipe")
@@ -48,16 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None,
                    help="calibration text: file or folder (txt/jsonl/parquet) or hub dataset id "
                         "(default: the embedded news text)")
-    p.add_argument("--output", type=Path, default=None, help="folder for report and recipe")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder to save the compressed model in (a save_pretrained folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.set_defaults(run=_compress)
+    p = sub.add_parser("inspect", help="per-layer ranks, formats and bytes of a saved model")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG to write (default: <folder name>-ranks.png in the current folder)")
+    p.set_defaults(run=_inspect)
     p = sub.add_parser("plugins", help="list registered scorers, allocators, correctors, formats")
     p.set_defaults(run=_plugins)
     args = parser.parse_args(argv)
+    from zsfw.memory import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, CheckpointError) as exc:
         print(f"zsfw: error: {exc}", file=sys.stderr)
         return 2
 

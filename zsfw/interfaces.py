@@ -3,7 +3,7 @@
 scorer     LayerSpectrum -> one score per singular component (the cost of dropping it)
 allocator  list[LayerScores] + ByteBudget -> rank per layer
 corrector  CorrectionProblem -> adjusts the truncated weights in place
-storage    byte cost of a layer, and the module that holds it
+storage    byte cost of a layer, the module that holds it, and its empty skeleton for loading
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ class StorageFormat(Protocol):
     def lowrank_module(self, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None) -> nn.Module: ...
 
     def dense_module(self, linear: nn.Linear) -> nn.Module: ...
+
+    def skeleton(self, out_features: int, in_features: int, rank: int | None, bias: bool) -> nn.Module:
+        """An empty module on the meta device whose ``state_dict`` keys are those the module
+        of ``lowrank_module`` (rank given) or ``dense_module`` (rank None) saves; loading fills
+        it with ``load_state_dict(..., assign=True)``."""
+        ...
 
 
 class ByteBudget:

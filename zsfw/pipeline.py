@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from zsfw import plugins
 from zsfw.calibration import DatasetLike, calibration_windows
+from zsfw.checkpoint import ModuleRecord, check_destination, quantization_config, save
 from zsfw.interfaces import ByteBudget, LayerScores, LayerSpectrum
 from zsfw.linalg import lowrank_factors, relative_tail_energy, truncate, whitened_svd, whitening_factor
 from zsfw.recipe import RecipeLike, load_recipe
@@ -97,14 +98,18 @@ def compress(
     dataset: DatasetLike | torch.Tensor | None = None,
     output_dir: str | Path | None = None,
     tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset``.
 
     ``dataset`` is text (see ``zsfw.calibration``) or a ready (windows × tokens) tensor of ids.
     Text needs ``tokenizer`` (default: the model's own, from ``model.name_or_path``).
-    Returns the model and a report; with ``output_dir`` the report and the effective recipe
-    are written there.
+    Returns the model and a report. With ``output_dir`` the model is saved there as a
+    ``save_pretrained`` folder (``zsfw.checkpoint.save``) with the tokenizer, the effective
+    recipe and the report; an existing folder is refused up front unless ``overwrite``.
     """
+    if output_dir is not None:
+        check_destination(Path(output_dir), overwrite)
     recipe = load_recipe(recipe)
     m = recipe.modifier
     scorer = plugins.create("scorer", m.scorer.name, m.scorer.options)
@@ -200,12 +205,28 @@ def compress(
             predicted_delta_loss=0.0 if dense else layer.scores[rank:].sum().item(),
             whitened_error=0.0 if dense else relative_tail_energy(layer.sigma, rank),
             whitening=notes.get(layer.name, "")))
+    model.config.quantization_config = quantization_config(
+        {"name": m.storage.name, "options": m.storage.options},
+        {l.name: ModuleRecord(m.storage.name, l.out_features, l.in_features,
+                              None if l.name not in lowrank else ranks[l.name], l.has_bias)
+         for l in ordered})
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        recipe.save(out / "recipe.yaml")
-        report.save(out / "report.json")
+        with report.phase("save"):
+            save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite)
     return model, report
+
+
+def _own_tokenizer(model: nn.Module) -> Any:
+    from transformers import AutoTokenizer
+
+    if not model.name_or_path:
+        log.info("saving without a tokenizer: pass tokenizer= to include one")
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model.name_or_path)
+    except (OSError, ValueError) as e:
+        log.warning("saving without a tokenizer: none found at %r (%s)", model.name_or_path, e)
+        return None
 
 
 def _windows(model: nn.Module, dataset: Any, tokenizer: Any, cal) -> torch.Tensor:

@@ -19,7 +19,7 @@ import pluggy
 from zsfw import hookspecs
 
 ENTRY_POINT_GROUP = "zsfw"
-DEFAULT_PLUGINS = ("zsfw_zerosum", "zsfw_baselines", "zsfw_dense")
+DEFAULT_PLUGINS = ("zsfw_zerosum", "zsfw_baselines", "zsfw_dense", "zsfw_torchao", "zsfw_packed")
 KINDS = {
     "scorer": "zsfw_register_scorers",
     "allocator": "zsfw_register_allocators",

@@ -30,6 +30,7 @@ class LayerReport:
     predicted_delta_loss: float  # sum of the scores of the dropped components
     whitened_error: float  # ‖W S − (W S)_k‖_F / ‖W S‖_F
     whitening: str = ""  # how S was obtained, when not a plain Cholesky at the requested damping
+    written_bytes: int | None = None  # tensor bytes in the saved file, once saved
 
     @property
     def kept(self) -> float:
@@ -46,6 +47,7 @@ class Report:
     correction_losses: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # phase -> peak so far
+    files: dict[str, dict[str, int]] = field(default_factory=dict)  # saved file -> bytes, header_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -54,6 +56,12 @@ class Report:
     @property
     def reference_bytes(self) -> int:
         return sum(l.reference_bytes for l in self.layers)
+
+    def record_written(self, written: dict[str, int], files: dict[str, tuple[int, int]]) -> None:
+        """Note the bytes a save wrote: per compressed module, and per file (size, header)."""
+        for layer in self.layers:
+            layer.written_bytes = written.get(layer.name)
+        self.files = {name: {"bytes": size, "header_bytes": header} for name, (size, header) in files.items()}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -75,6 +83,9 @@ class Report:
             "dense_layers": sum(l.dense for l in self.layers),
             "seconds": sum(self.timings.values()),
         }
+        if self.files:
+            out["totals"]["written_bytes"] = sum(l.written_bytes or 0 for l in self.layers)
+            out["totals"]["file_bytes"] = sum(f["bytes"] for f in self.files.values())
         return out
 
     def save(self, path: str | Path) -> None:
@@ -100,4 +111,7 @@ class Report:
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
                  + f" (total {t['seconds']:.1f}s)",
                  f"peak RSS: {max(self.peak_rss_mb.values(), default=peak_rss_mb()):.0f} MB"]
+        if self.files:
+            rows.append(f"saved: {t['written_bytes']} bytes of compressed-module tensors (predicted "
+                        f"{t['bytes']}), {t['file_bytes']} bytes in {len(self.files)} file(s)")
         return "\n".join(rows)

@@ -47,6 +47,7 @@ class _InputMoments:
         self.sums: dict[str, torch.Tensor] = {}
         self.group_of: dict[str, str] = {}
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, group)
+        self.scratch: dict[tuple, torch.Tensor] = {}
         self.tokens = 0
         self.active = True  # off while backward recomputes checkpointed layers
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in targets.items()]
@@ -75,11 +76,15 @@ class _InputMoments:
             x = x.float()
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"non-finite values in the input of {name!r}")
-        xtx = (x.T @ x).to(self.dtype)
-        if name in self.sums:
-            self.sums[name] += xtx
-        else:
-            self.sums[name] = xtx
+        # XᵀX goes into one reused buffer per (width, dtype), then into the float64 sum: no
+        # per-batch temporaries, which the allocator would otherwise keep as fragmented heap
+        key = (x.shape[-1], x.dtype, x.device)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(x.shape[-1], x.shape[-1], dtype=x.dtype, device=x.device)
+        xtx = torch.mm(x.T, x, out=self.scratch[key])
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(xtx.shape, dtype=self.dtype, device=x.device)
+        self.sums[name] += xtx
 
     def new_batch(self, tokens: int) -> None:
         self.seen.clear()
@@ -89,6 +94,7 @@ class _InputMoments:
         for h in self.handles:
             h.remove()
         self.seen.clear()
+        self.scratch.clear()
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

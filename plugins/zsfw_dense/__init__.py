@@ -39,6 +39,12 @@ class DenseFactors:
             return linear
         return StoredLinear.from_linear(linear, self.dtype)
 
+    def skeleton(self, out_features: int, in_features: int, rank: int | None, bias: bool) -> nn.Module:
+        with torch.device("meta"):
+            if rank is None:
+                return StoredLinear(in_features, out_features, bias=bias, dtype=self.dtype)
+            return LowRankLinear(in_features, out_features, rank, bias=bias, dtype=self.dtype)
+
 
 class Float32Factors(DenseFactors):
     name = "fp32"

@@ -1,0 +1,287 @@
+"""Saving compressed models: formats, exact bytes, reload with transformers, atomic writes, errors."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import zsfw
+from zsfw.checkpoint import CheckpointError, header_bytes, module_tensors
+from zsfw.modules import LowRankLinear
+
+FORMATS = {  # label -> the recipe's storage spec
+    "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8",
+    "int8-dynamic": {"name": "int8", "activation": "dynamic"}, "fp8": "fp8", "packed": "packed",
+}
+
+
+def _recipe(storage, ratio=0.6, allocator="zero_sum", scorer="first_order"):
+    return {"stage": {"modifiers": {"ZeroSumSVDModifier": {
+        "ratio": ratio, "storage": storage, "allocator": allocator, "scorer": scorer,
+        "calibration": {"samples": 8, "sequence_length": 32}}}}}
+
+
+def _logits(model, windows):
+    with torch.no_grad():
+        return model(input_ids=windows).logits
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every format: a compressed tiny Qwen2 (biases) saved, and its in-memory logits."""
+    from conftest import patterned_windows, tiny_qwen2, train_briefly
+
+    windows = patterned_windows()
+    base = train_briefly(tiny_qwen2(), windows)
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for label, storage in FORMATS.items():
+        model, report = zsfw.compress(copy.deepcopy(base), _recipe(storage), windows,
+                                      output_dir=root / label)
+        out[label] = (root / label, model, report, _logits(model, windows))
+    return windows, out
+
+
+def test_reload_in_a_fresh_process_gives_bit_identical_logits(saved):
+    windows, runs = saved
+    torch.save(windows, runs["bf16"][0].parent / "windows.pt")
+    result = _run("""
+        import sys, torch
+        import zsfw  # registers the quantizer; the load itself is plain transformers
+        from transformers import AutoModelForCausalLM
+        from safetensors.torch import save_file
+        windows = torch.load(sys.argv[1])
+        out = {}
+        for path in sys.argv[2:]:
+            model = AutoModelForCausalLM.from_pretrained(path)
+            with torch.no_grad():
+                out[path] = model(input_ids=windows).logits
+        save_file({str(i): v.contiguous() for i, v in enumerate(out.values())}, sys.argv[1] + ".logits")
+        """, str(runs["bf16"][0].parent / "windows.pt"), *(str(p) for p, *_ in runs.values()))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = load_file(str(runs["bf16"][0].parent / "windows.pt") + ".logits")
+    for i, (label, (_, model, _, logits)) in enumerate(runs.items()):
+        assert torch.equal(reloaded[str(i)], logits), label
+
+
+def test_written_bytes_equal_predicted_and_files_add_up(saved):
+    _, runs = saved
+    for label, (path, _, report, _) in runs.items():
+        on_disk = json.loads((path / "report.json").read_text())
+        for layer in on_disk["layers"]:
+            assert layer["written_bytes"] == layer["bytes"], (label, layer["name"])
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            data = sum(f.get_tensor(k).nbytes for k in f.keys())
+        size = (path / "model.safetensors").stat().st_size
+        assert size == data + header_bytes(path / "model.safetensors")
+        assert on_disk["totals"]["file_bytes"] == size
+        assert on_disk["totals"]["written_bytes"] == on_disk["totals"]["bytes"]
+
+
+def test_saved_folder_is_a_normal_pretrained_folder(saved):
+    _, runs = saved
+    path = runs["int8"][0]
+    config = json.loads((path / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "zsfw" and q["format_version"] == 1 and q["storage"]["name"] == "int8"
+    assert set(q["modules"]) == {n for n, m in runs["int8"][1].named_modules()
+                                 if n.endswith("_proj")}
+    assert {"recipe.yaml", "report.json", "config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.iterdir())
+
+
+def test_in_process_load_gives_the_same_model(saved):
+    windows, runs = saved
+    path, model, _, logits = runs["packed"]
+    assert torch.equal(_logits(zsfw.load(path), windows), logits)
+
+
+def test_packed_is_smaller_on_disk_than_bf16_at_the_same_rank(tmp_path):
+    torch.manual_seed(0)
+    for out_f, in_f in ((64, 32), (32, 64), (48, 48)):
+        B, A = torch.randn(out_f, 8), torch.randn(8, in_f)
+        sizes = {}
+        for name in ("bf16", "packed"):
+            fmt = zsfw.plugins.create("storage", name)
+            module = fmt.lowrank_module(B, A, torch.randn(out_f))
+            tensors, metadata = module_tensors("layer", module)
+            assert sum(t.nbytes for t in tensors.values()) == fmt.lowrank_bytes(out_f, in_f, 8, True)
+            save_file(tensors, tmp_path / f"{name}.safetensors", metadata={"format": "pt"})
+            sizes[name] = (tmp_path / f"{name}.safetensors").stat().st_size
+        assert sizes["packed"] < sizes["bf16"]
+        # bf16 factors: 8·(m+n)·2 bytes; packed: 8·max(m,n)·2 + scales
+        assert sizes["bf16"] - sizes["packed"] >= 8 * min(out_f, in_f) * 2 - 2 * 8 * 4 - 200
+
+
+def test_packed_roundtrip_is_int8_accurate():
+    torch.manual_seed(0)
+    for out_f, in_f in ((64, 32), (32, 64)):
+        B, A = torch.randn(out_f, 8), torch.randn(8, in_f)
+        module = zsfw.plugins.create("storage", "packed").lowrank_module(B, A, None)
+        x = torch.randn(5, in_f)
+        exact = x @ A.T @ B.T
+        assert ((module(x) - exact).norm() / exact.norm()).item() < 0.02
+        # the packed words really hold both int8 blocks: rebuilding from the buffers alone
+        clone = type(module)(in_f, out_f, 8, bias=False)
+        clone.load_state_dict(module.state_dict())
+        assert torch.equal(clone(x), module(x))
+
+
+def test_int8_keeps_about_twice_the_rank_of_bf16():
+    from zsfw.interfaces import ByteBudget, LayerScores
+
+    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's layer shapes
+    layers = [LayerScores(f"l{i}", m, n, False, torch.linspace(1, 0.01, min(m, n)), torch.zeros(min(m, n)))
+              for i, (m, n) in enumerate(shapes)]
+    ranks = {}
+    for storage in ("bf16", "int8"):
+        budget = ByteBudget(layers, 0.4, zsfw.plugins.create("storage", storage))
+        chosen = zsfw.plugins.create("allocator", "uniform").allocate(layers, budget)
+        assert budget.total(layers, chosen) <= budget.limit
+        ranks[storage] = sum(chosen.values())
+    # exactly 2× but for int8's 5 bytes per row of scale and zero point
+    assert 1.9 < ranks["int8"] / ranks["bf16"] <= 2.0, ranks
+
+
+def test_existing_output_is_refused_unless_overwrite(llama, windows, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        zsfw.compress(copy.deepcopy(llama), _recipe("bf16"), windows, output_dir=out)
+    assert (out / "keep.txt").read_text() == "mine"
+    zsfw.compress(copy.deepcopy(llama), _recipe("bf16"), windows, output_dir=out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
+
+
+def test_a_failing_save_leaves_nothing_and_keeps_the_old_output(llama, windows, tmp_path, monkeypatch):
+    model, report = zsfw.compress(copy.deepcopy(llama), _recipe("bf16"), windows)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("zsfw.checkpoint.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        zsfw.save(model, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("mine")
+    with pytest.raises(OSError, match="disk full"):
+        zsfw.save(model, tmp_path / "old", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (tmp_path / "old" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_save_killed_with_sigkill_leaves_no_output(tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time, copy
+        import zsfw, zsfw.checkpoint as ckpt
+        from conftest import patterned_windows, tiny_llama
+        real = ckpt.save_file
+        def slow(*args, **kwargs):
+            real(*args, **kwargs)
+            print("writing", flush=True)
+            time.sleep(120)
+        ckpt.save_file = slow
+        windows = patterned_windows()
+        model, _ = zsfw.compress(tiny_llama(), {"s": {"m": {"ZeroSumSVDModifier": {
+            "calibration": {"samples": 8, "sequence_length": 32}}}}}, windows)
+        zsfw.save(model, sys.argv[1], overwrite=True)
+        """), str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=Path(__file__).parent)
+    try:
+        assert proc.stdout.readline().strip() == "writing"  # mid-save: a weights file exists
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert all(p.name.startswith(".out.zsfw-tmp-") for p in tmp_path.iterdir() if p.name != "out")
+
+
+def _broken_copy(saved, tmp_path, label="int8"):
+    import shutil
+
+    src = saved[1][label][0]
+    dst = tmp_path / label
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path: Path, edit) -> None:
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_missing_tensor_is_an_error_naming_the_module(saved, tmp_path):
+    path = _broken_copy(saved, tmp_path)
+    name = "model.layers.1.mlp.down_proj"
+
+    def drop_a_scale(tensors):
+        del tensors[next(k for k in tensors if k.startswith(name + ".") and "scale" in k)]
+
+    _rewrite(path / "model.safetensors", drop_a_scale)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        zsfw.load(path)
+
+
+def test_misshaped_tensor_is_an_error_naming_the_module(saved, tmp_path):
+    path = _broken_copy(saved, tmp_path, "bf16")
+    name = "model.layers.0.self_attn.o_proj"
+
+    def shrink(tensors):
+        key = next(k for k in tensors if k.startswith(name + "."))
+        tensors[key] = tensors[key][:-1].contiguous()
+
+    _rewrite(path / "model.safetensors", shrink)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        zsfw.load(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q.update(format_version=99), "format version 99"),
+    (lambda q: q["modules"]["model.layers.0.mlp.up_proj"].update(format="int3"),
+     r"model\.layers\.0\.mlp\.up_proj.*int3"),
+])
+def test_unknown_version_or_format_is_an_error(saved, tmp_path, edit, message):
+    path = _broken_copy(saved, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config["quantization_config"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        zsfw.load(path)
+
+
+def test_sharded_save_reloads(saved, tmp_path):
+    windows, runs = saved
+    _, model, _, logits = runs["int8"]
+    zsfw.save(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert torch.equal(_logits(zsfw.load(tmp_path / "sharded"), windows), logits)
