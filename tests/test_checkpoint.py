@@ -285,3 +285,20 @@ def test_sharded_save_reloads(saved, tmp_path):
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert torch.equal(_logits(zsfw.load(tmp_path / "sharded"), windows), logits)
+
+
+def test_inspect_reads_bytes_from_headers_and_plots(saved, tmp_path, capsys):
+    from zsfw.cli import main
+    from zsfw.inspection import saved_modules
+
+    path, _, report, _ = saved[1]["packed"]
+    found = {m.name: m for m in saved_modules(path)}
+    for layer in report.layers:
+        assert found[layer.name].bytes == layer.written_bytes
+        assert (found[layer.name].rank is None) == layer.dense
+    png = tmp_path / "ranks.png"
+    assert main(["inspect", str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in out and "packed" in out and "total:" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["inspect", str(tmp_path)]) == 2  # not a saved model: a clear error, not a traceback

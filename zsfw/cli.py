@@ -1,4 +1,4 @@
-"""The ``zsfw`` command: ``zsfw compress``, ``zsfw inspect``, ``zsfw plugins``."""
+"""The ``zsfw`` command: ``zsfw compress``, ``zsfw eval``, ``zsfw inspect``, ``zsfw plugins``."""
 
 from __future__ import annotations
 
@@ -25,10 +25,38 @@ def _compress(args: argparse.Namespace) -> int:
         dataset = news_text_path()
     model, tokenizer = load_model(args.model)
     _, report = compress(model, recipe, dataset, output_dir=args.output, tokenizer=tokenizer,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, statistics_cache=args.statistics_cache)
     print(report.table())
     if args.output:
         print(f"compressed model, tokenizer, recipe and report saved to {args.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from zsfw.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.lm_eval is not None:
+        from zsfw.lm_eval_adapter import run_task
+
+        for task, metrics in run_task(model, tokenizer, args.lm_eval, limit=args.limit).items():
+            print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                          if isinstance(v, float)))
+        return 0
+    from zsfw.evaluate import evaluate
+
+    dataset = args.dataset
+    if dataset is None:
+        from zsfw.sources import wikipedia_text_path
+
+        dataset = wikipedia_text_path()
+    result = evaluate(model, dataset, tokenizer, window=args.window, windows=args.windows,
+                      offset=args.offset, bos=args.bos)
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.tokens} "
+          f"tokens in {result.windows} windows of {result.window} from token {result.offset}, "
+          f"BOS policy {result.bos!r}")
+    if result.non_finite_windows:
+        print(f"non-finite logits in windows {result.non_finite_windows} (left out of the mean)")
     return 0
 
 
@@ -68,7 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None,
                    help="folder to save the compressed model in (a save_pretrained folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--statistics-cache", type=Path, default=None,
+                   help="folder caching calibration statistics across runs (same model, data and "
+                        "statistics settings: another ratio or allocator skips the pass)")
     p.set_defaults(run=_compress)
+    p = sub.add_parser("eval", help="perplexity (or an lm-eval task) of a model, compressed or not")
+    p.add_argument("model", nargs="?", default="default",
+                   help="model folder (a zsfw output or any checkpoint), .gguf, hub id or 'default'")
+    p.add_argument("--dataset", default=None,
+                   help="text file or folder (default: the embedded Wikipedia text)")
+    p.add_argument("--window", type=int, default=2048, help="tokens per window")
+    p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="first token evaluated: keep it past the calibration text")
+    p.add_argument("--bos", choices=("none", "each"), default="none",
+                   help="'none': windows as they are (the papers'); 'each': BOS before every window")
+    p.add_argument("--lm-eval", type=Path, default=None, metavar="TASK_YAML",
+                   help="run a local lm-eval task file through lm-eval's HFLM instead")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    p.set_defaults(run=_eval)
     p = sub.add_parser("inspect", help="per-layer ranks, formats and bytes of a saved model")
     p.add_argument("directory", type=Path)
     p.add_argument("--plot", type=Path, default=None,

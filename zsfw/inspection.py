@@ -29,7 +29,10 @@ class SavedModule:
 
 def saved_modules(directory: str | Path) -> list[SavedModule]:
     """Every compressed module of a saved model, with the bytes its tensors take on disk."""
-    config = json.loads((Path(directory) / "config.json").read_text())
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no config.json: not a saved model folder")
+    config = json.loads(config_file.read_text())
     if (config.get("quantization_config") or {}).get("quant_method") != "zsfw":
         raise ValueError(f"{str(directory)!r} is not a zsfw checkpoint (no zsfw quantization_config "
                          f"in its config.json)")

@@ -29,6 +29,7 @@ from zsfw.linalg import lowrank_factors, relative_tail_energy, truncate, whitene
 from zsfw.recipe import RecipeLike, load_recipe
 from zsfw.report import LayerReport, Report
 from zsfw.statistics import collect
+from zsfw.stats_cache import StatisticsCache, statistics_key
 from zsfw.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def compress(
     output_dir: str | Path | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
+    statistics_cache: str | Path | None = None,
 ) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset``.
 
@@ -107,6 +109,9 @@ def compress(
     Returns the model and a report. With ``output_dir`` the model is saved there as a
     ``save_pretrained`` folder (``zsfw.checkpoint.save``) with the tokenizer, the effective
     recipe and the report; an existing folder is refused up front unless ``overwrite``.
+    With ``statistics_cache`` (a folder), the calibration statistics are reused from there when
+    the model, data and statistics settings are unchanged (``zsfw.stats_cache``), and stored
+    there otherwise: compressing at another ratio or with another allocator skips the pass.
     """
     if output_dir is not None:
         check_destination(Path(output_dir), overwrite)
@@ -123,10 +128,17 @@ def compress(
     with report.phase("calibration data"):
         windows = _windows(model, dataset, tokenizer, cal)
     with report.phase("statistics"):
-        stats = collect(model, targets, windows, gradient_samples=cal.gradient_samples,
-                        batch_size=cal.batch_size, moments=m.whiten,
-                        gradients=scorer.needs_gradient, checkpoint_layers=cal.checkpoint_layers,
-                        desc="statistics + gradient")
+        settings = {"gradient_samples": cal.gradient_samples, "batch_size": cal.batch_size,
+                    "moments": m.whiten, "gradients": scorer.needs_gradient}
+        cache = StatisticsCache(statistics_cache) if statistics_cache is not None else None
+        key = cache and statistics_key(model, list(targets), windows, settings)
+        stats = cache and cache.load(key)
+        report.statistics_cached = stats is not None
+        if stats is None:
+            stats = collect(model, targets, windows, checkpoint_layers=cal.checkpoint_layers,
+                            desc="statistics + gradient", **settings)
+            if cache:
+                cache.save(key, stats)
     report.calibration_tokens, report.calibration_loss = stats.tokens or windows.numel(), stats.loss
     groups = stats.groups if m.whiten else {name: [name] for name in targets}
 

@@ -1,0 +1,82 @@
+"""Perplexity: exact against a hand computation, offsets, BOS policy, non-finite windows."""
+
+import math
+
+import pytest
+import torch
+
+from zsfw.evaluate import evaluate, perplexity
+
+
+def _hand_nll(model, chunks):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in chunks:
+            logp = torch.log_softmax(model(input_ids=chunk[None]).logits[0, :-1].double(), -1)
+            total -= logp[torch.arange(chunk.numel() - 1), chunk[1:]].sum().item()
+            count += chunk.numel() - 1
+    return total / count, count
+
+
+@pytest.fixture
+def stream(windows):
+    return windows.reshape(-1)  # 256 tokens
+
+
+def test_perplexity_is_exp_of_the_hand_computed_mean_nll(llama, stream):
+    result = perplexity(llama, stream, window=16, windows=3, offset=5)
+    nll, count = _hand_nll(llama, [stream[5 + 16 * i: 5 + 16 * (i + 1)] for i in range(3)])
+    assert result.tokens == count == 45 and result.windows == 3
+    assert result.mean_nll == pytest.approx(nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_offset_is_respected(llama, stream):
+    shifted = perplexity(llama, stream, window=16, windows=4, offset=37)
+    assert shifted.mean_nll == perplexity(llama, stream[37:], window=16, windows=4).mean_nll
+    assert shifted.mean_nll != perplexity(llama, stream, window=16, windows=4).mean_nll
+    all_windows = perplexity(llama, stream, window=16, offset=37)
+    assert all_windows.windows == (256 - 37) // 16
+
+
+def test_bos_each_prefixes_every_window_and_scores_every_text_token(llama, stream):
+    bos = 1
+    result = perplexity(llama, stream, window=16, windows=3, bos_token_id=bos)
+    chunks = [torch.cat([torch.tensor([bos]), stream[15 * i: 15 * (i + 1)]]) for i in range(3)]
+    nll, count = _hand_nll(llama, chunks)
+    assert result.bos == "each" and result.tokens == count == 45
+    assert result.mean_nll == pytest.approx(nll, rel=1e-5)
+
+
+def test_non_finite_windows_are_reported_not_dropped_silently(llama, stream):
+    forward, calls = llama.forward, []
+
+    def second_window_explodes(**kwargs):
+        out = forward(**kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.logits[0, 3, 0] = float("nan")
+        return out
+
+    llama.forward = second_window_explodes
+    result = perplexity(llama, stream, window=16, windows=3)
+    assert result.non_finite_windows == [1] and result.windows == 3 and result.tokens == 30
+    del llama.forward
+    nll, _ = _hand_nll(llama, [stream[0:16], stream[32:48]])
+    assert result.mean_nll == pytest.approx(nll, rel=1e-5)
+
+
+def test_too_few_tokens_is_a_clear_error(llama, stream):
+    with pytest.raises(ValueError, match="256 tokens after offset 0 hold 16 windows of 16"):
+        perplexity(llama, stream, window=16, windows=17)
+
+
+def test_evaluate_reads_text_and_checks_the_bos_policy(llama, tokenizer):
+    from conftest import word_docs
+
+    result = evaluate(llama, word_docs(), tokenizer, window=16, windows=4)
+    assert result.windows == 4 and math.isfinite(result.perplexity)
+    with pytest.raises(ValueError, match="bos must be one of"):
+        evaluate(llama, word_docs(), tokenizer, window=16, bos="sometimes")
+    with pytest.raises(ValueError, match="BOS token"):
+        evaluate(llama, word_docs(), tokenizer, window=16, bos="each")
