@@ -1,4 +1,4 @@
-"""The ``zsfw`` command: ``zsfw compress``, ``zsfw eval``, ``zsfw inspect``, ``zsfw plugins``."""
+"""The ``zsfw`` command: ``compress``, ``eval``, ``inspect``, ``run``, ``export``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,29 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from zsfw.generation import generate
+    from zsfw.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    for prompt, text in zip(args.prompt, generate(
+            model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+            compile=not args.no_compile, seed=args.seed)):
+        print(f"{prompt}{text}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from zsfw.export import export
+    from zsfw.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    out = export(model, args.out, tokenizer, max_sequence=args.max_sequence)
+    print(f"exported {out} (manifest {out.with_suffix('.json')}, tokenizer {out.with_suffix('.tokenizer')})")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from zsfw.inspection import plot, saved_modules, table
 
@@ -115,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="run a local lm-eval task file through lm-eval's HFLM instead")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     p.set_defaults(run=_eval)
+    p = sub.add_parser("run", help="generate text with a static KV cache and a compiled forward")
+    p.add_argument("model", nargs="?", default="default", help="model folder, .gguf, hub id or 'default'")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="eager decoding (no compile wait)")
+    p.set_defaults(run=_run)
+    p = sub.add_parser("export", help="export a model as an AOTInductor .pt2 package")
+    p.add_argument("model", help="model folder (a zsfw output or any checkpoint), .gguf or 'default'")
+    p.add_argument("--out", type=Path, required=True, help="the package to write (ends in .pt2)")
+    p.add_argument("--max-sequence", type=int, default=2048, help="longest input the package takes")
+    p.set_defaults(run=_export)
     p = sub.add_parser("inspect", help="per-layer ranks, formats and bytes of a saved model")
     p.add_argument("directory", type=Path)
     p.add_argument("--plot", type=Path, default=None,

@@ -18,16 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _weight_as(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight`` in ``x``'s dtype. Quantized tensor subclasses (torchao) pass through unchanged:
-    their own linear kernels take activations of any float dtype."""
-    if weight.dtype == x.dtype or type(weight) not in (torch.Tensor, nn.Parameter):
-        return weight
-    return weight.to(x.dtype)
+def _weight_as(weight: torch.Tensor, x: torch.Tensor, cast: bool = True) -> torch.Tensor:
+    return weight if not cast or weight.dtype == x.dtype else weight.to(x.dtype)
 
 
 class LowRankLinear(nn.Module):
-    """A rank-``rank`` linear layer, a drop-in replacement for ``nn.Linear``."""
+    """A rank-``rank`` linear layer, a drop-in replacement for ``nn.Linear``.
+
+    ``cast_weights`` (default True) casts the factors to the input's dtype. Formats whose
+    weights are quantized tensor subclasses (torchao) set it False: their kernels take any float
+    activation as they are. It is a plain attribute, so compile and export see a constant.
+    """
+
+    cast_weights = True
 
     def __init__(
         self,
@@ -69,9 +72,10 @@ class LowRankLinear(nn.Module):
         return self.B.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.B.bias
-        h = F.linear(x, _weight_as(self.A.weight, x))
-        return F.linear(h, _weight_as(self.B.weight, x), None if bias is None else _weight_as(bias, x))
+        bias, cast = self.B.bias, self.cast_weights
+        h = F.linear(x, _weight_as(self.A.weight, x, cast))
+        return F.linear(h, _weight_as(self.B.weight, x, cast),
+                        None if bias is None else _weight_as(bias, x, cast))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -81,12 +85,16 @@ class LowRankLinear(nn.Module):
 class StoredLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is stored in another dtype than the activations.
 
-    Layers left dense keep their keys (``weight``, ``bias``) and are computed in the input's dtype.
+    Layers left dense keep their keys (``weight``, ``bias``) and are computed in the input's dtype
+    (``cast_weights`` as in ``LowRankLinear``).
     """
 
+    cast_weights = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else _weight_as(self.bias, x)
-        return F.linear(x, _weight_as(self.weight, x), bias)
+        cast = self.cast_weights
+        bias = None if self.bias is None else _weight_as(self.bias, x, cast)
+        return F.linear(x, _weight_as(self.weight, x, cast), bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "StoredLinear":

@@ -54,19 +54,22 @@ class TorchaoFactors:
         with torch.device("meta"):
             module = (StoredLinear(in_features, out_features, bias=bias) if rank is None
                       else LowRankLinear(in_features, out_features, rank, bias=bias))
-        return _with_bias_dtype(module.requires_grad_(False))
+        return _as_stored(module.requires_grad_(False))
 
     def _quantized(self, module: nn.Module) -> nn.Module:
         from torchao.quantization import quantize_
 
         quantize_(module, self.config())  # every nn.Linear inside: the module itself or A and B
-        return _with_bias_dtype(module.requires_grad_(False))
+        return _as_stored(module.requires_grad_(False))
 
 
-def _with_bias_dtype(module: nn.Module) -> nn.Module:
+def _as_stored(module: nn.Module) -> nn.Module:
+    """bf16 bias, and no casting of the torchao weights in the forward (their kernels take any
+    float activation)."""
     owner = module.B if isinstance(module, LowRankLinear) else module
     if owner.bias is not None:
         owner.bias = nn.Parameter(owner.bias.detach().to(BIAS_DTYPE), requires_grad=False)
+    module.cast_weights = False
     return module
 
 

@@ -1,0 +1,99 @@
+"""Compressed models compiled, generating with a static cache, and exported as .pt2 packages."""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import zsfw
+
+FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed"]
+COMPILED_TOLERANCE = 1e-4  # relative logit error, compiled vs eager (inductor fuses and reorders)
+# int8 dynamic activations: a reordered max can move an activation's rounding by one int8 step
+DYNAMIC_ACTIVATION_TOLERANCE = 1e-2
+
+
+def _compress(model, windows, storage, ratio=0.6):
+    recipe = {"s": {"m": {"ZeroSumSVDModifier": {"ratio": ratio, "storage": storage, "calibration": {
+        "samples": 8, "sequence_length": 32}}}}}
+    return zsfw.compress(copy.deepcopy(model), recipe, windows)[0]
+
+
+def _relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("storage", FORMATS, ids=lambda s: s if isinstance(s, str) else "int8-dynamic")
+def test_every_format_compiles_without_graph_breaks_and_matches_eager(qwen2, windows, storage):
+    model = _compress(qwen2, windows, storage)
+    ids = windows[:2]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, use_cache=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+        fast = compiled(input_ids=ids, use_cache=False).logits
+    dynamic = isinstance(storage, dict) and storage.get("activation") == "dynamic"
+    assert _relative_error(fast, eager) < (DYNAMIC_ACTIVATION_TOLERANCE if dynamic else COMPILED_TOLERANCE)
+
+
+def test_static_cache_generation_equals_eager_greedy_token_for_token(llama, windows, tokenizer):
+    from zsfw.generation import _graphs_compiled, generate
+
+    model = _compress(llama, windows, "int8", ratio=0.7)
+    prompts = ["w1 w2 w3 w4", "w10 w12 w14"]
+    before = _graphs_compiled()
+    fast = generate(model, tokenizer, prompts, max_new_tokens=10, compile=True, buckets=(8, 16))
+    assert _graphs_compiled() > before  # the decoding forward really was compiled
+    eager = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=1)
+        eager.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert fast == eager
+    compiled = _graphs_compiled()
+    again = generate(model, tokenizer, ["w3 w5 w7"], max_new_tokens=10, compile=True, buckets=(8, 16))
+    assert len(again) == 1
+    fast_again = generate(model, tokenizer, prompts[::-1], max_new_tokens=10, compile=True, buckets=(8, 16))
+    assert fast_again == eager[::-1]
+    # another prompt length in the same bucket reuses the graphs compiled for it
+    assert _graphs_compiled() - compiled <= 1  # at most batch 1's own compile
+
+
+def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
+    from zsfw.generation import generate
+
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        generate(llama, tokenizer, " ".join(["w1"] * 20), max_new_tokens=2, buckets=(8, 16))
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_pt2_package_runs_without_zsfw_and_gives_the_same_logits(qwen2, windows, tokenizer, storage, tmp_path):
+    from zsfw.export import export
+
+    model = _compress(qwen2, windows, storage)
+    package = export(model, tmp_path / "model.pt2", tokenizer, max_sequence=64)
+    ids = windows[:3, :40]
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent("""
+        import json, sys, torch
+        runner = torch._inductor.aoti_load_package(sys.argv[1])
+        logits = runner(torch.load(sys.argv[2]))
+        loaded = [m for m in sys.modules if m.split(".")[0] in ("zsfw", "transformers", "torchao")]
+        assert not loaded, loaded
+        torch.save(logits, sys.argv[3])
+        """)
+    result = subprocess.run([sys.executable, "-c", script, str(package), str(tmp_path / "ids.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _relative_error(torch.load(tmp_path / "out.pt"), expected) < COMPILED_TOLERANCE
+    manifest = (tmp_path / "model.json").read_text()
+    assert '"seq": [\n        2,\n        64\n      ]' in manifest and f'"name": "{storage}"' in manifest
+    assert (tmp_path / "model.tokenizer" / "tokenizer.json").is_file()

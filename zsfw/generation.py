@@ -1,0 +1,80 @@
+"""Text generation from a (compressed) model with a static KV cache and a compiled forward.
+
+Prompts are left-padded to the smallest of a few length buckets, so a new prompt length reuses
+the graph of its bucket instead of compiling another; the static cache holds bucket +
+``max_new_tokens`` positions. ``transformers`` compiles the decoding forward itself when the
+cache is static, but on CPU only when told to (``CompileConfig(_compile_all_devices=True)``):
+that is what ``compile=True`` sets. Each (batch, bucket, max_new_tokens) compiles once per
+process; a compile for a shape already seen is a recompile, and it is warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+_seen_shapes: set[tuple] = set()
+
+
+def bucket_of(length: int, buckets: tuple[int, ...] = BUCKETS) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    for bucket in sorted(buckets):
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"a prompt of {length} tokens is longer than the largest bucket "
+                     f"({max(buckets)}); pass larger buckets")
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             compile: bool = True, buckets: tuple[int, ...] = BUCKETS, seed: int = 0) -> list[str]:
+    """Continuations of ``prompts`` (greedy unless ``do_sample``), one string per prompt."""
+    from transformers import CompileConfig, GenerationConfig
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    bucket = bucket_of(longest, buckets)
+    batch = tokenizer(prompts, return_tensors="pt", padding="max_length", max_length=bucket)
+    device = next(model.parameters()).device
+    compile_config = None
+    if compile:
+        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True  # a class attribute, not an init argument
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+        cache_implementation="static", pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, disable_compile=not compile,
+        compile_config=compile_config)
+    shape = (id(model), len(prompts), bucket, max_new_tokens, do_sample)
+    before = _graphs_compiled()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=batch.input_ids.to(device),
+                             attention_mask=batch.attention_mask.to(device), generation_config=config)
+    compiled = _graphs_compiled() - before
+    if compile and compiled and shape in _seen_shapes:
+        warnings.warn(f"generate recompiled the model ({compiled} new graph(s)) for batch "
+                      f"{len(prompts)}, bucket {bucket}, {max_new_tokens} new tokens, a shape it "
+                      f"had compiled before; see TORCH_LOGS=recompiles for why", stacklevel=2)
+    elif compiled:
+        log.info("compiled the decoding forward for batch %d, bucket %d, %d new tokens",
+                 len(prompts), bucket, max_new_tokens)
+    _seen_shapes.add(shape)
+    return tokenizer.batch_decode(out[:, bucket:], skip_special_tokens=True)
