@@ -28,7 +28,7 @@ from zsfw.interfaces import ByteBudget, LayerScores, LayerSpectrum
 from zsfw.linalg import lowrank_factors, relative_tail_energy, truncate, whitened_svd, whitening_factor
 from zsfw.recipe import RecipeLike, load_recipe
 from zsfw.report import LayerReport, Report
-from zsfw.statistics import collect
+from zsfw.statistics import CalibrationStatistics, collect
 from zsfw.stats_cache import StatisticsCache, statistics_key
 from zsfw.targets import find_targets
 
@@ -130,15 +130,11 @@ def compress(
     with report.phase("statistics"):
         settings = {"gradient_samples": cal.gradient_samples, "batch_size": cal.batch_size,
                     "moments": m.whiten, "gradients": scorer.needs_gradient}
-        cache = StatisticsCache(statistics_cache) if statistics_cache is not None else None
-        key = cache and statistics_key(model, list(targets), windows, settings)
-        stats = cache and cache.load(key)
-        report.statistics_cached = stats is not None
-        if stats is None:
-            stats = collect(model, targets, windows, checkpoint_layers=cal.checkpoint_layers,
-                            desc="statistics + gradient", **settings)
-            if cache:
-                cache.save(key, stats)
+        if not (m.whiten or scorer.needs_gradient):
+            stats = CalibrationStatistics()  # unwhitened SVD scored by σ: nothing to measure
+        else:
+            stats = _statistics(model, targets, windows, settings, cal.checkpoint_layers,
+                                statistics_cache, report)
     report.calibration_tokens, report.calibration_loss = stats.tokens or windows.numel(), stats.loss
     groups = stats.groups if m.whiten else {name: [name] for name in targets}
 
@@ -239,6 +235,22 @@ def _own_tokenizer(model: nn.Module) -> Any:
     except (OSError, ValueError) as e:
         log.warning("saving without a tokenizer: none found at %r (%s)", model.name_or_path, e)
         return None
+
+
+def _statistics(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+                settings: dict, checkpoint_layers: bool, cache_dir: str | Path | None,
+                report: Report) -> CalibrationStatistics:
+    """The calibration pass, or its result from the statistics cache when one is given."""
+    cache = StatisticsCache(cache_dir) if cache_dir is not None else None
+    key = cache and statistics_key(model, list(targets), windows, settings)
+    stats = cache and cache.load(key)
+    report.statistics_cached = stats is not None
+    if stats is None:
+        stats = collect(model, targets, windows, checkpoint_layers=checkpoint_layers,
+                        desc="statistics + gradient", **settings)
+        if cache:
+            cache.save(key, stats)
+    return stats
 
 
 def _windows(model: nn.Module, dataset: Any, tokenizer: Any, cal) -> torch.Tensor:
