@@ -47,7 +47,7 @@ def run_one(method: str, ratio: float) -> dict:
 
     return_large_frees_to_the_os()  # as the CLI does
     from zsfw.calibration import load_texts, tokenize
-    from zsfw.evaluate import perplexity
+    from zsfw.evaluation import perplexity
     from zsfw.models import load_model
     from zsfw.report import peak_rss_mb
     from zsfw.sources import default_model_path, news_text_path, wikipedia_text_path

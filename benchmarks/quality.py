@@ -86,7 +86,7 @@ def run_cell(cell: str, quick: bool) -> dict:
 
     import zsfw
     from zsfw.calibration import load_texts, sample_windows, tokenize
-    from zsfw.evaluate import perplexity
+    from zsfw.evaluation import perplexity
     from zsfw.memory import return_large_frees_to_the_os
     from zsfw.models import load_model
     from zsfw.report import peak_rss_mb

@@ -33,7 +33,7 @@ imported = time.perf_counter()
 model = zsfw.load(sys.argv[1])
 loaded = time.perf_counter()
 from zsfw.calibration import load_texts, tokenize
-from zsfw.evaluate import perplexity
+from zsfw.evaluation import perplexity
 from zsfw.sources import wikipedia_text_path
 from transformers import AutoTokenizer
 tokens = tokenize(AutoTokenizer.from_pretrained(sys.argv[1]), load_texts(wikipedia_text_path()))

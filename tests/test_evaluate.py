@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from zsfw.evaluate import evaluate, perplexity
+from zsfw.evaluation import evaluate, perplexity
 
 
 def _hand_nll(model, chunks):
@@ -110,3 +110,15 @@ def test_lm_eval_task_from_a_local_file_matches_a_hand_count(llama, tokenizer, t
     results = run_task(llama, tokenizer, tmp_path / "task.yaml")
     assert results["zsfw_counting"]["acc,none"] == pytest.approx(correct / len(items))
     assert correct >= 4  # the model learned to count: the check can tell models apart
+
+
+def test_the_public_api_names_are_functions_even_after_their_modules_load():
+    import zsfw
+    import zsfw.aoti
+    import zsfw.checkpoint
+    import zsfw.evaluation
+    import zsfw.generation
+
+    assert zsfw.evaluate is zsfw.evaluation.evaluate and zsfw.generate is zsfw.generation.generate
+    assert zsfw.export is zsfw.aoti.export
+    assert zsfw.save is zsfw.checkpoint.save and zsfw.load is zsfw.checkpoint.load

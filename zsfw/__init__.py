@@ -14,7 +14,7 @@ _register_with_transformers()  # from_pretrained of a zsfw folder builds the com
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "compress", "save", "load", "load_recipe", "Recipe", "ZeroSumSVDModifier", "LowRankLinear",
+__all__ = ["hookimpl", "compress", "save", "load", "evaluate", "generate", "export", "load_recipe", "Recipe", "ZeroSumSVDModifier", "LowRankLinear",
            "register_plugin", "__version__"]
 
 
@@ -25,6 +25,18 @@ def __getattr__(name: str):
         from zsfw.pipeline import compress
 
         return compress
+    if name == "evaluate":
+        from zsfw.evaluation import evaluate
+
+        return evaluate
+    if name == "generate":
+        from zsfw.generation import generate
+
+        return generate
+    if name == "export":
+        from zsfw.aoti import export
+
+        return export
     if name in ("save", "load"):
         from zsfw import checkpoint
 

@@ -43,7 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                           if isinstance(v, float)))
         return 0
-    from zsfw.evaluate import evaluate
+    from zsfw.evaluation import evaluate
 
     dataset = args.dataset
     if dataset is None:
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from zsfw.export import export
+    from zsfw.aoti import export
     from zsfw.models import load_model
 
     model, tokenizer = load_model(args.model)

@@ -10,6 +10,7 @@ process; a compile for a shape already seen is a recompile, and it is warned abo
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -33,6 +34,17 @@ def bucket_of(length: int, buckets: tuple[int, ...] = BUCKETS) -> int:
                      f"({max(buckets)}); pass larger buckets")
 
 
+@functools.cache
+def _compile_config():
+    """One CompileConfig for the process: transformers re-wraps the model in a new
+    ``torch.compile`` (and so recompiles) whenever the config object it is given changes."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True  # a class attribute, not an init argument
+    return config
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -43,7 +55,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              compile: bool = True, buckets: tuple[int, ...] = BUCKETS, seed: int = 0) -> list[str]:
     """Continuations of ``prompts`` (greedy unless ``do_sample``), one string per prompt."""
-    from transformers import CompileConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if tokenizer.pad_token_id is None:
@@ -53,15 +65,11 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
     bucket = bucket_of(longest, buckets)
     batch = tokenizer(prompts, return_tensors="pt", padding="max_length", max_length=bucket)
     device = next(model.parameters()).device
-    compile_config = None
-    if compile:
-        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
-        compile_config._compile_all_devices = True  # a class attribute, not an init argument
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
         cache_implementation="static", pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, disable_compile=not compile,
-        compile_config=compile_config)
+        compile_config=_compile_config() if compile else None)
     shape = (id(model), len(prompts), bucket, max_new_tokens, do_sample)
     before = _graphs_compiled()
     torch.manual_seed(seed)
