@@ -240,14 +240,6 @@ def _quant_method(model_config: Any) -> str | None:
 
 # -------------------------------------------------------------------------------------- loading
 
-def _file_index(files: list[str | Path]) -> dict[str, Path]:
-    index = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            index.update(dict.fromkeys(f.keys(), Path(path)))
-    return index
-
-
 def load_modules(model: nn.Module, config: dict, files: list[str | Path]) -> None:
     """Build every compressed module that ``config`` lists from the safetensors ``files`` and
     put it in ``model``; errors name the module and what is missing or mis-shaped."""
@@ -255,33 +247,29 @@ def load_modules(model: nn.Module, config: dict, files: list[str | Path]) -> Non
 
     records = module_records(config)
     options = (config.get("storage") or {}).get("options") or {}
-    index = _file_index(files)
-    by_module: dict[str, list[str]] = {name: [] for name in records}
-    for key in index:
-        owner = owner_of(key, records)
-        if owner is not None:
-            by_module[owner].append(key)
+    formats = {name: storage_format(record, name, options) for name, record in records.items()}
+    state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in records}
+    for path in files:  # each file's header is parsed once, whatever the number of modules
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if owner_of(k, records) is not None}
+            metadata = {"tensor_names": "[]", **(f.metadata() or {})}
+        if not tensors:
+            continue
+        try:
+            restored, _ = unflatten_tensor_state_dict(tensors, metadata)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"compressed-module tensors in {Path(path).name} cannot be "
+                                  f"restored: {e}") from None
+        for key, tensor in restored.items():
+            owner = owner_of(key, records)
+            state[owner][key[len(owner) + 1:]] = tensor
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     for name, record in records.items():
-        fmt = storage_format(record, name, options)
-        keys = by_module[name]
-        if not keys:
+        if not state[name]:
             raise CheckpointError(f"no tensors for compressed module {name!r} in the checkpoint")
-        tensors, metadata = {}, {}
-        for path in {index[k] for k in keys}:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                tensors.update({k: f.get_tensor(k) for k in keys if index[k] == path})
-                metadata.update(f.metadata() or {})
-        metadata.setdefault("tensor_names", "[]")
+        module = formats[name].skeleton(record.out_features, record.in_features, record.rank, record.bias)
         try:
-            state, _ = unflatten_tensor_state_dict(tensors, metadata)
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"tensors of module {name!r} cannot be restored: {e}") from None
-        prefix = f"{name}."
-        state = {k[len(prefix):]: v for k, v in state.items()}
-        module = fmt.skeleton(record.out_features, record.in_features, record.rank, record.bias)
-        try:
-            result = module.load_state_dict(state, strict=False, assign=True)
+            result = module.load_state_dict(state.pop(name), strict=False, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"tensors of module {name!r} do not fit its {record.format} "
                                   f"layout: {e}") from None
