@@ -3,8 +3,8 @@
 Calibration: 32 × 512 tokens from the first 400K tokens of the Wikipedia text. Evaluation: 8
 windows × 2048 tokens after token 400K (text calibration never saw) and the first 8 × 2048 of
 the news text. Every cell (method × ratio × format) runs in its own process (its own peak RSS)
-and is cached as JSON in ``benchmarks/.quality-cells/``: an interrupted run resumes where it
-stopped. The calibration statistics are shared through zsfw's statistics cache, so a cell that
+and is cached as JSON in ``benchmarks/.quality-cells/`` (committed, so the grid can span
+sessions): an interrupted run resumes where it stopped; delete a cell's file to re-run it. The calibration statistics are shared through zsfw's statistics cache, so a cell that
 differs from a finished one only by ratio, allocator or format skips the calibration pass.
 
     python benchmarks/quality.py               # the full grid, then RESULTS.md and quality.png
