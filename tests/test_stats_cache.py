@@ -21,8 +21,10 @@ def test_a_hit_skips_the_pass_and_gives_the_same_model(llama, windows, tmp_path,
     first, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
     assert not report.statistics_cached and len(list(tmp_path.glob("statistics-*.safetensors"))) == 1
     monkeypatch.setattr("zsfw.pipeline.collect", _no_pass)
+    monkeypatch.setattr("zsfw.pipeline._factorize", _no_pass)
     again, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
-    assert report.statistics_cached
+    assert report.statistics_cached and report.factors_cached
+    assert "factorize + score" not in report.timings
     with torch.no_grad():
         assert torch.equal(first(input_ids=windows).logits, again(input_ids=windows).logits)
     # another ratio and another allocator reuse the same entry
@@ -45,3 +47,22 @@ def test_a_change_of_weights_data_or_settings_misses(llama, windows, tmp_path, c
     _, report = zsfw.compress(model, recipe, windows, statistics_cache=tmp_path)
     assert not report.statistics_cached
     assert len(list(tmp_path.glob("statistics-*.safetensors"))) == 2
+
+
+def test_another_damping_reuses_the_statistics_but_not_the_factors(llama, windows, tmp_path):
+    zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    recipe = _recipe()
+    recipe["s"]["m"]["ZeroSumSVDModifier"]["damping"] = 1e-2
+    _, report = zsfw.compress(copy.deepcopy(llama), recipe, windows, statistics_cache=tmp_path)
+    assert report.statistics_cached and not report.factors_cached
+    assert len(list(tmp_path.glob("factors-*"))) == 2 and not list(tmp_path.glob(".factors-*"))
+
+
+def test_a_failed_factorization_leaves_no_cache_entry(llama, windows, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("SVD did not converge")
+
+    monkeypatch.setattr("zsfw.pipeline.whitened_svd", broken)
+    with pytest.raises(RuntimeError, match="converge"):
+        zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    assert not list(tmp_path.glob("factors-*")) and not list(tmp_path.glob(".factors-*"))

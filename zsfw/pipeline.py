@@ -12,6 +12,7 @@ allocation says which of them to keep.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,25 @@ from zsfw.linalg import lowrank_factors, relative_tail_energy, truncate, whitene
 from zsfw.recipe import RecipeLike, load_recipe
 from zsfw.report import LayerReport, Report
 from zsfw.statistics import CalibrationStatistics, collect
-from zsfw.stats_cache import StatisticsCache, statistics_key
+from zsfw.stats_cache import Factorization, StatisticsCache, factorization_key, statistics_key
 from zsfw.targets import find_targets
 
 log = logging.getLogger(__name__)
 
 
 class _Spill:
-    """Tensors parked on disk between phases, so they are never all in memory at once."""
+    """Tensors parked on disk between phases, so they are never all in memory at once.
 
-    def __init__(self, directory: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="zsfw-", dir=directory)
+    In a temporary folder by default; in ``directory`` (kept) when the factorization cache
+    holds them.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="zsfw-")
+        self.directory = Path(directory or self._tmp.name)
 
     def _path(self, key: str) -> Path:
-        return Path(self._dir.name) / f"{key}.safetensors"
+        return self.directory / f"{key}.safetensors"
 
     def put(self, key: str, **tensors: torch.Tensor) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self._path(key))
@@ -51,7 +57,8 @@ class _Spill:
         return {k: v.to(device) for k, v in load_file(self._path(key)).items()}
 
     def close(self) -> None:
-        self._dir.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 class _Correction:
@@ -127,48 +134,32 @@ def compress(
     targets = find_targets(model, m.targets, m.ignore)
     with report.phase("calibration data"):
         windows = _windows(model, dataset, tokenizer, cal)
-    with report.phase("statistics"):
-        settings = {"gradient_samples": cal.gradient_samples, "batch_size": cal.batch_size,
-                    "moments": m.whiten, "gradients": scorer.needs_gradient}
-        if not (m.whiten or scorer.needs_gradient):
-            stats = CalibrationStatistics()  # unwhitened SVD scored by σ: nothing to measure
-        else:
-            stats = _statistics(model, targets, windows, settings, cal.checkpoint_layers,
-                                statistics_cache, report)
-    report.calibration_tokens, report.calibration_loss = stats.tokens or windows.numel(), stats.loss
-    groups = stats.groups if m.whiten else {name: [name] for name in targets}
-
-    spill = _Spill()
+    settings = {"gradient_samples": cal.gradient_samples, "batch_size": cal.batch_size,
+                "moments": m.whiten, "gradients": scorer.needs_gradient}
+    cache = StatisticsCache(statistics_cache) if statistics_cache is not None else None
+    keys = cache and _cache_keys(model, targets, windows, settings, m)
+    found = cache and cache.load_factors(keys[1])
+    if found:
+        spill, factors = _Spill(found[0]), found[1]
+        report.statistics_cached = report.factors_cached = True
+    else:
+        with report.phase("statistics"):
+            if not (m.whiten or scorer.needs_gradient):
+                stats = CalibrationStatistics()  # unwhitened SVD scored by σ: nothing to measure
+            else:
+                stats = _statistics(model, targets, windows, settings, cal.checkpoint_layers,
+                                    cache, keys and keys[0], report)
+        spill = _Spill(cache.new_factors_dir() if cache else None)
     try:
-        layer_scores: dict[str, LayerScores] = {}
-        notes: dict[str, str] = {}
-        whitener_of: dict[str, str] = {}  # layer -> group whose S it uses
-        with report.phase("factorize + score"):
-            bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
-            for group, members in groups.items():
-                S = None
-                if m.whiten:
-                    whitening = whitening_factor(stats.covariances.pop(group), m.damping)
-                    S = whitening.S
-                    spill.put(f"S.{group}", S=S)
-                    note = _whitening_note(whitening, m.damping)
-                    if note:
-                        log.warning("whitening of %s needed %s", members, note)
-                for name in members:
-                    weight = targets[name].weight.detach()
-                    U, sigma, Vh = whitened_svd(weight, S)
-                    scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S,
-                                                        stats.gradients.pop(name, None)))
-                    layer_scores[name] = LayerScores(name, weight.shape[0], weight.shape[1],
-                                                     targets[name].bias is not None,
-                                                     sigma.cpu(), scores.to(torch.float64).cpu())
-                    spill.put(f"svd.{name}", U=U.float(), Vh=Vh.float())
-                    if S is not None:
-                        whitener_of[name] = group
-                        notes[name] = note
-                    bar.update()
-            bar.close()
-        del stats
+        if not found:
+            with report.phase("factorize + score"):
+                factors = _factorize(targets, stats, m.whiten, m.damping, scorer, spill)
+                factors.tokens = stats.tokens or windows.numel()
+            del stats
+            if cache:
+                spill.directory = cache.save_factors(keys[1], spill.directory, factors)
+        report.calibration_tokens, report.calibration_loss = factors.tokens, factors.loss
+        layer_scores, whitener_of, notes = factors.layers, factors.whitener_of, factors.notes
 
         with report.phase("allocate"):
             ordered = [layer_scores[name] for name in targets]
@@ -201,6 +192,8 @@ def compress(
                     model.set_submodule(name, storage.lowrank_module(B, A, targets[name].bias))
     finally:
         spill.close()
+        if cache and spill.directory.name.startswith(".factors-"):  # an entry left unfinished
+            shutil.rmtree(spill.directory, ignore_errors=True)
 
     for layer in ordered:
         rank = ranks[layer.name]
@@ -238,11 +231,9 @@ def _own_tokenizer(model: nn.Module) -> Any:
 
 
 def _statistics(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
-                settings: dict, checkpoint_layers: bool, cache_dir: str | Path | None,
-                report: Report) -> CalibrationStatistics:
+                settings: dict, checkpoint_layers: bool, cache: StatisticsCache | None,
+                key: str | None, report: Report) -> CalibrationStatistics:
     """The calibration pass, or its result from the statistics cache when one is given."""
-    cache = StatisticsCache(cache_dir) if cache_dir is not None else None
-    key = cache and statistics_key(model, list(targets), windows, settings)
     stats = cache and cache.load(key)
     report.statistics_cached = stats is not None
     if stats is None:
@@ -251,6 +242,47 @@ def _statistics(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.
         if cache:
             cache.save(key, stats)
     return stats
+
+
+def _cache_keys(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+                settings: dict, m) -> tuple[str, str]:
+    """Keys of the statistics and of the factorization (which also depends on how C is
+    whitened and on the scorer)."""
+    key = statistics_key(model, list(targets), windows, settings)
+    return key, factorization_key(key, {"whiten": m.whiten, "damping": m.damping,
+                                        "scorer": m.scorer.name, "options": m.scorer.options})
+
+
+def _factorize(targets: dict[str, nn.Linear], stats: CalibrationStatistics, whiten: bool,
+               damping: float, scorer, spill: _Spill) -> Factorization:
+    """Whitened SVD and scores of every target, group by group; the SVD factors and each
+    group's S go to ``spill``, the spectra and scores stay in memory."""
+    groups = stats.groups if whiten else {name: [name] for name in targets}
+    out = Factorization(loss=stats.loss)
+    bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
+    for group, members in groups.items():
+        S, note = None, ""
+        if whiten:
+            whitening = whitening_factor(stats.covariances.pop(group), damping)
+            S = whitening.S
+            spill.put(f"S.{group}", S=S)
+            note = _whitening_note(whitening, damping)
+            if note:
+                log.warning("whitening of %s needed %s", members, note)
+        for name in members:
+            weight = targets[name].weight.detach()
+            U, sigma, Vh = whitened_svd(weight, S)
+            scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, stats.gradients.pop(name, None)))
+            out.layers[name] = LayerScores(name, weight.shape[0], weight.shape[1],
+                                           targets[name].bias is not None,
+                                           sigma.cpu(), scores.to(torch.float64).cpu())
+            spill.put(f"svd.{name}", U=U.float(), Vh=Vh.float())
+            if S is not None:
+                out.whitener_of[name] = group
+                out.notes[name] = note
+            bar.update()
+    bar.close()
+    return out
 
 
 def _windows(model: nn.Module, dataset: Any, tokenizer: Any, cal) -> torch.Tensor:

@@ -45,6 +45,7 @@ class Report:
     calibration_tokens: int = 0
     calibration_loss: float = float("nan")
     statistics_cached: bool = False  # the statistics came from a cache, not a calibration pass
+    factors_cached: bool = False  # so did the whitened SVDs and scores
     correction_losses: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # phase -> peak so far
@@ -107,7 +108,8 @@ class Report:
                  f"budget {self.budget_bytes}), {t['dense_layers']} dense layer(s), "
                  f"predicted ΔL {t['predicted_delta_loss']:.4g}",
                  f"calibration: {self.calibration_tokens} tokens, loss {self.calibration_loss:.4f}"
-                 + (" (statistics from the cache)" if self.statistics_cached else "")
+                 + (" (statistics and factors from the cache)" if self.factors_cached else
+                    " (statistics from the cache)" if self.statistics_cached else "")
                  + (f", after correction cycles {['%.4f' % x for x in self.correction_losses]}"
                     if self.correction_losses else ""),
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
