@@ -21,6 +21,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--ratios", type=float, nargs="*", help="default: 0.8 0.6 (quick: 0.6)")
+    parser.add_argument("--formats", nargs="*", help="default: bf16 int8 (quick: bf16)")
+    parser.add_argument("--dtypes", nargs="*", help="default: float32 bfloat16 (quick: float32)")
     args = parser.parse_args()
     import logging
 
@@ -128,8 +132,9 @@ def main() -> None:
     from zsfw.models import load_model
     from zsfw.sources import cache_dir, default_model_path
 
-    ratios, formats = ((0.6,), ("bf16",)) if args.quick else ((0.8, 0.6), ("bf16", "int8"))
-    dtypes = ("float32",) if args.quick else ("float32", "bfloat16")
+    ratios = args.ratios or ((0.6,) if args.quick else (0.8, 0.6))
+    formats = args.formats or (("bf16",) if args.quick else ("bf16", "int8"))
+    dtypes = args.dtypes or (("float32",) if args.quick else ("float32", "bfloat16"))
     rounds = args.rounds or (2 if args.quick else 5)
     models_dir = cache_dir() / "speed-models"
     paths = _compressed_models(ratios, formats, models_dir)
@@ -200,7 +205,7 @@ def _write(variants, rounds, quick, torch_version, transformers_version, threads
     by_label = {v.label: v for v in variants}
     lines = [f"\n## Issue 5: speed of SmolLM2-135M, dense vs zsfw ({datetime.date.today().isoformat()}"
              f"{', quick' if quick else ''})\n",
-             f"Command: `python benchmarks/speed.py{' --quick' if quick else ''}`. Machine: "
+             f"Command: `python {' '.join(sys.argv)}`. Machine: "
              f"{platform.machine()}, {os.cpu_count()} cores, torch {torch_version} ({threads} threads), "
              f"transformers {transformers_version}, Python {platform.python_version()}. {rounds} interleaved "
              "rounds after a warm-up; tokens/s as median (min–max). Speedups are against the dense model "
