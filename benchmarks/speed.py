@@ -127,6 +127,12 @@ def main() -> None:
     import torch
     import transformers
 
+    # every variant's forward is the same code object (LlamaForCausalLM.forward), compiled for
+    # several models and shapes: above dynamo's default of 8 cache entries per code object it
+    # would recompile or fall back to eager in the middle of the timings
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 1024
+
     from zsfw.aoti import export
     from zsfw.generation import generate
     from zsfw.models import load_model

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 import zsfw
 from zsfw.checkpoint import CheckpointError, header_bytes, module_tensors
-from zsfw.modules import LowRankLinear
 
 FORMATS = {  # label -> the recipe's storage spec
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8",

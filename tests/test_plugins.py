@@ -2,10 +2,8 @@
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
-import torch
 
 import zsfw
 from zsfw import plugins
