@@ -25,6 +25,14 @@ def test_compress_command_writes_report_and_recipe(tmp_path, llama, tokenizer, c
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["totals"]["bytes"] <= report["budget_bytes"]
     assert (tmp_path / "out" / "recipe.yaml").read_text().startswith("s:")
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
+    # the saved folder evaluates like any model; compressing into it again is refused up front
+    assert main(["eval", str(tmp_path / "out"), "--dataset", str(tmp_path / "cal.txt"),
+                 "--window", "16", "--windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["compress", "--model", str(model_dir), "--recipe", str(tmp_path / "r.yaml"),
+                 "--dataset", str(tmp_path / "cal.txt"), "--output", str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_bad_recipe_is_a_one_line_error(tmp_path, capsys):
