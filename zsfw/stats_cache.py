@@ -19,8 +19,10 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -53,6 +55,16 @@ def statistics_key(model: nn.Module, targets: list[str], windows: torch.Tensor, 
     return hasher.hexdigest()
 
 
+@contextmanager
+def _entry(path: Path, key: str) -> Iterator[Any]:
+    """The open safetensors file of a cache entry, or None when absent or written for another key."""
+    if not path.exists():
+        yield None
+        return
+    with safe_open(path, framework="pt") as f:
+        yield f if f.metadata().get("key") == key else None
+
+
 def factorization_key(statistics_key: str, settings: dict) -> str:
     """SHA-256 of the statistics key and the settings the factorization adds."""
     text = json.dumps({"version": CACHE_VERSION, "statistics": statistics_key, "settings": settings},
@@ -82,19 +94,16 @@ class StatisticsCache:
         return self.directory / f"statistics-{key[:32]}.safetensors"
 
     def load(self, key: str) -> CalibrationStatistics | None:
-        path = self.path(key)
-        if not path.exists():
-            return None
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata()
-            if meta.get("key") != key:
+        with _entry(self.path(key), key) as f:
+            if f is None:
                 return None
+            meta = f.metadata()
             stats = CalibrationStatistics(groups=json.loads(meta["groups"]), tokens=int(meta["tokens"]),
                                           loss=float(meta["loss"]))
             for k in f.keys():
                 kind, name = k.split(":", 1)
                 (stats.covariances if kind == "C" else stats.gradients)[name] = f.get_tensor(k)
-        log.info("calibration statistics from the cache: %s", path)
+        log.info("calibration statistics from the cache: %s", self.path(key))
         return stats
 
     def save(self, key: str, stats: CalibrationStatistics) -> Path:
@@ -141,12 +150,10 @@ class StatisticsCache:
     def load_factors(self, key: str) -> tuple[Path, Factorization] | None:
         """The folder and index of a cached factorization, or None."""
         index = self.factors_path(key) / "index.safetensors"
-        if not index.exists():
-            return None
-        with safe_open(index, framework="pt") as f:
-            meta = f.metadata()
-            if meta.get("key") != key:
+        with _entry(index, key) as f:
+            if f is None:
                 return None
+            meta = f.metadata()
             factors = Factorization(whitener_of=json.loads(meta["whitener_of"]),
                                     notes=json.loads(meta["notes"]), tokens=int(meta["tokens"]),
                                     loss=float(meta["loss"]))
