@@ -25,18 +25,20 @@ import time
 from pathlib import Path
 
 import yaml
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes"
 CELLS = HERE / ".quality-cells"
 CAL_TOKENS = 400_000
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 METHODS = {  # name -> (recipe file, modifier overrides)
     "plain_svd": ("plain_svd.yaml", {}),
     "uniform": ("uniform_svd_llm.yaml", {}),
     "sigma": ("sigma_global.yaml", {}),
     "greedy_negative": ("greedy_negative.yaml", {}),
+    "greedy_negative_topk": ("greedy_negative.yaml", {"allocator": {"name": "greedy_negative",
+                                                                    "keep_top_k": True}}),
     "zero_sum": ("zero_sum.yaml", {}),
     "zero_sum_g1": ("zero_sum.yaml", {"calibration": {"gradient_samples": 1}}),
     "zero_sum_c1": ("zero_sum.yaml", {"corrector": {"name": "projected_gradient", "cycles": 1}}),
@@ -165,25 +167,20 @@ def _write(results: list[dict], quick: bool) -> None:
                     f"{r['dense_layers']} | {r['compress_s']:.0f} | {p.get('statistics', 0):.0f}"
                     f"{' (yes)' if r['cached'] else ''} | {p.get('factorize + score', 0):.0f} | "
                     f"{p.get('correct', 0):.0f} | {r['peak_rss_mb']:.0f} | {types} |")
-    head = [START, f"## Issue 4: quality of every method on SmolLM2-135M "
+    head = [f"## Issue 4: quality of every method on SmolLM2-135M "
                    f"({datetime.date.today().isoformat()}{', quick' if quick else ''})\n",
             f"Command: `python benchmarks/quality.py{' --quick' if quick else ''}`. Machine: "
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({results[0]['threads']} threads), transformers {transformers.__version__}, Python "
             f"{platform.python_version()}. Cells are `method@ratio/format`; the methods are the recipes "
-            "in `recipes/` (g1: gradient from 1 window; c1/c5: 1 or 5 correction cycles). Calibration "
+            "in `recipes/` (g1: gradient from 1 window; c1/c5: 1 or 5 correction cycles; greedy_negative_topk: "
+            "greedy_negative restricted to each layer's smallest remaining σ). Calibration "
             f"{'8' if quick else '32'} × 512 tokens from the first 400000 Wikipedia tokens; wiki PPL on "
             f"{'2' if quick else '8'} × 2048 tokens after token 400000, news PPL on the first "
             f"{'2' if quick else '8'} × 2048 news tokens. `kept` is bytes against 16-bit targets. "
             "Plot: `benchmarks/quality.png`.\n"]
-    section = "\n".join(head + rows + [END])
-    results_md = HERE / "RESULTS.md"
-    text = results_md.read_text()
-    if START in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text += "\n" + section + "\n"
-    results_md.write_text(text)
+    section = "\n".join(head + rows)
+    write_section("quality-quick" if quick else "quality", section)
     _plot(results, HERE / ("quality-quick.png" if quick else "quality.png"))
     print(section)
 
@@ -201,9 +198,11 @@ def _plot(results: list[dict], path: Path) -> None:
             method, rest = r["cell"].split("@")
             lines.setdefault(f"{method} ({rest.split('/')[1]})", []).append((r["kept"], r["wiki_ppl"]))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, points in sorted(lines.items()):
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, points) in enumerate(sorted(lines.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^Dv"[i % 5],
+                color=colors[2 * i % 20 + i // 10 % 2], label=label)
     if base:
         ax.axhline(base, color="gray", ls="--", lw=1, label="uncompressed")
     ax.set_yscale("log")

@@ -10,8 +10,15 @@ each speedup as a ratio to the dense model of the same dtype and mode, measured 
 (this machine's timings swing up to 3× between runs). Theoretical limits: bytes of weights read
 per decoded token and multiply-accumulates per prefill token (linear layers and attention).
 
+In the fp32 model, bf16 factors run two ways: as loaded (cast to fp32 on every call, memory
+kept at 2 bytes per factor weight) and upcast once after loading (``bf16→fp32`` rows: exact, 4
+bytes per factor weight, no cast). Results go between markers in RESULTS.md (a re-run replaces
+its section) and the compiled speedups beside their limits to ``speed.png``.
+
     python benchmarks/speed.py                 # fp32 + bf16, ratios 0.8 and 0.6, bf16/int8 factors
     python benchmarks/speed.py --quick         # fp32, ratio 0.6, bf16 factors, 2 rounds
+    python benchmarks/speed.py --profile --ratios 0.6 --formats bf16 --dtypes float32
+                                               # where compiled decoding spends its time
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 CAL_TOKENS = 400_000
@@ -120,6 +129,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="*", help="default: 0.8 0.6 (quick: 0.6)")
     parser.add_argument("--formats", nargs="*", help="default: bf16 int8 (quick: bf16)")
     parser.add_argument("--dtypes", nargs="*", help="default: float32 bfloat16 (quick: float32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: profile 32 compiled decode steps of each variant")
     args = parser.parse_args()
     import logging
 
@@ -132,10 +143,13 @@ def main() -> None:
     # would recompile or fall back to eager in the middle of the timings
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 1024
+    if args.profile:  # each generated C++ kernel shows up in the profile under its own name
+        torch._inductor.config.cpp.enable_kernel_profile = True
 
     from zsfw.aoti import export
     from zsfw.generation import generate
     from zsfw.models import load_model
+    from zsfw.modules import LowRankLinear
     from zsfw.sources import cache_dir, default_model_path
 
     ratios = args.ratios or ((0.6,) if args.quick else (0.8, 0.6))
@@ -153,12 +167,19 @@ def main() -> None:
     prefill_ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        sources = [("dense", default_model_path())] + [
-            (f"zsfw {r} {f}", paths[(r, f)]) for r in ratios for f in formats]
-        for label, path in sources:
+        sources = [("dense", default_model_path(), False)] + [
+            (f"zsfw {r} {f}", paths[(r, f)], False) for r in ratios for f in formats]
+        if dtype == torch.float32 and "bf16" in formats:  # the factors upcast once, at load
+            sources += [(f"zsfw {r} bf16→fp32", paths[(r, "bf16")], True) for r in ratios]
+        for label, path, upcast in sources:
             model, _ = load_model(path, dtype=dtype)
+            if upcast:  # exact: every bf16 factor becomes an fp32 copy (2× its memory)
+                for module in model.modules():
+                    if isinstance(module, LowRankLinear):
+                        module.float()
             model.eval()
-            for mode in ("eager", "compiled", "pt2"):
+            modes = ("eager", "compiled") if upcast else ("eager", "compiled", "pt2")
+            for mode in ("compiled",) if args.profile else modes:
                 name = f"{label} {dtype_name} {mode}"
                 if mode == "compiled":
                     runner = torch.compile(model, fullgraph=True)
@@ -191,6 +212,10 @@ def main() -> None:
     for v in variants:  # warm-up: compiles every graph before anything is timed
         prefill(v)
         decode(v)
+    if args.profile:
+        run = lambda v: generate(v.model[0], tokenizer, prompt64, max_new_tokens=32, buckets=(64,))
+        _write_profiles({v.label: _profile(lambda: run(v), 32) for v in variants})
+        return
     for r in range(rounds):
         for v in variants:
             v.prefill.append(512 / prefill(v))
@@ -201,6 +226,34 @@ def main() -> None:
     _write(variants, rounds, args.quick, torch.__version__, transformers.__version__, torch.get_num_threads())
 
 
+def _profile(fn, tokens: int, top: int = 8) -> list[tuple[str, float, float]]:
+    """The ``top`` operations and kernels by self CPU time in ``fn`` (after one unprofiled call):
+    (name, ms per token, share of the profiled time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [(e.key, e.self_cpu_time_total / 1e3 / tokens, e.self_cpu_time_total / total)
+            for e in events[:top]]
+
+
+def _write_profiles(profiles: dict[str, list[tuple[str, float, float]]]) -> None:
+    lines = [f"\n### Where compiled decoding spends its time ({datetime.date.today().isoformat()})\n",
+             f"Command: `python {' '.join(sys.argv)}`. 32 greedy tokens after a 64-token prompt, "
+             "torch.profiler, self CPU time per generated token (C++ kernels generated by Inductor "
+             "are named `cpp_fused_*`; `_to_copy` in their names are dtype casts).\n"]
+    for label, rows in profiles.items():
+        lines += [f"**{label}**\n", "| op / kernel | ms per token | share |", "|---|---|---|"]
+        lines += [f"| `{name[:70]}` | {ms:.2f} | {100 * share:.0f}% |" for name, ms, share in rows]
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    write_section("speed-profile", text)
+
+
 def _stat(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -209,7 +262,7 @@ def _stat(values: list[float]) -> str:
 
 def _write(variants, rounds, quick, torch_version, transformers_version, threads) -> None:
     by_label = {v.label: v for v in variants}
-    lines = [f"\n## Issue 5: speed of SmolLM2-135M, dense vs zsfw ({datetime.date.today().isoformat()}"
+    lines = [f"## Issue 5: speed of SmolLM2-135M, dense vs zsfw ({datetime.date.today().isoformat()}"
              f"{', quick' if quick else ''})\n",
              f"Command: `python {' '.join(sys.argv)}`. Machine: "
              f"{platform.machine()}, {os.cpu_count()} cores, torch {torch_version} ({threads} threads), "
@@ -237,9 +290,39 @@ def _write(variants, rounds, quick, torch_version, transformers_version, threads
         row += [f"{p:.2f}", f"{p_limit:.2f}", f"{100 * p / p_limit:.0f}%",
                 f"{d:.2f}", f"{d_limit:.2f}", f"{100 * d / d_limit:.0f}%"]
         lines.append("| " + " | ".join(row) + " |")
-    with open(HERE / "RESULTS.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
+    plot = HERE / ("speed-quick.png" if quick else "speed.png")
+    lines.append(f"\nPlot: `benchmarks/{plot.name}`.")
+    write_section("speed-quick" if quick else "speed", "\n".join(lines))
+    _plot([v for v in variants if v.mode == "compiled" and not v.label.startswith("dense")],
+          by_label, plot)
     print("\n".join(lines))
+
+
+def _plot(variants, by_label, path: Path) -> None:
+    """Compiled speedups over compiled dense beside their limits, prefill and decode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(variants) + 1.5), sharey=True)
+    names = [v.label.replace(" compiled", "") for v in variants]
+    y = range(len(variants))
+    for ax, phase, limit_of in ((axes[0], "prefill", lambda v, ref: ref.macs_per_token / v.macs_per_token),
+                                (axes[1], "decode", lambda v, ref: ref.weight_bytes / v.weight_bytes)):
+        measured, limits = [], []
+        for v in variants:
+            ref = by_label[f"dense {v.dtype} compiled"]
+            measured.append(statistics.median(getattr(v, phase)) / statistics.median(getattr(ref, phase)))
+            limits.append(limit_of(v, ref))
+        ax.barh([i + 0.2 for i in y], limits, height=0.4, color="lightgray", label="limit")
+        ax.barh([i - 0.2 for i in y], measured, height=0.4, color="tab:blue", label="measured")
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_title(f"{phase}: speedup over compiled dense")
+        ax.legend(loc="lower right")
+    axes[0].set_yticks(list(y), names)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -91,12 +91,21 @@ def test_zero_sum_meets_budget_tightly_with_bounded_running_sum():
     assert ranks_now == ranks
 
 
-def test_greedy_negative_drops_most_negative_first():
+def test_greedy_negative_keeping_top_k_drops_the_most_negative_frontier_first():
     layers = _layers()
-    allocator = plugins.create("allocator", "greedy_negative")
+    allocator = plugins.create("allocator", "greedy_negative", {"keep_top_k": True})
     allocator.allocate(layers, _budget(layers, 0.75))
     # frontier (a -0.2, b 0.2, c 0.15): -0.2 goes; then (0.3, 0.2, 0.15): 0.15; then (0.3, 0.2, 0.1)
     assert [s for _, s in allocator.picks[:3]] == [-0.2, 0.15, 0.1]
+
+
+def test_greedy_negative_drops_anywhere_in_the_spectrum():
+    layers = _layers()
+    allocator = plugins.create("allocator", "greedy_negative")
+    kept = allocator.allocate(layers, _budget(layers, 0.5))  # 6 of 12 components go
+    # every negative first (-0.4, -0.3, -0.2, -0.1), then the smallest positives (0.05, 0.1)
+    assert [s for _, s in allocator.picks] == [-0.4, -0.3, -0.2, -0.1, 0.05, 0.1]
+    assert kept["a"].tolist() == [0, 2] and kept["b"].tolist() == [0, 3] and kept["c"].tolist() == [0, 3]
 
 
 def test_uniform_gives_every_layer_the_same_ratio():

@@ -99,6 +99,29 @@ def test_baselines_run_in_the_same_harness(llama, windows, allocator, scorer):
         assert len(kept) == 1
 
 
+def test_a_layer_keeps_exactly_the_components_its_allocation_names(llama, windows):
+    from zsfw.linalg import whitened_svd, whitening_factor
+    from zsfw.statistics import collect
+
+    name = "model.layers.0.self_attn.o_proj"
+    recipe = _recipe(ratio=0.5, storage="fp32", allocator={"name": "greedy_negative"}, damping=0.0)
+    model, report = zsfw.compress(copy.deepcopy(llama), recipe, windows)
+    layer = next(l for l in report.layers if l.name == name)
+    assert not layer.dense
+    # the same whitened SVD, and the components whose omission the report's error accounts for
+    linear = dict(llama.named_modules())[name]
+    stats = collect(llama, {name: linear}, windows, gradients=False)
+    S = whitening_factor(stats.covariances[stats.group_of(name)], damping=0.0).S
+    U, sigma, Vh = whitened_svd(linear.weight.detach(), S)
+    module = dict(model.named_modules())[name]
+    W_kept = (module.B.weight @ module.A.weight).double()
+    coefficients = torch.diagonal(U.T.double() @ (W_kept @ S) @ Vh.T.double())  # σ_i kept, 0 dropped
+    kept = coefficients.abs() > 1e-3 * sigma.max()
+    assert int(kept.sum()) == layer.rank < layer.full_rank
+    assert not torch.equal(kept.nonzero().flatten(), torch.arange(layer.rank))  # not the top k
+    assert torch.allclose(coefficients[kept], sigma[kept].double(), rtol=1e-3)
+
+
 def test_plain_svd_without_whitening(llama, windows):
     model, report = zsfw.compress(llama, _recipe(ratio=0.8, whiten=False), windows)
     assert all(l.whitening == "" for l in report.layers)

@@ -1,14 +1,18 @@
 """Building blocks for allocators that drop components one at a time.
 
-Keep-top-k is preserved by construction: a layer can only drop its smallest remaining σ, so the
-candidates at any moment are one component per layer (its "frontier").
+``DropFrontier.drop(i)`` preserves keep-top-k: a layer can only drop its smallest remaining σ,
+so the candidates at any moment are one component per layer (its "frontier"). Ablations that
+drop components anywhere in a spectrum use ``drop(i, component)``; such a layer's allocation is
+then the tensor of the component indices it keeps instead of a rank.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from zsfw.interfaces import ByteBudget, LayerScores
+import torch
+
+from zsfw.interfaces import Allocation, ByteBudget, LayerScores
 
 
 class AllocationError(ValueError):
@@ -26,6 +30,7 @@ class DropFrontier:
         self.scores = [l.scores.tolist() for l in self.layers]
         self.spent = sum(budget.cost(l, k) for l, k in zip(self.layers, self.ranks))
         self.picks: list[tuple[int, float]] = []  # (layer index, score) in the order dropped
+        self.kept: dict[int, torch.Tensor] = {}  # masks of layers that dropped out of σ order
 
     def over_budget(self) -> bool:
         return self.spent > self.budget.limit
@@ -37,9 +42,17 @@ class DropFrontier:
         """Score of layer i's smallest remaining component."""
         return self.scores[i][self.ranks[i] - 1]
 
-    def drop(self, i: int) -> float:
-        """Drop layer i's smallest remaining component; returns its score."""
-        score = self.next_score(i)
+    def drop(self, i: int, component: int | None = None) -> float:
+        """Drop layer i's smallest remaining component, or its ``component`` (which breaks the
+        layer's keep-top-k: do not mix the two for one layer); returns the dropped score."""
+        if component is None:
+            score = self.next_score(i)
+        else:
+            mask = self.kept.setdefault(i, torch.ones(self.layers[i].full_rank, dtype=torch.bool))
+            if not mask[component]:
+                raise ValueError(f"component {component} of {self.layers[i].name!r} is already dropped")
+            mask[component] = False
+            score = self.scores[i][component]
         layer, k = self.layers[i], self.ranks[i]
         self.spent += self.budget.cost(layer, k - 1) - self.budget.cost(layer, k)
         self.ranks[i] = k - 1
@@ -51,5 +64,6 @@ class DropFrontier:
             f"byte budget {self.budget.limit} cannot be met: at rank {self.min_rank} in every "
             f"layer the targets still cost {self.spent} bytes; raise the ratio")
 
-    def result(self) -> dict[str, int]:
-        return {l.name: k for l, k in zip(self.layers, self.ranks)}
+    def result(self) -> dict[str, Allocation]:
+        return {l.name: k if i not in self.kept else self.kept[i].nonzero().flatten()
+                for i, (l, k) in enumerate(zip(self.layers, self.ranks))}

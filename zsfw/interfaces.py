@@ -9,7 +9,7 @@ storage    byte cost of a layer, the module that holds it, and its empty skeleto
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -111,12 +111,23 @@ class Scorer(Protocol):
     def score(self, layer: LayerSpectrum) -> torch.Tensor: ...
 
 
+Allocation = Union[int, torch.Tensor]
+"""What a layer keeps: a rank k (its top k components, the usual case) or a 1-D tensor of the
+indices of the components it keeps (for ablations that drop anywhere in the spectrum)."""
+
+
+def rank_of(allocation: Allocation) -> int:
+    """The number of components an allocation keeps."""
+    return allocation if isinstance(allocation, int) else allocation.numel()
+
+
 class Allocator(Protocol):
-    """Chooses a rank per layer so that ``budget.total(layers, ranks) <= budget.limit``."""
+    """Chooses what each layer keeps so that its cost, ``budget.total(layers, ranks)`` with the
+    ranks of the allocations, is at most ``budget.limit``."""
 
     name: ClassVar[str]
 
-    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, int]: ...
+    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, Allocation]: ...
 
 
 class CorrectionProblem(Protocol):

@@ -93,12 +93,17 @@ def first_order_scores(
 
 
 def lowrank_factors(
-    U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, S: torch.Tensor | None, rank: int
+    U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, S: torch.Tensor | None,
+    kept: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """B = U_k Σ_k^½ (out×k) and A = Σ_k^½ V_kᵀ S⁻¹ (k×in), so that B A ≈ W."""
-    root = sigma[:rank].sqrt()
-    B = U[:, :rank].to(torch.float64) * root
-    A = unwhiten(root[:, None] * Vh[:rank].to(torch.float64), S)
+    """B = U_k Σ_k^½ (out×k) and A = Σ_k^½ V_kᵀ S⁻¹ (k×in), so that B A ≈ W.
+
+    ``kept`` is the rank k (the top k components) or the indices of the components to keep.
+    """
+    index = slice(None, kept) if isinstance(kept, int) else kept
+    root = sigma[index].sqrt()
+    B = U[:, index].to(torch.float64) * root
+    A = unwhiten(root[:, None] * Vh[index].to(torch.float64), S)
     return B, A
 
 
@@ -108,8 +113,16 @@ def truncate(W: torch.Tensor, S: torch.Tensor | None, rank: int) -> tuple[torch.
     return lowrank_factors(U, sigma, Vh, S, rank)
 
 
-def relative_tail_energy(sigma: torch.Tensor, rank: int) -> float:
-    """‖W S − (W S)_k‖_F / ‖W S‖_F: the whitened reconstruction error at ``rank``."""
+def relative_tail_energy(sigma: torch.Tensor, kept: int | torch.Tensor) -> float:
+    """‖W S − (W S)_kept‖_F / ‖W S‖_F: the whitened reconstruction error when the top ``kept``
+    components (or the components of index ``kept``) are kept."""
     energy = sigma.to(torch.float64).square()
     total = energy.sum()
-    return 0.0 if total == 0 else (energy[rank:].sum() / total).sqrt().item()
+    return 0.0 if total == 0 else (energy[dropped(sigma.numel(), kept).to(energy.device)].sum() / total).sqrt().item()
+
+
+def dropped(full_rank: int, kept: int | torch.Tensor) -> torch.Tensor:
+    """Mask of the components not kept: those past rank ``kept``, or not in the indices ``kept``."""
+    mask = torch.ones(full_rank, dtype=torch.bool)
+    mask[slice(None, kept) if isinstance(kept, int) else kept] = False
+    return mask

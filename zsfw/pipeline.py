@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from zsfw import plugins
 from zsfw.calibration import DatasetLike, calibration_windows
 from zsfw.checkpoint import ModuleRecord, check_destination, quantization_config, save
-from zsfw.interfaces import ByteBudget, LayerScores, LayerSpectrum
-from zsfw.linalg import lowrank_factors, relative_tail_energy, truncate, whitened_svd, whitening_factor
+from zsfw.interfaces import Allocation, ByteBudget, LayerScores, LayerSpectrum, rank_of
+from zsfw.linalg import (dropped, lowrank_factors, relative_tail_energy, truncate, whitened_svd,
+                         whitening_factor)
 from zsfw.recipe import RecipeLike, load_recipe
 from zsfw.report import LayerReport, Report
 from zsfw.statistics import CalibrationStatistics, collect
@@ -164,13 +165,13 @@ def compress(
         with report.phase("allocate"):
             ordered = [layer_scores[name] for name in targets]
             budget = ByteBudget(ordered, m.ratio, storage)
-            ranks = allocator.allocate(ordered, budget)
-            _check_allocation(m.allocator.name, ordered, ranks, budget)
+            allocation = allocator.allocate(ordered, budget)
+            ranks = _check_allocation(m.allocator.name, ordered, allocation, budget)
         report.budget_bytes = budget.limit
-        lowrank = {l.name: ranks[l.name] for l in ordered if not budget.is_dense(l, ranks[l.name])}
+        lowrank = {l.name: allocation[l.name] for l in ordered if not budget.is_dense(l, ranks[l.name])}
 
         device = next(model.parameters()).device
-        problem = _Correction(model, targets, lowrank, spill, whitener_of,
+        problem = _Correction(model, targets, {n: ranks[n] for n in lowrank}, spill, whitener_of,
                               windows[: cal.gradient_samples], cal)
         with report.phase("truncate"):
             for name, linear in tqdm(targets.items(), desc="truncate", unit="layer"):
@@ -196,15 +197,15 @@ def compress(
             shutil.rmtree(spill.directory, ignore_errors=True)
 
     for layer in ordered:
-        rank = ranks[layer.name]
+        rank, kept = ranks[layer.name], allocation[layer.name]
         dense = layer.name not in lowrank
         report.layers.append(LayerReport(
             name=layer.name, shape=(layer.out_features, layer.in_features),
             rank=layer.full_rank if dense else rank, full_rank=layer.full_rank, dense=dense,
             bytes=budget.cost(layer, layer.full_rank if dense else rank),
             reference_bytes=budget.reference_bytes(layer),
-            predicted_delta_loss=0.0 if dense else layer.scores[rank:].sum().item(),
-            whitened_error=0.0 if dense else relative_tail_energy(layer.sigma, rank),
+            predicted_delta_loss=0.0 if dense else layer.scores[dropped(layer.full_rank, kept)].sum().item(),
+            whitened_error=0.0 if dense else relative_tail_energy(layer.sigma, kept),
             whitening=notes.get(layer.name, "")))
     model.config.quantization_config = quantization_config(
         {"name": m.storage.name, "options": m.storage.options},
@@ -310,14 +311,25 @@ def _whitening_note(whitening, damping: float) -> str:
     return ""
 
 
-def _check_allocation(name: str, layers: list[LayerScores], ranks: dict[str, int],
-                      budget: ByteBudget) -> None:
+def _check_allocation(name: str, layers: list[LayerScores], allocation: dict[str, Allocation],
+                      budget: ByteBudget) -> dict[str, int]:
+    """The ranks of a valid allocation; a RuntimeError naming the allocator otherwise."""
+    ranks = {}
     for layer in layers:
-        rank = ranks.get(layer.name)
-        if rank is None or not 1 <= rank <= layer.full_rank:
-            raise RuntimeError(f"allocator {name!r} gave {layer.name!r} rank {rank}; "
-                               f"allowed 1..{layer.full_rank}")
+        kept = allocation.get(layer.name)
+        if isinstance(kept, torch.Tensor):
+            valid = (kept.dim() == 1 and kept.dtype in (torch.int32, torch.int64) and kept.numel() > 0
+                     and kept.unique().numel() == kept.numel()
+                     and 0 <= int(kept.min()) and int(kept.max()) < layer.full_rank)
+        else:
+            valid = isinstance(kept, int) and 1 <= kept <= layer.full_rank
+        if not valid:
+            raise RuntimeError(f"allocator {name!r} gave {layer.name!r} {kept!r}; allowed: a rank "
+                               f"in 1..{layer.full_rank} or a 1-D tensor of distinct component "
+                               f"indices in 0..{layer.full_rank - 1}")
+        ranks[layer.name] = rank_of(kept)
     spent = budget.total(layers, ranks)
     if spent > budget.limit:
         raise RuntimeError(f"allocator {name!r} spent {spent} bytes, over the budget of "
                            f"{budget.limit}")
+    return ranks

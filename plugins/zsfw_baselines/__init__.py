@@ -3,7 +3,8 @@
 - ``sigma`` scorer: whitened σ magnitude; with the ``zero_sum`` allocator (all scores ≥ 0) it
   ranks every component of every layer by σ alone.
 - ``uniform`` allocator: the same kept fraction of bytes in every layer (as SVD-LLM).
-- ``greedy_negative`` allocator: always drop the most negative ΔL (the paper's failing ablation).
+- ``greedy_negative`` allocator: always drop the most negative ΔL, anywhere in a spectrum (the
+  paper's failing ablation; ``keep_top_k: true`` keeps each layer's σ order).
 Plain unwhitened SVD is the recipe option ``whiten: false``.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 import zsfw
 from zsfw.allocation import DropFrontier
-from zsfw.interfaces import ByteBudget, LayerScores, LayerSpectrum
+from zsfw.interfaces import Allocation, ByteBudget, LayerScores, LayerSpectrum
 
 
 class SigmaScorer:
@@ -51,21 +52,35 @@ class UniformAllocator:
 
 
 class GreedyNegativeAllocator:
-    """Always drop the component with the most negative score (the paper's failing ablation)."""
+    """Always drop the component with the most negative score, then the smallest positive one:
+    the paper's failing ablation.
+
+    As in the authors' code, a component can go from anywhere in a layer's spectrum (the
+    allocation is then the indices a layer keeps). ``keep_top_k: true`` restricts every layer to
+    dropping its smallest remaining σ, as zero-sum does, to show what that constraint is worth.
+    """
 
     name: ClassVar[str] = "greedy_negative"
 
-    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, int]:
+    def __init__(self, keep_top_k: bool = False) -> None:
+        self.keep_top_k = keep_top_k
+
+    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, Allocation]:
         frontier = DropFrontier(layers, budget)
-        heap = [(frontier.next_score(i), i) for i in range(len(layers)) if frontier.can_drop(i)]
+        if self.keep_top_k:
+            heap = [(frontier.next_score(i), i, None) for i in range(len(layers)) if frontier.can_drop(i)]
+        else:  # every component of every layer, most negative first
+            heap = [(s, i, j) for i, l in enumerate(layers) for j, s in enumerate(frontier.scores[i])]
         heapq.heapify(heap)
         while frontier.over_budget():
             if not heap:
                 raise frontier.exhausted_error()
-            _, i = heapq.heappop(heap)
-            frontier.drop(i)
-            if frontier.can_drop(i):
-                heapq.heappush(heap, (frontier.next_score(i), i))
+            _, i, j = heapq.heappop(heap)
+            if not frontier.can_drop(i):
+                continue
+            frontier.drop(i, j)
+            if self.keep_top_k and frontier.can_drop(i):
+                heapq.heappush(heap, (frontier.next_score(i), i, None))
         self.picks = frontier.picks  # the drop sequence, for diagnostics and tests
         return frontier.result()
 
