@@ -270,7 +270,7 @@ def _write(variants, rounds, quick, torch_version, transformers_version, threads
              "rounds after a warm-up; tokens/s as median (min–max). Speedups are against the dense model "
              "in the same dtype and mode (eager vs eager, compiled vs compiled); a pt2 row compares the "
              "package with the same model compiled. "
-             "limits are the ratio of weight bytes per decoded token and of multiply-accumulates per "
+             "Limits are the ratio of weight bytes per decoded token and of multiply-accumulates per "
              "prefill token (512 tokens).\n",
              "| variant | prefill tok/s | decode tok/s | prefill speedup | limit | % of limit | "
              "decode speedup | limit | % of limit |", "|---|---|---|---|---|---|---|---|---|"]
@@ -319,9 +319,9 @@ def _plot(variants, by_label, path: Path) -> None:
         ax.barh([i - 0.2 for i in y], measured, height=0.4, color="tab:blue", label="measured")
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_title(f"{phase}: speedup over compiled dense")
-        ax.legend(loc="lower right")
     axes[0].set_yticks(list(y), names)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
 
 

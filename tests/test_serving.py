@@ -64,6 +64,21 @@ def test_static_cache_generation_equals_eager_greedy_token_for_token(llama, wind
     assert _graphs_compiled() == compiled  # nothing recompiled
 
 
+def test_a_first_compile_after_eager_runs_of_the_same_shape_is_not_called_a_recompile(llama, tokenizer):
+    import warnings
+
+    from zsfw.generation import generate
+
+    model = copy.deepcopy(llama)
+    generate(model, tokenizer, "w1 w2", max_new_tokens=3, compile=False, buckets=(8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recompile warning would fail the test
+        generate(model, tokenizer, "w1 w2", max_new_tokens=3, compile=True, buckets=(8,))
+    with pytest.warns(UserWarning, match="recompiled"):  # the warning itself still works
+        torch._dynamo.reset()  # forget the graphs: the same shape compiles again
+        generate(model, tokenizer, "w1 w2", max_new_tokens=3, compile=True, buckets=(8,))
+
+
 def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
     from zsfw.generation import generate
 

@@ -84,5 +84,6 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
     elif compiled:
         log.info("compiled the decoding forward for batch %d, bucket %d, %d new tokens",
                  len(prompts), bucket, max_new_tokens)
-    _seen_shapes.add(shape)
+    if compile:  # an eager run of the same model compiles nothing: it must not arm the warning
+        _seen_shapes.add(shape)
     return tokenizer.batch_decode(out[:, bucket:], skip_special_tokens=True)
