@@ -80,9 +80,11 @@ def _weight_bytes(model) -> int:
     (compressed or not) and of the output head uses; the embedding lookup reads one row."""
     from torch import nn
 
+    from zsfw.modules import PackedLowRankLinear
+
     total = 0
     for module in model.modules():
-        if type(module).__name__ == "PackedLowRankLinear":
+        if isinstance(module, PackedLowRankLinear):
             tensors = [module.A, module.B, module.bias]  # the unpacked factors the forward reads
         elif isinstance(module, nn.Linear):
             tensors = [module.weight, module.bias]
@@ -104,11 +106,13 @@ def _macs_per_token(model, seq: int) -> int:
     """Multiply-accumulates per prefill token: linear layers by their factors, plus attention."""
     from torch import nn
 
+    from zsfw.modules import PackedLowRankLinear
+
     macs = 0
     for module in model.modules():
         if isinstance(module, nn.Linear):  # dense layers, the head, and LowRankLinear's A and B
             macs += module.in_features * module.out_features
-        elif type(module).__name__ == "PackedLowRankLinear":  # no nn.Linear inside
+        elif isinstance(module, PackedLowRankLinear):  # no nn.Linear inside
             macs += module.rank * (module.in_features + module.out_features)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -254,6 +258,15 @@ def _write_profiles(profiles: dict[str, list[tuple[str, float, float]]]) -> None
     write_section("speed-profile", text)
 
 
+def _speedup(v: Variant, ref: Variant, phase: str) -> tuple[float, float]:
+    """``v``'s median speedup over ``ref`` in ``phase`` (prefill | decode), and its limit: the
+    ratio of multiply-accumulates per prefill token, or of weight bytes per decoded token."""
+    measured = statistics.median(getattr(v, phase)) / statistics.median(getattr(ref, phase))
+    if phase == "prefill":
+        return measured, ref.macs_per_token / v.macs_per_token
+    return measured, ref.weight_bytes / v.weight_bytes
+
+
 def _stat(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -283,12 +296,9 @@ def _write(variants, rounds, quick, torch_version, transformers_version, threads
             lines.append("| " + " | ".join(row) + " |")
             continue
         ref = by_label[f"dense {v.dtype} {v.mode}"]
-        p = statistics.median(v.prefill) / statistics.median(ref.prefill)
-        p_limit = ref.macs_per_token / v.macs_per_token
-        d = statistics.median(v.decode) / statistics.median(ref.decode)
-        d_limit = ref.weight_bytes / v.weight_bytes
-        row += [f"{p:.2f}", f"{p_limit:.2f}", f"{100 * p / p_limit:.0f}%",
-                f"{d:.2f}", f"{d_limit:.2f}", f"{100 * d / d_limit:.0f}%"]
+        for phase in ("prefill", "decode"):
+            measured, limit = _speedup(v, ref, phase)
+            row += [f"{measured:.2f}", f"{limit:.2f}", f"{100 * measured / limit:.0f}%"]
         lines.append("| " + " | ".join(row) + " |")
     plot = HERE / ("speed-quick.png" if quick else "speed.png")
     lines.append(f"\nPlot: `benchmarks/{plot.name}`.")
@@ -308,13 +318,9 @@ def _plot(variants, by_label, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(variants) + 1.5), sharey=True)
     names = [v.label.replace(" compiled", "") for v in variants]
     y = range(len(variants))
-    for ax, phase, limit_of in ((axes[0], "prefill", lambda v, ref: ref.macs_per_token / v.macs_per_token),
-                                (axes[1], "decode", lambda v, ref: ref.weight_bytes / v.weight_bytes)):
-        measured, limits = [], []
-        for v in variants:
-            ref = by_label[f"dense {v.dtype} compiled"]
-            measured.append(statistics.median(getattr(v, phase)) / statistics.median(getattr(ref, phase)))
-            limits.append(limit_of(v, ref))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        measured, limits = zip(*(_speedup(v, by_label[f"dense {v.dtype} compiled"], phase)
+                                 for v in variants))
         ax.barh([i + 0.2 for i in y], limits, height=0.4, color="lightgray", label="limit")
         ax.barh([i - 0.2 for i in y], measured, height=0.4, color="tab:blue", label="measured")
         ax.axvline(1.0, color="black", lw=0.8)

@@ -7,6 +7,8 @@
 Every step (scorer, allocator, corrector, storage format) is a plugin; see ``zsfw.hookspecs``.
 """
 
+import importlib
+
 from zsfw.hookspecs import hookimpl
 from zsfw.hf_quantizer import register as _register_with_transformers
 
@@ -14,43 +16,18 @@ _register_with_transformers()  # from_pretrained of a zsfw folder builds the com
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "compress", "save", "load", "evaluate", "generate", "export", "load_recipe", "Recipe", "ZeroSumSVDModifier", "LowRankLinear",
-           "register_plugin", "__version__"]
+_LAZY = {  # public name -> the module that defines it
+    "compress": "zsfw.pipeline", "evaluate": "zsfw.evaluation", "generate": "zsfw.generation",
+    "export": "zsfw.aoti", "save": "zsfw.checkpoint", "load": "zsfw.checkpoint",
+    "load_recipe": "zsfw.recipe", "Recipe": "zsfw.recipe", "ZeroSumSVDModifier": "zsfw.recipe",
+    "LowRankLinear": "zsfw.modules", "register_plugin": "zsfw.plugins",
+}
+__all__ = ["hookimpl", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
     # The pipeline's modules wait until used, so the plugin manager can import plugins (which
     # import `zsfw.hookimpl`) while zsfw itself is importing.
-    if name == "compress":
-        from zsfw.pipeline import compress
-
-        return compress
-    if name == "evaluate":
-        from zsfw.evaluation import evaluate
-
-        return evaluate
-    if name == "generate":
-        from zsfw.generation import generate
-
-        return generate
-    if name == "export":
-        from zsfw.aoti import export
-
-        return export
-    if name in ("save", "load"):
-        from zsfw import checkpoint
-
-        return getattr(checkpoint, name)
-    if name in ("load_recipe", "Recipe", "ZeroSumSVDModifier"):
-        from zsfw import recipe
-
-        return getattr(recipe, name)
-    if name == "LowRankLinear":
-        from zsfw.modules import LowRankLinear
-
-        return LowRankLinear
-    if name == "register_plugin":
-        from zsfw.plugins import register_plugin
-
-        return register_plugin
-    raise AttributeError(f"module 'zsfw' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'zsfw' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

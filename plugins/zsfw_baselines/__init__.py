@@ -70,7 +70,7 @@ class GreedyNegativeAllocator:
         if self.keep_top_k:
             heap = [(frontier.next_score(i), i, None) for i in range(len(layers)) if frontier.can_drop(i)]
         else:  # every component of every layer, most negative first
-            heap = [(s, i, j) for i, l in enumerate(layers) for j, s in enumerate(frontier.scores[i])]
+            heap = [(s, i, j) for i, scores in enumerate(frontier.scores) for j, s in enumerate(scores)]
         heapq.heapify(heap)
         while frontier.over_budget():
             if not heap:
