@@ -1,11 +1,13 @@
 """Issue-4 quality benchmark: every method on SmolLM2-135M, PPL against kept bytes.
 
-Calibration: 32 × 512 tokens from the first 400K tokens of the Wikipedia text. Evaluation: 8
-windows × 2048 tokens after token 400K (text calibration never saw) and the first 8 × 2048 of
-the news text. Every cell (method × ratio × format) runs in its own process (its own peak RSS)
-and is cached as JSON in ``benchmarks/.quality-cells/`` (committed, so the grid can span
-sessions): an interrupted run resumes where it stopped; delete a cell's file to re-run it. The calibration statistics are shared through zsfw's statistics cache, so a cell that
-differs from a finished one only by ratio, allocator or format skips the calibration pass.
+zsfw's protocol (``protocol.zsfw_windows``): calibration 32 × 512 tokens from the first 400K
+tokens of the Wikipedia text; evaluation 8 windows × 2048 tokens after token 400K (text
+calibration never saw) and the first 8 × 2048 of the news text. Every cell (method × ratio ×
+format) runs in its own process (its own peak RSS) and is cached as JSON in
+``benchmarks/.quality-cells/`` (committed, so the grid can span sessions): an interrupted run
+resumes where it stopped; delete a cell's file to re-run it. The calibration statistics are
+shared through zsfw's statistics cache, so a cell that differs from a finished one only by
+ratio, allocator or format skips the calibration pass.
 
     python benchmarks/quality.py               # the full grid, then RESULTS.md and quality.png
     python benchmarks/quality.py --quick       # 3 cells, 8 calibration windows, 2 eval windows
@@ -18,19 +20,20 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+
+import protocol
 from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes"
 CELLS = HERE / ".quality-cells"
-CAL_TOKENS = 400_000
 
 METHODS = {  # name -> (recipe file, modifier overrides)
     "plain_svd": ("plain_svd.yaml", {}),
@@ -61,7 +64,13 @@ def grid(quick: bool) -> list[str]:
     return cells
 
 
+def calibration(quick: bool) -> dict:
+    """The protocol's calibration block (``--quick``: 8 windows instead of 32)."""
+    return {**protocol.CALIBRATION, "samples": 8 if quick else protocol.CAL_N}
+
+
 def recipe_for(cell: str, quick: bool) -> dict | None:
+    """The recipe of ``cell`` with its ratio, format and the protocol's calibration (None: uncompressed)."""
     if cell == "uncompressed":
         return None
     method, rest = cell.split("@")
@@ -75,37 +84,30 @@ def recipe_for(cell: str, quick: bool) -> dict | None:
             modifier[key].update(value)
         else:
             modifier[key] = value
-    modifier["calibration"].update(samples=8 if quick else 32, sequence_length=512, seed=0,
-                                   max_tokens=CAL_TOKENS)
+    modifier["calibration"].update(calibration(quick))
     return recipe
 
 
 def run_cell(cell: str, quick: bool) -> dict:
+    """Compress (unless uncompressed) and evaluate one cell in this process."""
     import logging
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    import torch
-
     import zsfw
-    from zsfw.calibration import load_texts, sample_windows, tokenize
-    from zsfw.evaluation import perplexity
+    from zsfw.compression.report import peak_rss_mb
     from zsfw.memory import return_large_frees_to_the_os
-    from zsfw.models import load_model
-    from zsfw.report import peak_rss_mb
-    from zsfw.sources import cache_dir, default_model_path, news_text_path, wikipedia_text_path
+    from zsfw.sources import cache_dir
 
     return_large_frees_to_the_os()
-    model, tokenizer = load_model(default_model_path())
-    wiki = tokenize(tokenizer, load_texts(wikipedia_text_path()))
-    news = tokenize(tokenizer, load_texts(news_text_path()))
-    windows = 2 if quick else 8
+    model, tokenizer = protocol.load_default_model()
+    windows = protocol.zsfw_windows(tokenizer, calibration(quick)["samples"])
+    evaluated = 2 if quick else protocol.EVAL_N
     result: dict = {"cell": cell, "threads": torch.get_num_threads()}
     recipe = recipe_for(cell, quick)
     if recipe is not None:
-        cal = next(iter(next(iter(recipe.values())).values()))["ZeroSumSVDModifier"]["calibration"]
-        data = sample_windows(wiki, cal["samples"], cal["sequence_length"], cal["seed"], cal["max_tokens"])
         start = time.perf_counter()
-        model, report = zsfw.compress(model, recipe, data, statistics_cache=cache_dir() / "statistics")
+        model, report = zsfw.compress(model, recipe, windows.calibration,
+                                      statistics_cache=cache_dir() / "statistics")
         by_type: dict[str, list[float]] = {}
         for layer in report.layers:
             by_type.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer.kept)
@@ -115,8 +117,8 @@ def run_cell(cell: str, quick: bool) -> dict:
                       dense_layers=sum(l.dense for l in report.layers),
                       correction_losses=report.correction_losses,
                       kept_by_type={k: round(sum(v) / len(v), 3) for k, v in by_type.items()})
-    result["wiki_ppl"] = perplexity(model, wiki, 2048, windows, CAL_TOKENS, desc="wiki ppl").perplexity
-    result["news_ppl"] = perplexity(model, news, 2048, windows, desc="news ppl").perplexity
+    result["wiki_ppl"] = protocol.perplexity(model, windows.evaluation[:evaluated])
+    result["news_ppl"] = protocol.perplexity(model, protocol.news_windows(tokenizer)[:evaluated])
     return result
 
 
@@ -125,7 +127,7 @@ def _cell_file(cell: str, quick: bool) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", help="cell ids to run (default: the whole grid)")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # the per-cell subprocess
@@ -150,9 +152,6 @@ def main() -> None:
 
 
 def _write(results: list[dict], quick: bool) -> None:
-    import torch
-    import transformers
-
     rows = ["| cell | wiki PPL | news PPL | kept | dense | compress s | stats s (cached) | factorize s | "
             "correct s | peak RSS MB | kept by type (q k v o gate up down) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -170,15 +169,13 @@ def _write(results: list[dict], quick: bool) -> None:
     head = [f"## Issue 4: quality of every method on SmolLM2-135M "
                    f"({datetime.date.today().isoformat()}{', quick' if quick else ''})\n",
             f"Command: `python benchmarks/quality.py{' --quick' if quick else ''}`. Machine: "
-            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({results[0]['threads']} threads), transformers {transformers.__version__}, Python "
-            f"{platform.python_version()}. Cells are `method@ratio/format`; the methods are the recipes "
+            f"{protocol.machine_line()}. Cells are `method@ratio/format`; the methods are the recipes "
             "in `recipes/` (g1: gradient from 1 window; c1/c5: 1 or 5 correction cycles; greedy_negative_topk: "
             "greedy_negative restricted to each layer's smallest remaining σ). Calibration "
-            f"{'8' if quick else '32'} × 512 tokens from the first 400000 Wikipedia tokens; wiki PPL on "
-            f"{'2' if quick else '8'} × 2048 tokens after token 400000, news PPL on the first "
+            f"{'8' if quick else '32'} × 512 tokens from the first {protocol.CUT} Wikipedia tokens; wiki PPL on "
+            f"{'2' if quick else '8'} × 2048 tokens after token {protocol.CUT}, news PPL on the first "
             f"{'2' if quick else '8'} × 2048 news tokens. `kept` is bytes against 16-bit targets. "
-            "Plot: `benchmarks/quality.png`.\n"]
+            f"Plot: `benchmarks/quality{'-quick' if quick else ''}.png`.\n"]
     section = "\n".join(head + rows)
     write_section("quality-quick" if quick else "quality", section)
     _plot(results, HERE / ("quality-quick.png" if quick else "quality.png"))

@@ -3,7 +3,7 @@
 Prefill: batch 1 × 512 tokens, one forward. Decode: batch 1, 128 new greedy tokens after a
 64-token prompt with a static KV cache (eager: transformers' generate with the compile switched
 off; compiled: ``zsfw.generate``); decode tokens/s = 127 / (time of 128 new tokens − time of 1).
-The ``.pt2`` package has no KV cache (``zsfw.aoti``), so it is timed on prefill only.
+The ``.pt2`` package has no KV cache (``zsfw.serve.export``), so it is timed on prefill only.
 
 Variants are interleaved round by round and repeated; the table gives medians with min–max and
 each speedup as a ratio to the dense model of the same dtype and mode, measured in the same run
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,10 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import protocol
 from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
-CAL_TOKENS = 400_000
 
 
 @dataclass
@@ -55,21 +53,18 @@ class Variant:
 def _compressed_models(ratios, formats, cache):
     """zero_sum models (statistics from the cache), built once and saved under ``cache``."""
     import zsfw
-    from zsfw.calibration import load_texts, sample_windows, tokenize
-    from zsfw.models import load_model
-    from zsfw.sources import cache_dir, default_model_path, wikipedia_text_path
+    from zsfw.sources import cache_dir
 
     paths = {}
     for ratio in ratios:
         for fmt in formats:
             path = cache / f"smollm2-zero_sum-{ratio}-{fmt}"
             if not path.exists():
-                model, tokenizer = load_model(default_model_path())
-                windows = sample_windows(tokenize(tokenizer, load_texts(wikipedia_text_path())),
-                                         32, 512, 0, CAL_TOKENS)
-                recipe = {"s": {"m": {"ZeroSumSVDModifier": {"ratio": ratio, "storage": fmt, "calibration": {
-                    "samples": 32, "sequence_length": 512, "seed": 0, "max_tokens": CAL_TOKENS}}}}}
-                zsfw.compress(model, recipe, windows, output_dir=path, tokenizer=tokenizer,
+                model, tokenizer = protocol.load_default_model()
+                windows = protocol.zsfw_windows(tokenizer)
+                recipe = {"s": {"m": {"ZeroSumSVDModifier": {"ratio": ratio, "storage": fmt,
+                                                             "calibration": protocol.CALIBRATION}}}}
+                zsfw.compress(model, recipe, windows.calibration, output_dir=path, tokenizer=tokenizer,
                               statistics_cache=cache_dir() / "statistics")
             paths[(ratio, fmt)] = path
     return paths
@@ -80,7 +75,7 @@ def _weight_bytes(model) -> int:
     (compressed or not) and of the output head uses; the embedding lookup reads one row."""
     from torch import nn
 
-    from zsfw.modules import PackedLowRankLinear
+    from zsfw_packed import PackedLowRankLinear
 
     total = 0
     for module in model.modules():
@@ -106,7 +101,7 @@ def _macs_per_token(model, seq: int) -> int:
     """Multiply-accumulates per prefill token: linear layers by their factors, plus attention."""
     from torch import nn
 
-    from zsfw.modules import PackedLowRankLinear
+    from zsfw_packed import PackedLowRankLinear
 
     macs = 0
     for module in model.modules():
@@ -127,7 +122,7 @@ def _time(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--ratios", type=float, nargs="*", help="default: 0.8 0.6 (quick: 0.6)")
@@ -140,7 +135,6 @@ def main() -> None:
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
     import torch
-    import transformers
 
     # every variant's forward is the same code object (LlamaForCausalLM.forward), compiled for
     # several models and shapes: above dynamo's default of 8 cache entries per code object it
@@ -150,8 +144,8 @@ def main() -> None:
     if args.profile:  # each generated C++ kernel shows up in the profile under its own name
         torch._inductor.config.cpp.enable_kernel_profile = True
 
-    from zsfw.aoti import export
-    from zsfw.generation import generate
+    from zsfw.serve.export import export
+    from zsfw.serve.generate import generate
     from zsfw.models import load_model
     from zsfw.modules import LowRankLinear
     from zsfw.sources import cache_dir, default_model_path
@@ -164,7 +158,7 @@ def main() -> None:
     paths = _compressed_models(ratios, formats, models_dir)
     work = Path(tempfile.mkdtemp(prefix="zsfw-speed-"))
     variants: list[Variant] = []
-    _, tokenizer = load_model(default_model_path())
+    _, tokenizer = protocol.load_default_model()
     prompt = "The history of the city begins " * 20
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[:, :64]
     prompt64 = tokenizer.decode(prompt_ids[0])
@@ -227,7 +221,7 @@ def main() -> None:
             if d is not None:
                 v.decode.append(d)
         print(f"round {r + 1}/{rounds} done", flush=True)
-    _write(variants, rounds, args.quick, torch.__version__, transformers.__version__, torch.get_num_threads())
+    _write(variants, rounds, args.quick)
 
 
 def _profile(fn, tokens: int, top: int = 8) -> list[tuple[str, float, float]]:
@@ -246,7 +240,8 @@ def _profile(fn, tokens: int, top: int = 8) -> list[tuple[str, float, float]]:
 
 def _write_profiles(profiles: dict[str, list[tuple[str, float, float]]]) -> None:
     lines = [f"\n### Where compiled decoding spends its time ({datetime.date.today().isoformat()})\n",
-             f"Command: `python {' '.join(sys.argv)}`. 32 greedy tokens after a 64-token prompt, "
+             f"Command: `python {' '.join(sys.argv)}`. Machine: {protocol.machine_line()}. "
+             "32 greedy tokens after a 64-token prompt, "
              "torch.profiler, self CPU time per generated token (C++ kernels generated by Inductor "
              "are named `cpp_fused_*`; `_to_copy` in their names are dtype casts).\n"]
     for label, rows in profiles.items():
@@ -273,13 +268,11 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
-def _write(variants, rounds, quick, torch_version, transformers_version, threads) -> None:
+def _write(variants: list[Variant], rounds: int, quick: bool) -> None:
     by_label = {v.label: v for v in variants}
     lines = [f"## Issue 5: speed of SmolLM2-135M, dense vs zsfw ({datetime.date.today().isoformat()}"
              f"{', quick' if quick else ''})\n",
-             f"Command: `python {' '.join(sys.argv)}`. Machine: "
-             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch_version} ({threads} threads), "
-             f"transformers {transformers_version}, Python {platform.python_version()}. {rounds} interleaved "
+             f"Command: `python {' '.join(sys.argv)}`. Machine: {protocol.machine_line()}. {rounds} interleaved "
              "rounds after a warm-up; tokens/s as median (min–max). Speedups are against the dense model "
              "in the same dtype and mode (eager vs eager, compiled vs compiled); a pt2 row compares the "
              "package with the same model compiled. "

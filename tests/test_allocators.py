@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from zsfw import plugins
-from zsfw.allocation import AllocationError
-from zsfw.interfaces import ByteBudget, LayerScores
+from zsfw.allocation import ByteBudget
+from zsfw.errors import AllocationError
+from zsfw.interfaces import LayerScores
 
 
 class CountFormat:

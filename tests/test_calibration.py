@@ -1,12 +1,13 @@
+import copy
 import json
 
 import pytest
 import torch
 
 import zsfw
-from zsfw.calibration import CalibrationError, calibration_windows, load_texts, sample_windows, tokenize
-
-from conftest import word_docs as _docs
+from helpers import recipe, word_docs as _docs
+from zsfw.compression.calibration import calibration_windows, load_texts, sample_windows, tokenize
+from zsfw.errors import CalibrationError
 
 
 def test_sources_of_every_kind_give_the_same_texts(tmp_path):
@@ -59,3 +60,14 @@ def test_compress_from_a_text_file(tmp_path, tokenizer, llama):
     recipe = {"s": {"m": {"ZeroSumSVDModifier": {"ratio": 0.7, "calibration": {"samples": 6, "sequence_length": 32}}}}}
     _, report = zsfw.compress(llama, recipe, path, tokenizer=tokenizer)
     assert report.calibration_tokens == 6 * 32
+
+
+def test_d4_too_few_calibration_tokens_warn_and_far_too_few_are_refused(llama, windows, caplog):
+    with caplog.at_level("WARNING", logger="zsfw"):
+        _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.9, samples=2, sequence_length=16),
+                                  windows[:2, :16])
+    (warning,) = report.warnings
+    assert "only 32 calibration tokens" in warning and "mlp.down_proj" in warning and "64 wide" in warning
+    assert any(warning in r.message for r in caplog.records)
+    with pytest.raises(CalibrationError, match=r"4 calibration tokens for '.*down_proj', whose input is 64 wide: at least 8"):
+        zsfw.compress(llama, recipe(ratio=0.9, samples=1, sequence_length=4), windows[:1, :4])

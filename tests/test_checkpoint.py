@@ -15,7 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import zsfw
-from zsfw.checkpoint import CheckpointError, header_bytes, module_tensors
+from helpers import recipe
+from zsfw.checkpoint.save import header_bytes, module_tensors
+from zsfw.errors import CheckpointError, DestinationError
 
 FORMATS = {  # label -> the recipe's storage spec
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8",
@@ -23,10 +25,8 @@ FORMATS = {  # label -> the recipe's storage spec
 }
 
 
-def _recipe(storage, ratio=0.6, allocator="zero_sum", scorer="first_order"):
-    return {"stage": {"modifiers": {"ZeroSumSVDModifier": {
-        "ratio": ratio, "storage": storage, "allocator": allocator, "scorer": scorer,
-        "calibration": {"samples": 8, "sequence_length": 32}}}}}
+def _recipe(storage, ratio=0.6):
+    return recipe(ratio=ratio, storage=storage)
 
 
 def _logits(model, windows):
@@ -42,7 +42,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Every format: a compressed tiny Qwen2 (biases) saved, and its in-memory logits."""
-    from conftest import patterned_windows, tiny_qwen2, train_briefly
+    from helpers import patterned_windows, tiny_qwen2, train_briefly
 
     windows = patterned_windows()
     base = train_briefly(tiny_qwen2(), windows)
@@ -77,6 +77,37 @@ def test_reload_in_a_fresh_process_gives_bit_identical_logits(saved):
         assert torch.equal(reloaded[str(i)], logits), label
 
 
+def test_without_import_zsfw_a_saved_folder_refuses_to_load(saved):
+    _, runs = saved
+    result = _run("""
+        import sys
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        """, str(runs["bf16"][0]))
+    assert result.returncode != 0 and "model type `zsfw`" in result.stderr, result.stderr[-2000:]
+    config = json.loads((runs["bf16"][0] / "config.json").read_text())
+    assert config["model_type"] == "zsfw" and config["zsfw_base_model_type"] == "qwen2"
+
+
+def test_identical_runs_write_identical_files(saved, tmp_path):
+    _, runs = saved
+    path, model, report, _ = runs["int8"]  # torchao metadata: the most header keys
+    zsfw.save(model, tmp_path / "again")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (path / name).read_bytes(), name
+
+
+def test_outputs_honour_the_umask(saved, tmp_path):
+    _, runs = saved
+    old = os.umask(0o022)
+    try:
+        zsfw.save(runs["bf16"][1], tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir() if p.is_file()} == {0o644}
+
+
 def test_written_bytes_equal_predicted_and_files_add_up(saved):
     _, runs = saved
     for label, (path, _, report, _) in runs.items():
@@ -106,7 +137,14 @@ def test_saved_folder_is_a_normal_pretrained_folder(saved):
 def test_in_process_load_gives_the_same_model(saved):
     windows, runs = saved
     path, model, _, logits = runs["packed"]
-    assert torch.equal(_logits(zsfw.load(path), windows), logits)
+    loaded = zsfw.load(path)
+    assert torch.equal(_logits(loaded, windows), logits)
+    # one config form: the same ZsfwConfig class and content after compress and after loading
+    from zsfw.checkpoint.hf_quantizer import ZsfwConfig
+
+    before, after = model.config.quantization_config, loaded.config.quantization_config
+    assert type(before) is ZsfwConfig and type(after) is ZsfwConfig
+    assert before.to_dict() == after.to_dict() and before.records() == after.records()
 
 
 def test_packed_is_smaller_on_disk_than_bf16_at_the_same_rank(tmp_path):
@@ -141,7 +179,8 @@ def test_packed_roundtrip_is_int8_accurate():
 
 
 def test_int8_keeps_about_twice_the_rank_of_bf16():
-    from zsfw.interfaces import ByteBudget, LayerScores
+    from zsfw.allocation import ByteBudget
+    from zsfw.interfaces import LayerScores
 
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's layer shapes
     layers = [LayerScores(f"l{i}", m, n, False, torch.linspace(1, 0.01, min(m, n)), torch.zeros(min(m, n)))
@@ -158,14 +197,36 @@ def test_int8_keeps_about_twice_the_rank_of_bf16():
 
 def test_existing_output_is_refused_unless_overwrite(llama, windows, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    _previous_output(out)
+    with pytest.raises(DestinationError, match="overwrite"):
         zsfw.compress(copy.deepcopy(llama), _recipe("bf16"), windows, output_dir=out)
     assert (out / "keep.txt").read_text() == "mine"
     zsfw.compress(copy.deepcopy(llama), _recipe("bf16"), windows, output_dir=out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("case", ["unrelated files", "model source", "working folder", "home"])
+def test_overwrite_never_replaces_what_is_not_a_zsfw_output(llama, windows, tmp_path, monkeypatch, case):
+    out = tmp_path / "sandbox"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("precious")
+    model = copy.deepcopy(llama)
+    expected = "not a zsfw output"
+    if case == "model source":
+        model.save_pretrained(out / "sub")
+        (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "zsfw"}}))
+        model = type(llama).from_pretrained(out / "sub")
+        expected = "contains the model's source"
+    elif case == "working folder":
+        monkeypatch.chdir(out / "sub")
+        expected = "contains the working folder"
+    elif case == "home":
+        monkeypatch.setenv("HOME", str(out))
+        expected = "is or contains the home folder"
+    with pytest.raises(DestinationError, match=expected):
+        zsfw.compress(model, _recipe("bf16"), windows, output_dir=out, overwrite=True)
+    assert (out / "thesis.txt").read_text() == "precious" and (out / "sub").is_dir()
 
 
 def test_a_failing_save_leaves_nothing_and_keeps_the_old_output(llama, windows, tmp_path, monkeypatch):
@@ -174,28 +235,33 @@ def test_a_failing_save_leaves_nothing_and_keeps_the_old_output(llama, windows, 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("zsfw.checkpoint.save_file", broken)
+    monkeypatch.setattr("zsfw.checkpoint.save.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         zsfw.save(model, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "keep.txt").write_text("mine")
+    _previous_output(tmp_path / "old")
     with pytest.raises(OSError, match="disk full"):
         zsfw.save(model, tmp_path / "old", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
     assert (tmp_path / "old" / "keep.txt").read_text() == "mine"
 
 
+def _previous_output(folder: Path) -> None:
+    """A folder that looks like an earlier zsfw output (the only kind overwrite replaces)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "zsfw"}}))
+    (folder / "keep.txt").write_text("mine")
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_save_killed_with_sigkill_leaves_no_output(tmp_path, existing):
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("mine")
+        _previous_output(out)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys, time, copy
-        import zsfw, zsfw.checkpoint as ckpt
-        from conftest import patterned_windows, tiny_llama
+        import zsfw, zsfw.checkpoint.save as ckpt
+        from helpers import patterned_windows, tiny_llama
         real = ckpt.save_file
         def slow(*args, **kwargs):
             real(*args, **kwargs)
@@ -215,7 +281,7 @@ def test_a_save_killed_with_sigkill_leaves_no_output(tmp_path, existing):
     finally:
         proc.kill()
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
     else:
         assert not out.exists()
     assert all(p.name.startswith(".out.zsfw-tmp-") for p in tmp_path.iterdir() if p.name != "out")
@@ -267,6 +333,9 @@ def test_misshaped_tensor_is_an_error_naming_the_module(saved, tmp_path):
     (lambda q: q.update(format_version=99), "format version 99"),
     (lambda q: q["modules"]["model.layers.0.mlp.up_proj"].update(format="int3"),
      r"model\.layers\.0\.mlp\.up_proj.*int3"),
+    # D15: tampered module lists and ranks are named errors, never random dense layers
+    (lambda q: q["modules"]["model.layers.0.mlp.down_proj"].update(rank=500),
+     r"model\.layers\.0\.mlp\.down_proj.*rank 500"),
 ])
 def test_unknown_version_or_format_is_an_error(saved, tmp_path, edit, message):
     path = _broken_copy(saved, tmp_path)
@@ -275,6 +344,22 @@ def test_unknown_version_or_format_is_an_error(saved, tmp_path, edit, message):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         zsfw.load(path)
+
+
+def test_d15_a_module_removed_from_the_config_is_an_error_not_a_random_layer(saved, tmp_path):
+    path = _broken_copy(saved, tmp_path, "bf16")
+    name = next(l.name for l in saved[1]["bf16"][2].layers if not l.dense)
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]["modules"][name]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + r"\..*belongs to no module"):
+        zsfw.load(path)
+
+
+def test_save_pretrained_of_a_loaded_model_points_to_zsfw_save(saved, tmp_path):
+    model = zsfw.load(saved[1]["bf16"][0])
+    with pytest.raises(CheckpointError, match=r"use zsfw\.save\(model, folder\)"):
+        model.save_pretrained(tmp_path / "out")
 
 
 def test_sharded_save_reloads(saved, tmp_path):
@@ -288,7 +373,7 @@ def test_sharded_save_reloads(saved, tmp_path):
 
 def test_inspect_reads_bytes_from_headers_and_plots(saved, tmp_path, capsys):
     from zsfw.cli import main
-    from zsfw.inspection import saved_modules
+    from zsfw.checkpoint.inspect import saved_modules
 
     path, _, report, _ = saved[1]["packed"]
     found = {m.name: m for m in saved_modules(path)}
@@ -301,3 +386,45 @@ def test_inspect_reads_bytes_from_headers_and_plots(saved, tmp_path, capsys):
     assert "model.layers.0.self_attn.q_proj" in out and "packed" in out and "total:" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["inspect", str(tmp_path)]) == 2  # not a saved model: a clear error, not a traceback
+
+
+def test_d8_replace_swaps_atomically_and_the_fallback_restores_the_old_output(tmp_path, monkeypatch):
+    from zsfw.checkpoint import destination
+
+    def folders(content):
+        tmp, out = tmp_path / ".new", tmp_path / "out"
+        for folder, text in ((tmp, "new"), (out, content)):
+            folder.mkdir(exist_ok=True)
+            (folder / "config.json").write_text(text)
+        return tmp, out
+
+    tmp, out = folders("old")
+    destination.replace(tmp, out)  # renameat2(RENAME_EXCHANGE) on Linux
+    assert (out / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    # where the exchange is unavailable, a failure between the two renames puts the old one back
+    tmp, out = folders("old")
+    monkeypatch.setattr(destination, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def second_rename_fails(src, dst):
+        if Path(src) == tmp:
+            raise OSError("killed between the renames")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="between the renames"):
+        destination.replace(tmp, out)
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".new", "out"]
+
+
+def test_d5_a_destination_without_room_is_refused_up_front(tmp_path):
+    import shutil
+
+    from zsfw.checkpoint.destination import check_destination
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(DestinationError, match=r"MB free, the compressed model needs about"):
+        check_destination(tmp_path / "out", False, needed=2 * free)
+    assert check_destination(tmp_path / "out", False, needed=1) == (tmp_path / "out").resolve()
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # the probe is gone

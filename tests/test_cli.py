@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import word_docs
+from helpers import word_docs
 from zsfw.cli import main
-from zsfw.models import ModelLoadError, load_model
+from zsfw.errors import ModelLoadError
+from zsfw.models import load_model
 
 
 def test_compress_command_writes_report_and_recipe(tmp_path, llama, tokenizer, capsys):
@@ -21,7 +22,14 @@ def test_compress_command_writes_report_and_recipe(tmp_path, llama, tokenizer, c
                  "--dataset", str(tmp_path / "cal.txt"), "--output", str(tmp_path / "out")])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "total:" in printed and "model.layers.1.mlp.down_proj" in printed
+    # a short summary of what was gained and lost; the per-layer table goes to report.txt
+    lines = printed.strip().splitlines()
+    assert len(lines) == 6 and lines[0].startswith("compressed 14 layers")
+    assert lines[1].startswith("perplexity on 4 held-out windows of 32 tokens: ")
+    assert lines[3].startswith("  before: ") and lines[4].startswith("  after:  ")
+    assert lines[5].startswith(f"saved to {tmp_path / 'out'}")
+    table = (tmp_path / "out" / "report.txt").read_text()
+    assert "total:" in table and "model.layers.1.mlp.down_proj" in table and "w.err =" in table
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["totals"]["bytes"] <= report["budget_bytes"]
     assert (tmp_path / "out" / "recipe.yaml").read_text().startswith("s:")
@@ -49,3 +57,120 @@ def test_model_loading_errors(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="GGUF file .* does not exist"):
         load_model(tmp_path / "m.gguf")
+
+
+def _tiny_model_folder(tmp_path, llama, tokenizer):
+    model_dir = tmp_path / "model"
+    llama.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "cal.txt").write_text("\n".join(word_docs()))
+    (tmp_path / "r.yaml").write_text("s:\n  m:\n    ZeroSumSVDModifier:\n      ratio: 0.6\n"
+                                     "      calibration: {samples: 6, sequence_length: 32}\n")
+    return ["compress", "--model", str(model_dir), "--recipe", str(tmp_path / "r.yaml"),
+            "--dataset", str(tmp_path / "cal.txt")]
+
+
+def _one_line_error(capsys, *expected):
+    """The error is one line, the last on stderr (progress bars and log lines may come before
+    it), and no traceback is printed."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("zsfw: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    assert not any("Traceback" in line for line in err), err
+    for text in expected:
+        assert text in errors[0], errors
+    return errors[0]
+
+
+def test_d1_overwrite_refuses_a_folder_of_unrelated_files(tmp_path, llama, tokenizer, capsys):
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    sandbox = tmp_path / "sandbox"
+    (sandbox / "sub").mkdir(parents=True)
+    (sandbox / "thesis.txt").write_text("precious")
+    assert main([*command, "--output", str(sandbox), "--overwrite"]) == 2
+    _one_line_error(capsys, "not a zsfw output")
+    assert (sandbox / "thesis.txt").read_text() == "precious"
+    assert main([*command, "--output", str(tmp_path / "model"), "--overwrite"]) == 2
+    _one_line_error(capsys, "model's source")
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_d16_output_dot_is_refused_before_any_work(tmp_path, llama, tokenizer, capsys, monkeypatch):
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--output", ".", "--overwrite"]) == 2
+    _one_line_error(capsys, "working folder")
+
+
+def test_d5_an_unwritable_destination_fails_before_the_model_loads(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["compress", "--model", str(tmp_path / "no-model"), "--output", str(blocker / "out")]) == 2
+    _one_line_error(capsys, "cannot write in", str(blocker))
+
+
+def test_d14_eval_of_nothing_is_an_error(tmp_path, llama, tokenizer, capsys):
+    _tiny_model_folder(tmp_path, llama, tokenizer)
+    assert main(["eval", str(tmp_path / "model"), "--dataset", str(tmp_path / "cal.txt"),
+                 "--window", "1"]) == 2
+    _one_line_error(capsys, "window")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("zsfw.models.load_model", interrupted)
+    assert main(["eval", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "zsfw: interrupted"
+
+
+def test_d12_d13_help_version_and_errors_print_only_zsfw_lines(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "zsfw.cli", *args], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+
+    help_ = run("compress", "--help")
+    assert help_.returncode == 0 and help_.stderr == ""
+    assert "(default: 4)" in help_.stdout and "--held-out" in help_.stdout
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("zsfw ")
+    error = run("eval", str(tmp_path / "missing"))
+    assert error.returncode == 2
+    assert error.stderr.strip().splitlines() == [error.stderr.strip()], error.stderr
+    assert error.stderr.startswith("zsfw: error: ")
+
+
+@pytest.mark.parametrize("case", ["empty dataset", "binary dataset", "garbage weights", "NaN weight",
+                                  "misspelled storage option", "misspelled corrector option"])
+def test_d6_predictable_failures_are_one_line_before_the_work(tmp_path, llama, tokenizer, capsys, case):
+    import torch
+
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    expected = []
+    if case == "empty dataset":
+        (tmp_path / "cal.txt").write_text("")
+        expected = ["cal.txt"]
+    elif case == "binary dataset":
+        (tmp_path / "cal.txt").write_bytes(bytes(range(256)) * 64)
+        expected = ["cal.txt", "cannot be read"]
+    elif case == "garbage weights":
+        (tmp_path / "model" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+        expected = ["cannot load", "model"]
+    elif case == "NaN weight":
+        broken = type(llama).from_pretrained(tmp_path / "model")
+        with torch.no_grad():
+            broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        broken.save_pretrained(tmp_path / "model")
+        expected = ["'model.layers.1.mlp.up_proj.weight'", "NaN"]
+    else:
+        key, body = (("storage", "{name: int8, activaton: dynamic}") if "storage" in case
+                     else ("corrector", "{name: projected_gradient, cycle: 2}"))
+        (tmp_path / "r.yaml").write_text(f"s:\n  m:\n    ZeroSumSVDModifier:\n      {key}: {body}\n")
+        expected = [f"ZeroSumSVDModifier.{key}.", "unknown option", "allowed:"]
+    assert main([*command, "--output", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, *expected)
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from zsfw.evaluation import evaluate, perplexity
+from zsfw.eval.perplexity import evaluate, perplexity
 
 
 def _hand_nll(model, chunks):
@@ -72,7 +72,7 @@ def test_too_few_tokens_is_a_clear_error(llama, stream):
 
 
 def test_evaluate_reads_text_and_checks_the_bos_policy(llama, tokenizer):
-    from conftest import word_docs
+    from helpers import word_docs
 
     result = evaluate(llama, word_docs(), tokenizer, window=16, windows=4)
     assert result.windows == 4 and math.isfinite(result.perplexity)
@@ -86,7 +86,7 @@ def test_lm_eval_task_from_a_local_file_matches_a_hand_count(llama, tokenizer, t
     pytest.importorskip("lm_eval")
     import json
 
-    from zsfw.lm_eval_adapter import run_task
+    from zsfw.eval.lm_eval import run_task
 
     # counting sequences like those the tiny model was trained on: w{i} is token id i + 2
     items = []
@@ -114,11 +114,14 @@ def test_lm_eval_task_from_a_local_file_matches_a_hand_count(llama, tokenizer, t
 
 def test_the_public_api_names_are_functions_even_after_their_modules_load():
     import zsfw
-    import zsfw.aoti
-    import zsfw.checkpoint
-    import zsfw.evaluation
-    import zsfw.generation
+    import zsfw.checkpoint.load
+    import zsfw.checkpoint.save
+    import zsfw.compression.pipeline
+    import zsfw.eval.perplexity
+    import zsfw.serve.export
+    import zsfw.serve.generate
 
-    assert zsfw.evaluate is zsfw.evaluation.evaluate and zsfw.generate is zsfw.generation.generate
-    assert zsfw.export is zsfw.aoti.export
-    assert zsfw.save is zsfw.checkpoint.save and zsfw.load is zsfw.checkpoint.load
+    assert zsfw.evaluate is zsfw.eval.perplexity.evaluate and zsfw.generate is zsfw.serve.generate.generate
+    assert zsfw.export is zsfw.serve.export.export
+    assert zsfw.save is zsfw.checkpoint.save.save and zsfw.load is zsfw.checkpoint.load.load
+    assert zsfw.compress is zsfw.compression.pipeline.compress and callable(zsfw.compress)

@@ -1,6 +1,6 @@
 import torch
 
-from zsfw.linalg import (first_order_scores, lowrank_factors, relative_tail_energy, truncate,
+from zsfw.compression.linalg import (first_order_scores, lowrank_factors, relative_tail_energy, truncate,
                          whitened_svd, whitening_factor)
 
 

@@ -4,13 +4,9 @@ import pytest
 import torch
 
 import zsfw
+from helpers import recipe as _recipe, stored_bytes
 from zsfw.modules import LowRankLinear
-from zsfw.statistics import next_token_loss
-
-
-def _recipe(**modifier):
-    cal = modifier.pop("calibration", {"samples": 8, "sequence_length": 32})
-    return {"test_stage": {"modifiers": {"ZeroSumSVDModifier": {"calibration": cal, **modifier}}}}
+from zsfw.compression.statistics import next_token_loss
 
 
 def _logit_error(original, compressed, windows):
@@ -24,7 +20,7 @@ def test_logits_approach_original_as_ratio_goes_to_one(llama, windows):
     errors = []
     for ratio in (0.5, 0.7, 0.9, 1.0):
         model, report = zsfw.compress(copy.deepcopy(llama), _recipe(ratio=ratio), windows)
-        assert report.total_bytes <= report.budget_bytes
+        assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes
         errors.append(_logit_error(llama, model, windows))
     assert errors == sorted(errors, reverse=True), errors
     assert errors[-1] < 1e-2  # ratio 1: every layer dense, only bf16 rounding remains
@@ -35,7 +31,7 @@ def test_fp32_factors_at_full_rank_reproduce_the_layer(llama, windows):
     x = torch.randn(3, 32)
     linear = llama.model.layers[0].mlp.up_proj
     fmt = zsfw.plugins.create("storage", "fp32")
-    from zsfw.linalg import lowrank_factors, whitened_svd
+    from zsfw.compression.linalg import lowrank_factors, whitened_svd
 
     U, sigma, Vh = whitened_svd(linear.weight.detach(), None)
     module = fmt.lowrank_module(*lowrank_factors(U, sigma, Vh, None, 32), None)
@@ -54,7 +50,7 @@ def test_report_is_consistent(llama, windows, tmp_path):
             assert module.A.weight.dtype == torch.bfloat16
             stored = sum(p.numel() * p.element_size() for p in module.parameters())
             assert stored == layer.bytes
-    assert report.total_bytes <= report.budget_bytes
+    assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes
     assert (tmp_path / "out" / "report.json").is_file()
     reloaded = zsfw.load_recipe(tmp_path / "out" / "recipe.yaml")
     assert reloaded.modifier.ratio == 0.6
@@ -93,15 +89,15 @@ def test_corrector_lowers_calibration_loss(llama, windows):
 def test_baselines_run_in_the_same_harness(llama, windows, allocator, scorer):
     model, report = zsfw.compress(llama, _recipe(ratio=0.6, allocator=allocator, scorer=scorer),
                                   windows)
-    assert report.total_bytes <= report.budget_bytes
+    assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes
     if allocator == "uniform":
         kept = {round(l.kept, 1) for l in report.layers if l.shape[0] == l.shape[1]}
         assert len(kept) == 1
 
 
 def test_a_layer_keeps_exactly_the_components_its_allocation_names(llama, windows):
-    from zsfw.linalg import whitened_svd, whitening_factor
-    from zsfw.statistics import collect
+    from zsfw.compression.linalg import whitened_svd, whitening_factor
+    from zsfw.compression.statistics import collect
 
     name = "model.layers.0.self_attn.o_proj"
     recipe = _recipe(ratio=0.5, storage="fp32", allocator={"name": "greedy_negative"}, damping=0.0)
@@ -123,6 +119,20 @@ def test_a_layer_keeps_exactly_the_components_its_allocation_names(llama, window
 
 
 def test_plain_svd_without_whitening(llama, windows):
-    model, report = zsfw.compress(llama, _recipe(ratio=0.8, whiten=False), windows)
+    original = copy.deepcopy(llama)
+    model, report = zsfw.compress(llama, _recipe(ratio=0.8, whiten=False, storage="fp32"), windows)
     assert all(l.whitening == "" for l in report.layers)
     assert report.calibration_tokens == windows.numel()
+    # each low-rank layer is the best rank-k approximation of W itself (Eckart–Young), unwhitened
+    modules, checked = dict(model.named_modules()), 0
+    for layer in report.layers:
+        if layer.dense:
+            continue
+        W = dict(original.named_modules())[layer.name].weight.detach().double()
+        U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
+        best = (U[:, :layer.rank] * sigma[:layer.rank]) @ Vh[:layer.rank]
+        module = modules[layer.name]
+        kept = (module.B.weight @ module.A.weight).double()
+        assert torch.allclose(kept, best, atol=1e-5 * sigma[0].item()), layer.name
+        checked += 1
+    assert checked > 0

@@ -74,7 +74,7 @@ def test_broken_plugin_becomes_a_warning_naming_it(fresh_plugins):
     assert "zero_sum" in names
 
 
-def test_two_plugins_registering_one_name_is_an_error(fresh_plugins):
+def test_a_name_clash_keeps_the_first_warns_and_fails_only_where_used(fresh_plugins, llama, windows):
     class Clash:
         @zsfw.hookimpl
         def zsfw_register_allocators(self, register):
@@ -83,8 +83,32 @@ def test_two_plugins_registering_one_name_is_an_error(fresh_plugins):
             register(Impostor)
 
     plugins.register_plugin(Clash(), name="clash")
-    with pytest.raises(plugins.PluginError, match="'zero_sum' is registered by two plugins: 'zsfw_zerosum' and 'clash'"):
-        plugins.registry()
+    with pytest.warns(UserWarning, match=r"allocator 'zero_sum' is registered by plugin 'zsfw_zerosum' "
+                                         r"\(from zsfw .*\) and by plugin 'clash'.*keeping the first"):
+        registered = plugins.registry()
+    assert registered["allocator"]["zero_sum"].plugin == "zsfw_zerosum"
+    assert "uniform" in registered["allocator"]  # everything else still works
+    with pytest.raises(zsfw.RecipeError, match=r"allocator: allocator 'zero_sum' is registered by plugin "
+                                               r"'zsfw_zerosum'.* and by plugin 'clash'"):
+        zsfw.load_recipe({"s": {"m": {"ZeroSumSVDModifier": {"allocator": "zero_sum"}}}})
+    zsfw.load_recipe({"s": {"m": {"ZeroSumSVDModifier": {"allocator": "uniform"}}}})
+
+
+BAD_PLUGINS = {
+    "misspelled_hook": "import zsfw\n@zsfw.hookimpl\ndef zsfw_register_scorer(register):\n    pass\n",
+    "wrong_argument": "import zsfw\n@zsfw.hookimpl\ndef zsfw_register_scorers(registrar):\n    pass\n",
+    "raises_in_hook": "import zsfw\n@zsfw.hookimpl\ndef zsfw_register_scorers(register):\n    1 / 0\n",
+    "nameless_class": "import zsfw\n@zsfw.hookimpl\ndef zsfw_register_scorers(register):\n    register(int)\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_PLUGINS))
+def test_a_bad_plugin_is_skipped_with_a_warning_naming_its_distribution(fresh_plugins, kind):
+    _install_fake_distribution(fresh_plugins, f"zsfw_{kind}", BAD_PLUGINS[kind], kind)
+    _install_fake_distribution(fresh_plugins, "zsfw_reverse", PLUGIN_SOURCE, "reverse")
+    with pytest.warns(UserWarning, match=rf"plugin '{kind}' \(from zsfw_{kind} 1.2.3\)"):
+        names = plugins.names("scorer")
+    assert {"first_order", "sigma", "negative_sigma"} <= set(names)  # the others still register
 
 
 def test_runtime_registration_and_bad_options(fresh_plugins):
@@ -101,6 +125,13 @@ def test_runtime_registration_and_bad_options(fresh_plugins):
 
     zsfw.register_plugin(Plugin(), name="halving")
     assert plugins.registry()["allocator"]["halve"].distribution == "(not installed)"
+    with pytest.raises(plugins.PluginError, match=r"plugin 'typo' is invalid.*zsfw_register_scorer"):
+        class Typo:
+            @zsfw.hookimpl
+            def zsfw_register_scorer(self, register):
+                pass
+
+        zsfw.register_plugin(Typo(), name="typo")
     with pytest.raises(plugins.PluginError, match=r"corrector 'projected_gradient' rejected its options \{'cycle': 2\}"):
         plugins.create("corrector", "projected_gradient", {"cycle": 2})
 

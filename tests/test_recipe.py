@@ -2,8 +2,9 @@ import pytest
 import yaml
 
 import zsfw
-from zsfw.recipe import RecipeError, load_recipe
-from zsfw.targets import TargetError, find_targets
+from zsfw.compression.targets import find_targets
+from zsfw.errors import RecipeError, TargetError
+from zsfw.recipe import load_recipe
 
 GOOD = """
 my_stage:

@@ -1,6 +1,7 @@
 """Compressed models compiled, generating with a static cache, and exported as .pt2 packages."""
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 import zsfw
+from zsfw.checkpoint.destination import current_umask
+from helpers import recipe
 
 FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed"]
 COMPILED_TOLERANCE = 1e-4  # relative logit error, compiled vs eager (inductor fuses and reorders)
@@ -17,9 +20,7 @@ DYNAMIC_ACTIVATION_TOLERANCE = 1e-2
 
 
 def _compress(model, windows, storage, ratio=0.6):
-    recipe = {"s": {"m": {"ZeroSumSVDModifier": {"ratio": ratio, "storage": storage, "calibration": {
-        "samples": 8, "sequence_length": 32}}}}}
-    return zsfw.compress(copy.deepcopy(model), recipe, windows)[0]
+    return zsfw.compress(copy.deepcopy(model), recipe(ratio=ratio, storage=storage), windows)[0]
 
 
 def _relative_error(a, b):
@@ -42,7 +43,7 @@ def test_every_format_compiles_without_graph_breaks_and_matches_eager(qwen2, win
 
 
 def test_static_cache_generation_equals_eager_greedy_token_for_token(llama, windows, tokenizer):
-    from zsfw.generation import _graphs_compiled, generate
+    from zsfw.serve.generate import _graphs_compiled, generate
 
     model = _compress(llama, windows, "int8", ratio=0.7)
     prompts = ["w1 w2 w3 w4", "w10 w12 w14"]
@@ -67,7 +68,7 @@ def test_static_cache_generation_equals_eager_greedy_token_for_token(llama, wind
 def test_a_first_compile_after_eager_runs_of_the_same_shape_is_not_called_a_recompile(llama, tokenizer):
     import warnings
 
-    from zsfw.generation import generate
+    from zsfw.serve.generate import generate
 
     model = copy.deepcopy(llama)
     generate(model, tokenizer, "w1 w2", max_new_tokens=3, compile=False, buckets=(8,))
@@ -80,7 +81,7 @@ def test_a_first_compile_after_eager_runs_of_the_same_shape_is_not_called_a_reco
 
 
 def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
-    from zsfw.generation import generate
+    from zsfw.serve.generate import generate
 
     with pytest.raises(ValueError, match="longer than the largest bucket"):
         generate(llama, tokenizer, " ".join(["w1"] * 20), max_new_tokens=2, buckets=(8, 16))
@@ -88,7 +89,7 @@ def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
 
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
 def test_pt2_package_runs_without_zsfw_and_gives_the_same_logits(qwen2, windows, tokenizer, storage, tmp_path):
-    from zsfw.aoti import export
+    from zsfw.serve.export import export
 
     model = _compress(qwen2, windows, storage)
     package = export(model, tmp_path / "model.pt2", tokenizer, max_sequence=64)
@@ -100,15 +101,30 @@ def test_pt2_package_runs_without_zsfw_and_gives_the_same_logits(qwen2, windows,
         import json, sys, torch
         runner = torch._inductor.aoti_load_package(sys.argv[1])
         logits = runner(torch.load(sys.argv[2]))
+        torch.save(logits, sys.argv[3])
+        import model_runner  # D7: the standalone checking loader shipped next to the package
+        run = model_runner.load(sys.argv[1])
+        ids = torch.load(sys.argv[2])
+        torch.save(run(ids[:1]), sys.argv[3] + ".one")  # batch 1 under the package's own guards
+        for bad, message in ((ids.float(), "int64"), (ids + 1000, "token ids must be in 0..63"),
+                             (ids[0], "2-D"), (torch.zeros(1, 65, dtype=torch.long), "outside")):
+            try:
+                run(bad)
+            except ValueError as exc:
+                assert message in str(exc), (message, exc)
+            else:
+                raise AssertionError(f"accepted {message}")
         loaded = [m for m in sys.modules if m.split(".")[0] in ("zsfw", "transformers", "torchao")]
         assert not loaded, loaded
-        torch.save(logits, sys.argv[3])
         """)
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
     result = subprocess.run([sys.executable, "-c", script, str(package), str(tmp_path / "ids.pt"),
                              str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _relative_error(torch.load(tmp_path / "out.pt"), expected) < COMPILED_TOLERANCE
+    assert _relative_error(torch.load(str(tmp_path / "out.pt") + ".one"), expected[:1]) < COMPILED_TOLERANCE
+    assert package.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     manifest = (tmp_path / "model.json").read_text()
     assert '"seq": [\n        2,\n        64\n      ]' in manifest and f'"name": "{storage}"' in manifest
     assert (tmp_path / "model.tokenizer" / "tokenizer.json").is_file()

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from zsfw.linalg import first_order_scores, whitened_svd, whitening_factor
-from zsfw.statistics import NonFiniteError, chunked_next_token_loss, collect, loss_function, next_token_loss
-from zsfw.targets import find_targets
+from zsfw.compression.linalg import first_order_scores, whitened_svd, whitening_factor
+from zsfw.errors import NonFiniteError
+from zsfw.compression.statistics import chunked_next_token_loss, collect, loss_function, next_token_loss
+from zsfw.compression.targets import find_targets
 
 
 def _targets(model):

@@ -1,30 +1,34 @@
-"""The statistics cache: a hit skips the calibration pass; any change of weights, data or settings misses."""
+"""The statistics cache: a hit skips the calibration pass; any change of weights, data or settings
+misses; an unreadable entry is recomputed. Hits are observed through the report and the log."""
 
 import copy
+import os
+import logging
 
 import pytest
 import torch
 
 import zsfw
+from helpers import recipe
 
 
 def _recipe(ratio=0.6, allocator="zero_sum", **calibration):
-    return {"s": {"m": {"ZeroSumSVDModifier": {"ratio": ratio, "allocator": allocator, "calibration": {
-        "samples": 8, "sequence_length": 32, **calibration}}}}}
+    return recipe(ratio=ratio, allocator=allocator, **calibration)
 
 
-def _no_pass(*args, **kwargs):
-    raise AssertionError("the calibration pass ran despite a cached entry")
+def _entries(cache, kind):
+    return sorted(p.name for p in cache.glob(f"{kind}-*"))
 
 
-def test_a_hit_skips_the_pass_and_gives_the_same_model(llama, windows, tmp_path, monkeypatch):
+def test_a_hit_skips_the_pass_and_gives_the_same_model(llama, windows, tmp_path, caplog):
     first, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
-    assert not report.statistics_cached and len(list(tmp_path.glob("statistics-*.safetensors"))) == 1
-    monkeypatch.setattr("zsfw.pipeline.collect", _no_pass)
-    monkeypatch.setattr("zsfw.pipeline._factorize", _no_pass)
-    again, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    assert not report.statistics_cached and len(_entries(tmp_path, "statistics")) == 1
+    assert "statistics" in report.timings and "factorize + score" in report.timings
+    with caplog.at_level(logging.INFO, logger="zsfw"):
+        again, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
     assert report.statistics_cached and report.factors_cached
-    assert "factorize + score" not in report.timings
+    assert "statistics" not in report.timings and "factorize + score" not in report.timings
+    assert any("whitened SVDs and scores from the cache" in r.message for r in caplog.records)
     with torch.no_grad():
         assert torch.equal(first(input_ids=windows).logits, again(input_ids=windows).logits)
     # another ratio and another allocator reuse the same entry
@@ -35,7 +39,7 @@ def test_a_hit_skips_the_pass_and_gives_the_same_model(llama, windows, tmp_path,
 @pytest.mark.parametrize("change", ["weight", "windows", "gradient_samples"])
 def test_a_change_of_weights_data_or_settings_misses(llama, windows, tmp_path, change):
     zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
-    model, recipe = copy.deepcopy(llama), _recipe()
+    model, recipe_ = copy.deepcopy(llama), _recipe()
     if change == "weight":
         with torch.no_grad():
             model.model.norm.weight[0] += 1e-3  # not even a target
@@ -43,26 +47,63 @@ def test_a_change_of_weights_data_or_settings_misses(llama, windows, tmp_path, c
         windows = windows.clone()
         windows[0, 0] = (windows[0, 0] + 1) % 64
     else:
-        recipe = _recipe(gradient_samples=4)
-    _, report = zsfw.compress(model, recipe, windows, statistics_cache=tmp_path)
+        recipe_ = _recipe(gradient_samples=4)
+    _, report = zsfw.compress(model, recipe_, windows, statistics_cache=tmp_path)
     assert not report.statistics_cached
-    assert len(list(tmp_path.glob("statistics-*.safetensors"))) == 2
+    assert len(_entries(tmp_path, "statistics")) == 2
 
 
-def test_another_damping_reuses_the_statistics_but_not_the_factors(llama, windows, tmp_path):
+def test_another_damping_reuses_the_statistics_but_not_the_factors(llama, windows, tmp_path, caplog):
     zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
-    recipe = _recipe()
-    recipe["s"]["m"]["ZeroSumSVDModifier"]["damping"] = 1e-2
-    _, report = zsfw.compress(copy.deepcopy(llama), recipe, windows, statistics_cache=tmp_path)
+    recipe_ = _recipe()
+    recipe_["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["damping"] = 1e-2
+    with caplog.at_level(logging.INFO, logger="zsfw"):
+        _, report = zsfw.compress(copy.deepcopy(llama), recipe_, windows, statistics_cache=tmp_path)
     assert report.statistics_cached and not report.factors_cached
-    assert len(list(tmp_path.glob("factors-*"))) == 2 and not list(tmp_path.glob(".factors-*"))
+    assert any("calibration statistics from the cache" in r.message for r in caplog.records)
+    assert len(_entries(tmp_path, "factors")) == 2 and not list(tmp_path.glob(".factors-*"))
 
 
 def test_a_failed_factorization_leaves_no_cache_entry(llama, windows, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("SVD did not converge")
 
-    monkeypatch.setattr("zsfw.pipeline.whitened_svd", broken)
+    monkeypatch.setattr(torch.linalg, "eigh", broken)  # what the whitened SVD runs on
     with pytest.raises(RuntimeError, match="converge"):
         zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
-    assert not list(tmp_path.glob("factors-*")) and not list(tmp_path.glob(".factors-*"))
+    assert not _entries(tmp_path, "factors") and not list(tmp_path.glob(".factors-*"))
+
+
+def test_an_unreadable_entry_is_a_warned_miss_and_is_recomputed(llama, windows, tmp_path, caplog):
+    first, _ = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    for entry in tmp_path.glob("factors-*/index.safetensors"):
+        entry.write_bytes(b"not a safetensors file")
+    for entry in tmp_path.glob("statistics-*/group-00000.safetensors"):
+        entry.write_bytes(b"\x00" * 5)
+    with caplog.at_level(logging.WARNING, logger="zsfw"):
+        again, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    assert not report.statistics_cached and not report.factors_cached
+    assert sum("unreadable" in r.message for r in caplog.records) == 2
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=windows).logits, again(input_ids=windows).logits)
+    _, report = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    assert report.factors_cached  # the recomputed entries are whole again
+
+
+def test_d9_leftovers_of_killed_runs_are_swept_and_a_run_leaves_nothing(llama, windows, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a PID that no longer runs
+    spill, cache = tmp_path / "spill", tmp_path / "cache"
+    monkeypatch.setenv("ZSFW_SPILL", str(spill))
+    for stale in (spill / f"factors-{dead}-x", cache / f".factors-{dead}-y", cache / f".statistics-{dead}-z"):
+        (stale / "svd.layer.safetensors").parent.mkdir(parents=True)
+        (stale / "svd.layer.safetensors").write_bytes(b"left by kill -9")
+    alive = spill / f"factors-{os.getpid()}-mine"  # a running process's spill is not touched
+    alive.mkdir()
+    zsfw.compress(copy.deepcopy(llama), _recipe(), windows)
+    assert sorted(p.name for p in spill.iterdir()) == [alive.name]
+    zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=cache)
+    assert not list(cache.glob(".*")) and len(_entries(cache, "factors")) == 1

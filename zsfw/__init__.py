@@ -4,30 +4,93 @@
     model, report = zsfw.compress(model, "recipes/zero_sum.yaml", "calibration.txt")
     print(report.table())
 
-Every step (scorer, allocator, corrector, storage format) is a plugin; see ``zsfw.hookspecs``.
+Public API: ``compress``, ``load``, ``save``, ``evaluate``, ``generate``, ``export``,
+``load_recipe``. Plugin API (what a plugin may import from ``zsfw``, and nothing else is
+promised): ``hookimpl``, the protocols and data of ``zsfw.interfaces``, the budget, plan and
+frontier of ``zsfw.allocation``, the modules of ``zsfw.modules``, the score and factor helpers,
+and the errors of ``zsfw.errors``. See ``zsfw.hookspecs`` for the hooks.
+
+``import zsfw`` is cheap: names load on first use, and zsfw's ``transformers`` quantizer (which
+makes ``from_pretrained`` of a zsfw folder build the compressed modules) is registered as soon as
+``transformers`` is imported, before or after zsfw.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
+from zsfw.errors import (AllocationError, CalibrationError, CheckpointError, DestinationError,
+                         NonFiniteError, PluginError, RecipeError, ZsfwError)
 from zsfw.hookspecs import hookimpl
-from zsfw.hf_quantizer import register as _register_with_transformers
-
-_register_with_transformers()  # from_pretrained of a zsfw folder builds the compressed modules
 
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the module that defines it
-    "compress": "zsfw.pipeline", "evaluate": "zsfw.evaluation", "generate": "zsfw.generation",
-    "export": "zsfw.aoti", "save": "zsfw.checkpoint", "load": "zsfw.checkpoint",
+    # the pipeline and its surroundings
+    "compress": "zsfw.compression.pipeline", "evaluate": "zsfw.eval.perplexity",
+    "generate": "zsfw.serve.generate", "export": "zsfw.serve.export",
+    "save": "zsfw.checkpoint.save", "load": "zsfw.checkpoint.load",
     "load_recipe": "zsfw.recipe", "Recipe": "zsfw.recipe", "ZeroSumSVDModifier": "zsfw.recipe",
-    "LowRankLinear": "zsfw.modules", "register_plugin": "zsfw.plugins",
+    "register_plugin": "zsfw.plugins",
+    # the plugin API
+    "LayerSpectrum": "zsfw.interfaces", "LayerScores": "zsfw.interfaces",
+    "StorageFormat": "zsfw.interfaces", "Scorer": "zsfw.interfaces", "Allocator": "zsfw.interfaces",
+    "AllocationProblem": "zsfw.interfaces", "ModelAwareAllocator": "zsfw.interfaces",
+    "Corrector": "zsfw.interfaces", "CorrectionProblem": "zsfw.interfaces", "Stage": "zsfw.interfaces",
+    "ByteBudget": "zsfw.allocation", "AllocationPlan": "zsfw.allocation", "Allocation": "zsfw.allocation",
+    "DropFrontier": "zsfw.allocation", "rank_of": "zsfw.allocation",
+    "LowRankLinear": "zsfw.modules", "StoredLinear": "zsfw.modules", "weight_as": "zsfw.modules",
+    "first_order_scores": "zsfw.compression.linalg", "lowrank_factors": "zsfw.compression.linalg",
+    "whitened_svd": "zsfw.compression.linalg",
 }
-__all__ = ["hookimpl", *_LAZY, "__version__"]
+__all__ = ["hookimpl", "ZsfwError", "RecipeError", "PluginError", "CalibrationError",
+           "AllocationError", "CheckpointError", "DestinationError", "NonFiniteError", *_LAZY,
+           "__version__"]
 
 
 def __getattr__(name: str):
-    # The pipeline's modules wait until used, so the plugin manager can import plugins (which
-    # import `zsfw.hookimpl`) while zsfw itself is importing.
     if name not in _LAZY:
         raise AttributeError(f"module 'zsfw' has no attribute {name!r}")
     return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def _register_quantizer() -> None:
+    """Import the quantizer module, which registers itself when its import completes (it may be
+    importing right now: its own import of ``transformers`` is what fires the hook)."""
+    if "zsfw.checkpoint.hf_quantizer" not in sys.modules:
+        importlib.import_module("zsfw.checkpoint.hf_quantizer")
+
+
+class _RegisterAfterExec(importlib.abc.Loader):
+    """Runs ``transformers``' own loader, then registers zsfw's quantizer with it."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _register_quantizer()
+
+
+class _TransformersImportHook(importlib.abc.MetaPathFinder):
+    """Registers the quantizer when ``transformers`` is first imported (once, then leaves)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterExec(spec.loader)
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_quantizer()
+elif not any(isinstance(f, _TransformersImportHook) for f in sys.meta_path):
+    sys.meta_path.insert(0, _TransformersImportHook())

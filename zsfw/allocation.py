@@ -1,26 +1,157 @@
-"""Building blocks for allocators that drop components one at a time.
+"""The byte budget, the allocation plan, and building blocks for allocators.
 
-``DropFrontier.drop(i)`` preserves keep-top-k: a layer can only drop its smallest remaining σ,
-so the candidates at any moment are one component per layer (its "frontier"). Ablations that
-drop components anywhere in a spectrum use ``drop(i, component)``; such a layer's allocation is
-then the tensor of the component indices it keeps instead of a rank.
+``ByteBudget`` prices what a layer keeps in one storage format. ``AllocationPlan`` is the one
+form of "what each layer keeps" that flows from the allocator to the plan check, truncation, the
+corrector, the report and the checkpoint. ``DropFrontier`` is the bookkeeping of allocators that
+drop components one at a time.
+
+A layer *keeps* either its top k components (a rank k, the usual case) or a given set of
+component indices (ablations that drop anywhere in a spectrum); it is *dense* when its kept
+components would not cost less than the dense layer, and is then stored whole.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Iterator, Mapping
+from typing import Sequence, Union
 
 import torch
 
-from zsfw.interfaces import Allocation, ByteBudget, LayerScores
+from zsfw.errors import AllocationError
+from zsfw.interfaces import LayerScores, StorageFormat
+
+REFERENCE_BYTES_PER_WEIGHT = 2
+"""``ratio`` counts bytes against the target layers at 16 bits per weight, the size checkpoints
+ship in, so that ratio 0.8 with 16-bit factors is the papers' parameter ratio 0.8."""
+
+Allocation = Union[int, torch.Tensor]
+"""What one layer keeps: a rank k (its top k components) or a 1-D tensor of the indices of the
+components it keeps."""
 
 
-class AllocationError(ValueError):
-    """The byte budget cannot be met."""
+def rank_of(allocation: Allocation) -> int:
+    """The number of components an allocation keeps."""
+    return allocation if isinstance(allocation, int) else allocation.numel()
+
+
+def dropped(full_rank: int, kept: Allocation) -> torch.Tensor:
+    """Mask of the components not kept: those past rank ``kept``, or not in the indices ``kept``."""
+    mask = torch.ones(full_rank, dtype=torch.bool)
+    mask[slice(None, kept) if isinstance(kept, int) else kept] = False
+    return mask
+
+
+class ByteBudget:
+    """The global byte budget every allocator spends, priced by one storage format.
+
+    A layer costs the cheaper of its low-rank and dense forms: a layer whose low-rank cost
+    would not beat its dense cost stays dense.
+    """
+
+    def __init__(self, layers: Sequence[LayerScores], ratio: float, storage: StorageFormat) -> None:
+        self.storage = storage
+        self.original = sum(self.reference_bytes(l) for l in layers)
+        self.limit = int(ratio * self.original)
+
+    @staticmethod
+    def reference_bytes(layer: LayerScores) -> int:
+        """The layer's bytes at 16 bits per weight (and bias): what ``ratio`` is a fraction of."""
+        bias = layer.out_features if layer.has_bias else 0
+        return (layer.out_features * layer.in_features + bias) * REFERENCE_BYTES_PER_WEIGHT
+
+    def cost(self, layer: LayerScores, rank: int) -> int:
+        dense = self.storage.dense_bytes(layer.out_features, layer.in_features, layer.has_bias)
+        if rank >= layer.full_rank:
+            return dense
+        low = self.storage.lowrank_bytes(layer.out_features, layer.in_features, rank, layer.has_bias)
+        return min(low, dense)
+
+    def is_dense(self, layer: LayerScores, rank: int) -> bool:
+        return rank >= layer.full_rank or self.cost(layer, rank) == self.storage.dense_bytes(
+            layer.out_features, layer.in_features, layer.has_bias
+        )
+
+    def total(self, layers: Sequence[LayerScores], ranks: Mapping[str, Allocation]) -> int:
+        return sum(self.cost(l, rank_of(ranks[l.name])) for l in layers)
+
+
+class AllocationPlan(Mapping[str, Allocation]):
+    """What every layer keeps, checked against the layers and priced by the budget.
+
+    A mapping from layer name to its allocation (rank or kept indices). Building one validates
+    every entry; ``check_budget`` checks the total.
+    """
+
+    def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget,
+                 kept: Mapping[str, Allocation]) -> None:
+        self.layers = {l.name: l for l in layers}
+        self.budget = budget
+        self._kept: dict[str, Allocation] = {}
+        for layer in layers:
+            value = kept.get(layer.name)
+            if not _valid(value, layer.full_rank):
+                raise AllocationError(
+                    f"layer {layer.name!r} was given {value!r}; allowed: a rank in "
+                    f"1..{layer.full_rank} or a 1-D tensor of distinct component indices in "
+                    f"0..{layer.full_rank - 1}")
+            self._kept[layer.name] = value
+        extra = set(kept) - set(self.layers)
+        if extra:
+            raise AllocationError(f"allocation names layers that are not targets: {sorted(extra)}")
+
+    def __getitem__(self, name: str) -> Allocation:
+        return self._kept[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kept)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def rank(self, name: str) -> int:
+        """Components kept (the full rank for a dense layer)."""
+        return self.layers[name].full_rank if self.is_dense(name) else rank_of(self._kept[name])
+
+    def is_dense(self, name: str) -> bool:
+        return self.budget.is_dense(self.layers[name], rank_of(self._kept[name]))
+
+    def lowrank(self) -> list[str]:
+        """Names of the layers stored as factors, in plan order."""
+        return [name for name in self._kept if not self.is_dense(name)]
+
+    def cost(self, name: str) -> int:
+        return self.budget.cost(self.layers[name], rank_of(self._kept[name]))
+
+    def total_bytes(self) -> int:
+        return sum(self.cost(name) for name in self._kept)
+
+    def dropped(self, name: str) -> torch.Tensor:
+        """Mask of the layer's dropped components (none for a dense layer)."""
+        full = self.layers[name].full_rank
+        return torch.zeros(full, dtype=torch.bool) if self.is_dense(name) else dropped(full, self._kept[name])
+
+    def check_budget(self) -> None:
+        spent = self.total_bytes()
+        if spent > self.budget.limit:
+            raise AllocationError(f"the plan spends {spent} bytes, over the budget of "
+                                  f"{self.budget.limit}")
+
+
+def _valid(kept: object, full_rank: int) -> bool:
+    if isinstance(kept, torch.Tensor):
+        return (kept.dim() == 1 and kept.dtype in (torch.int32, torch.int64) and kept.numel() > 0
+                and kept.unique().numel() == kept.numel()
+                and 0 <= int(kept.min()) and int(kept.max()) < full_rank)
+    return isinstance(kept, int) and not isinstance(kept, bool) and 1 <= kept <= full_rank
 
 
 class DropFrontier:
-    """Each layer's current rank and next droppable component, with the bytes spent so far."""
+    """Each layer's current rank and next droppable component, with the bytes spent so far.
+
+    ``drop(i)`` preserves keep-top-k: a layer can only drop its smallest remaining σ, so the
+    candidates at any moment are one component per layer (its "frontier"). Ablations that drop
+    components anywhere use ``drop(i, component)``; such a layer then keeps a set of indices.
+    """
 
     def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget, min_rank: int = 1) -> None:
         self.layers = list(layers)
@@ -64,6 +195,7 @@ class DropFrontier:
             f"byte budget {self.budget.limit} cannot be met: at rank {self.min_rank} in every "
             f"layer the targets still cost {self.spent} bytes; raise the ratio")
 
-    def result(self) -> dict[str, Allocation]:
-        return {l.name: k if i not in self.kept else self.kept[i].nonzero().flatten()
-                for i, (l, k) in enumerate(zip(self.layers, self.ranks))}
+    def result(self) -> AllocationPlan:
+        return AllocationPlan(self.layers, self.budget, {
+            l.name: k if i not in self.kept else self.kept[i].nonzero().flatten()
+            for i, (l, k) in enumerate(zip(self.layers, self.ranks))})

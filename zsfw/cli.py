@@ -9,27 +9,44 @@ from pathlib import Path
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from zsfw.compression.calibration import held_out_windows, load_texts, sample_windows, tokenize
+    from zsfw.compression.pipeline import compress
+    from zsfw.errors import CalibrationError
+    from zsfw.eval.gains import snapshot, summary
     from zsfw.models import load_model
-    from zsfw.pipeline import compress
     from zsfw.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # a bad recipe or output folder fails before the model loads
     if args.output is not None:
-        from zsfw.checkpoint import check_destination
+        from zsfw.checkpoint.destination import check_destination
 
-        check_destination(args.output, args.overwrite)
-    dataset = args.dataset
-    if dataset is None:
-        from zsfw.sources import news_text_path
-
-        dataset = news_text_path()
+        args.output = check_destination(args.output, args.overwrite, [args.model])
+    else:
+        print("zsfw: no --output: the compressed model is measured, then discarded (pass --output "
+              "DIR to keep it)", file=sys.stderr)
     model, tokenizer = load_model(args.model)
-    _, report = compress(model, recipe, dataset, output_dir=args.output, tokenizer=tokenizer,
+    cal = recipe.modifier.calibration
+    texts = load_texts(args.dataset or _news_text())
+    if not texts:
+        raise CalibrationError(f"calibration data {args.dataset!r} holds no text")
+    tokens = tokenize(tokenizer, texts)
+    windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
+    held = (held_out_windows(tokens, args.held_out, cal.samples, cal.sequence_length, cal.seed,
+                             cal.max_tokens) if args.held_out else None)
+    before = None if held is None else snapshot(model, tokenizer, held)
+    _, report = compress(model, recipe, windows, output_dir=args.output, tokenizer=tokenizer,
                          overwrite=args.overwrite, statistics_cache=args.statistics_cache)
-    print(report.table())
-    if args.output:
-        print(f"compressed model, tokenizer, recipe and report saved to {args.output}")
+    after = None if held is None else snapshot(model, tokenizer, held)
+    if args.table:
+        print(report.table())
+    print(summary(report, args.output, before, after, held))
     return 0
+
+
+def _news_text() -> Path:
+    from zsfw.sources import news_text_path
+
+    return news_text_path()
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -37,13 +54,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     if args.lm_eval is not None:
-        from zsfw.lm_eval_adapter import run_task
+        from zsfw.eval.lm_eval import run_task
 
         for task, metrics in run_task(model, tokenizer, args.lm_eval, limit=args.limit).items():
             print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                           if isinstance(v, float)))
         return 0
-    from zsfw.evaluation import evaluate
+    from zsfw.errors import EvaluationError
+    from zsfw.eval.perplexity import evaluate
 
     dataset = args.dataset
     if dataset is None:
@@ -52,19 +70,25 @@ def _eval(args: argparse.Namespace) -> int:
         dataset = wikipedia_text_path()
     result = evaluate(model, dataset, tokenizer, window=args.window, windows=args.windows,
                       offset=args.offset, bos=args.bos)
+    if result.non_finite_windows:
+        print(f"non-finite logits in windows {result.non_finite_windows} (left out of the mean)")
+    if not result.tokens:
+        raise EvaluationError(f"no window of {result.window} tokens had finite logits: the model "
+                              f"outputs NaN or Inf; perplexity is undefined")
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.tokens} "
           f"tokens in {result.windows} windows of {result.window} from token {result.offset}, "
           f"BOS policy {result.bos!r}")
-    if result.non_finite_windows:
-        print(f"non-finite logits in windows {result.non_finite_windows} (left out of the mean)")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from zsfw.generation import generate
+    from zsfw.serve.generate import generate
     from zsfw.models import load_model
 
     model, tokenizer = load_model(args.model)
+    if not args.no_compile:
+        print("compiling the model for decoding (about 25 s on a 2-core CPU the first time; "
+              "--no-compile skips it)", file=sys.stderr, flush=True)
     for prompt, text in zip(args.prompt, generate(
             model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
@@ -74,17 +98,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from zsfw.aoti import export
+    from zsfw.serve.export import export
     from zsfw.models import load_model
 
     model, tokenizer = load_model(args.model)
+    print(f"exporting and compiling {args.out} with AOTInductor (about a minute on a 2-core CPU)",
+          file=sys.stderr, flush=True)
     out = export(model, args.out, tokenizer, max_sequence=args.max_sequence)
     print(f"exported {out} (manifest {out.with_suffix('.json')}, tokenizer {out.with_suffix('.tokenizer')})")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from zsfw.inspection import plot, saved_modules, table
+    from zsfw.checkpoint.inspect import plot, saved_modules, table
 
     modules = saved_modules(args.directory)
     print(table(modules))
@@ -104,11 +130,15 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zsfw.checkpoint import CheckpointError
+    from zsfw.errors import ZsfwError
+
+    from zsfw import __version__
 
     parser = argparse.ArgumentParser(prog="zsfw", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"zsfw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compress", help="compress a causal LM with a recipe")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("compress", help="compress a causal LM with a recipe", formatter_class=formatter)
     p.add_argument("--model", default="default",
                    help="checkpoint folder, .gguf file, hub id, or 'default' (SmolLM2-135M)")
     p.add_argument("--recipe", default=None, help="recipe YAML (default: recipes/zero_sum.yaml's "
@@ -117,13 +147,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibration text: file or folder (txt/jsonl/parquet) or hub dataset id "
                         "(default: the embedded news text)")
     p.add_argument("--output", type=Path, default=None,
-                   help="folder to save the compressed model in (a save_pretrained folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+                   help="folder to save the compressed model in (a save_pretrained folder; "
+                        "without it the model is measured, then discarded)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output folder (only an empty one or a zsfw output)")
     p.add_argument("--statistics-cache", type=Path, default=None,
                    help="folder caching calibration statistics across runs (same model, data and "
                         "statistics settings: another ratio or allocator skips the pass)")
+    p.add_argument("--held-out", type=int, default=4, metavar="N",
+                   help="windows of the calibration text, never used for calibration, on which "
+                        "perplexity is measured before and after (0: no before/after comparison)")
+    p.add_argument("--table", action="store_true",
+                   help="also print the per-layer table (it is always saved as report.txt)")
     p.set_defaults(run=_compress)
-    p = sub.add_parser("eval", help="perplexity (or an lm-eval task) of a model, compressed or not")
+    p = sub.add_parser("eval", help="perplexity (or an lm-eval task) of a model, compressed or not",
+                       formatter_class=formatter)
     p.add_argument("model", nargs="?", default="default",
                    help="model folder (a zsfw output or any checkpoint), .gguf, hub id or 'default'")
     p.add_argument("--dataset", default=None,
@@ -138,23 +176,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="run a local lm-eval task file through lm-eval's HFLM instead")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     p.set_defaults(run=_eval)
-    p = sub.add_parser("run", help="generate text with a static KV cache and a compiled forward")
+    p = sub.add_parser("run", help="generate text with a static KV cache and a compiled forward",
+                       formatter_class=formatter)
     p.add_argument("model", nargs="?", default="default", help="model folder, .gguf, hub id or 'default'")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (--sample)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--no-compile", action="store_true", help="eager decoding (no compile wait)")
     p.set_defaults(run=_run)
-    p = sub.add_parser("export", help="export a model as an AOTInductor .pt2 package")
+    p = sub.add_parser("export", help="export a model as an AOTInductor .pt2 package",
+                       formatter_class=formatter)
     p.add_argument("model", help="model folder (a zsfw output or any checkpoint), .gguf or 'default'")
     p.add_argument("--out", type=Path, required=True, help="the package to write (ends in .pt2)")
     p.add_argument("--max-sequence", type=int, default=2048, help="longest input the package takes")
     p.set_defaults(run=_export)
-    p = sub.add_parser("inspect", help="per-layer ranks, formats and bytes of a saved model")
-    p.add_argument("directory", type=Path)
+    p = sub.add_parser("inspect", help="per-layer ranks, formats and bytes of a saved model",
+                       formatter_class=formatter)
+    p.add_argument("directory", type=Path, help="a folder saved by zsfw")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG to write (default: <folder name>-ranks.png in the current folder)")
     p.set_defaults(run=_inspect)
@@ -165,12 +206,16 @@ def main(argv: list[str] | None = None) -> int:
 
     return_large_frees_to_the_os()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    for noisy in ("torchao", "torch.utils._pytree"):  # CUDA-only extensions, deprecation notes
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, CheckpointError) as exc:
+    except ZsfwError as exc:  # predictable: one line; anything else is a bug and keeps its traceback
         print(f"zsfw: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("zsfw: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

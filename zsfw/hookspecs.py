@@ -1,6 +1,7 @@
-"""Hook specifications: how a plugin adds scorers, allocators, correctors and storage formats.
+"""Hook specifications: how a plugin adds stages, scorers, allocators, correctors and formats.
 
-A plugin is any module with functions marked ``@zsfw.hookimpl``. Each hook receives a
+A plugin is any module (or object) with functions marked ``@zsfw.hookimpl``, installed through
+the ``zsfw`` entry-point group or registered with ``zsfw.register_plugin``. Each hook receives a
 ``register`` callback and calls it once per component it provides, as in simonw/llm::
 
     import zsfw
@@ -9,8 +10,22 @@ A plugin is any module with functions marked ``@zsfw.hookimpl``. Each hook recei
     def zsfw_register_scorers(register):
         register(MyScorer)
 
-``register`` takes a class with a ``name`` attribute; the recipe instantiates it by that name
-with the options the recipe gives (``scorer: {name: my_scorer, alpha: 0.5}``).
+``register`` takes a class with a string ``name`` attribute; a recipe instantiates it by that
+name with the options the recipe gives (``scorer: {name: my_scorer, alpha: 0.5}``), which must
+be keyword arguments of its constructor. The protocols each kind implements are in
+``zsfw.interfaces``.
+
+Contract common to every hook:
+
+- Built-in plugins are registered first, then entry points in the order ``importlib.metadata``
+  lists them. Each plugin's hook is called on its own (through pluggy, so its tracing applies):
+  a plugin whose hook raises, or that registers a class without a ``name``, is skipped with a
+  warning naming its distribution, and the others still register.
+- Name clash: when two plugins register one name for one kind, the first (a built-in before any
+  third party) keeps it and a warning names both distributions; a recipe that uses the clashing
+  name then fails with an error naming both, so a user never gets the other one by surprise.
+- A plugin that fails to import, implements a hook that does not exist, or declares a hook
+  argument the spec does not pass is skipped with a warning naming its distribution.
 """
 
 from __future__ import annotations
@@ -28,20 +43,50 @@ Register = Callable[[type], None]
 
 
 @hookspec
+def zsfw_register_stages(register: Register) -> None:
+    """Register pre-compression stages: classes implementing ``zsfw.interfaces.Stage``.
+
+    A recipe lists stages by name (``stages: [{name: prehab, epochs: 1}]``); they run in that
+    order after the calibration windows are drawn and before the statistics pass, and each gets
+    the model, the target linear layers and the calibration windows. A stage may change any
+    weight in place. Its name and options enter the statistics and factorization cache keys
+    (and the changed weights do anyway); the summary it returns is recorded in the report.
+    """
+
+
+@hookspec
 def zsfw_register_scorers(register: Register) -> None:
-    """Register importance scorers: classes implementing ``zsfw.interfaces.Scorer``."""
+    """Register importance scorers: classes implementing ``zsfw.interfaces.Scorer``.
+
+    ``score`` gets each layer's whitened SVD (and its gradient when ``needs_gradient``) and
+    returns one float score per component: the estimated loss change of dropping it.
+    """
 
 
 @hookspec
 def zsfw_register_allocators(register: Register) -> None:
-    """Register rank allocators: classes implementing ``zsfw.interfaces.Allocator``."""
+    """Register rank allocators: classes implementing ``zsfw.interfaces.Allocator``.
+
+    ``allocate(layers, budget)`` returns an ``AllocationPlan`` whose cost is within
+    ``budget.limit``. An allocator that sets ``needs_model = True`` is instead called as
+    ``allocate(problem)`` with a ``zsfw.interfaces.AllocationProblem``, which can also evaluate
+    the loss and its gradient for soft-truncated layers.
+    """
 
 
 @hookspec
 def zsfw_register_correctors(register: Register) -> None:
-    """Register correctors: classes implementing ``zsfw.interfaces.Corrector``."""
+    """Register correctors: classes implementing ``zsfw.interfaces.Corrector``.
+
+    ``correct`` gets a ``CorrectionProblem`` (the truncated model with its plan) after
+    truncation and returns the calibration loss measured at the start of each cycle.
+    """
 
 
 @hookspec
 def zsfw_register_storage_formats(register: Register) -> None:
-    """Register storage formats: classes implementing ``zsfw.interfaces.StorageFormat``."""
+    """Register storage formats: classes implementing ``zsfw.interfaces.StorageFormat``.
+
+    A format prices a layer in bytes (the budget uses exactly these numbers), builds its module
+    and an empty skeleton of it for loading. Loading a checkpoint needs only the formats it uses.
+    """

@@ -1,7 +1,9 @@
 """What flows between the pipeline's steps, and what each kind of plugin implements.
 
+stage      model + calibration windows -> changes the weights before statistics (optional)
 scorer     LayerSpectrum -> one score per singular component (the cost of dropping it)
-allocator  list[LayerScores] + ByteBudget -> rank per layer
+allocator  list[LayerScores] + ByteBudget -> AllocationPlan (what each layer keeps);
+           a model-aware allocator gets an AllocationProblem instead
 corrector  CorrectionProblem -> adjusts the truncated weights in place
 storage    byte cost of a layer, the module that holds it, and its empty skeleton for loading
 """
@@ -9,14 +11,13 @@ storage    byte cost of a layer, the module that holds it, and its empty skeleto
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
-REFERENCE_BYTES_PER_WEIGHT = 2
-"""``ratio`` counts bytes against the target layers at 16 bits per weight, the size checkpoints
-ship in, so that ratio 0.8 with 16-bit factors is the papers' parameter ratio 0.8."""
+if TYPE_CHECKING:
+    from zsfw.allocation import AllocationPlan, ByteBudget
 
 
 @dataclass
@@ -68,40 +69,6 @@ class StorageFormat(Protocol):
         ...
 
 
-class ByteBudget:
-    """The global byte budget every allocator spends, priced by one storage format.
-
-    A layer costs the cheaper of its low-rank and dense forms: a layer whose low-rank cost
-    would not beat its dense cost stays dense.
-    """
-
-    def __init__(self, layers: Sequence[LayerScores], ratio: float, storage: StorageFormat) -> None:
-        self.storage = storage
-        self.original = sum(self.reference_bytes(l) for l in layers)
-        self.limit = int(ratio * self.original)
-
-    @staticmethod
-    def reference_bytes(layer: LayerScores) -> int:
-        """The layer's bytes at 16 bits per weight (and bias): what ``ratio`` is a fraction of."""
-        bias = layer.out_features if layer.has_bias else 0
-        return (layer.out_features * layer.in_features + bias) * REFERENCE_BYTES_PER_WEIGHT
-
-    def cost(self, layer: LayerScores, rank: int) -> int:
-        dense = self.storage.dense_bytes(layer.out_features, layer.in_features, layer.has_bias)
-        if rank >= layer.full_rank:
-            return dense
-        low = self.storage.lowrank_bytes(layer.out_features, layer.in_features, rank, layer.has_bias)
-        return min(low, dense)
-
-    def is_dense(self, layer: LayerScores, rank: int) -> bool:
-        return rank >= layer.full_rank or self.cost(layer, rank) == self.storage.dense_bytes(
-            layer.out_features, layer.in_features, layer.has_bias
-        )
-
-    def total(self, layers: Sequence[LayerScores], ranks: dict[str, int]) -> int:
-        return sum(self.cost(l, ranks[l.name]) for l in layers)
-
-
 class Scorer(Protocol):
     """Scores each singular component: the estimated cost of dropping it (may be signed)."""
 
@@ -111,29 +78,60 @@ class Scorer(Protocol):
     def score(self, layer: LayerSpectrum) -> torch.Tensor: ...
 
 
-Allocation = Union[int, torch.Tensor]
-"""What a layer keeps: a rank k (its top k components, the usual case) or a 1-D tensor of the
-indices of the components it keeps (for ablations that drop anywhere in the spectrum)."""
-
-
-def rank_of(allocation: Allocation) -> int:
-    """The number of components an allocation keeps."""
-    return allocation if isinstance(allocation, int) else allocation.numel()
-
-
 class Allocator(Protocol):
-    """Chooses what each layer keeps so that its cost, ``budget.total(layers, ranks)`` with the
-    ranks of the allocations, is at most ``budget.limit``."""
+    """Chooses what each layer keeps so that the plan's cost is at most ``budget.limit``.
+
+    Returns an ``AllocationPlan`` (a plain mapping of layer name to rank or kept indices is
+    turned into one by the engine)."""
 
     name: ClassVar[str]
 
-    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, Allocation]: ...
+    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan: ...
+
+
+class AllocationProblem(Protocol):
+    """What a model-aware allocator (``needs_model = True``) receives instead of
+    ``(layers, budget)``: the layers' spectra and scores, the budget, and the soft-truncated
+    model's loss and its gradient with respect to every component's occupation."""
+
+    layers: Sequence[LayerScores]
+    budget: ByteBudget
+
+    def soft_gradients(self, occupations: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        """Calibration loss of the model whose layer ``l`` has weight B_l diag(f_l) A_l (B_l =
+        U Σ^½, A_l = Σ^½ Vᵀ S⁻¹, the whitened SVD: f = 1 is the original layer, a 0/1 f a
+        truncation) and ∂loss/∂f_l per layer, from ONE forward/backward pass. Layers absent from
+        ``occupations`` keep their original weights. The model is left as it was."""
+        ...
+
+
+class ModelAwareAllocator(Protocol):
+    """An allocator that needs the model: it declares ``needs_model = True`` and is called
+    with an ``AllocationProblem`` (FermiGrad is one)."""
+
+    name: ClassVar[str]
+    needs_model: ClassVar[bool]
+
+    def allocate(self, problem: AllocationProblem) -> AllocationPlan: ...
+
+
+class Stage(Protocol):
+    """A pre-compression stage: runs before the statistics pass and may change the weights of
+    the model (Low-Rank Prehab is one). Its options (the recipe's) enter the cache keys."""
+
+    name: ClassVar[str]
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor) -> dict[str, Any]:
+        """Change ``model`` in place, using the calibration ``windows`` if needed; returns a
+        summary (JSON-able) that the report records under the stage's name."""
+        ...
 
 
 class CorrectionProblem(Protocol):
     """The truncated model as a corrector sees it: dense rank-k weights it may move."""
 
-    layers: Sequence[str]
+    layers: Sequence[str]  # the low-rank layers of the plan
+    plan: AllocationPlan
 
     def original(self, name: str) -> torch.Tensor: ...
 

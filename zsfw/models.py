@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+from zsfw.errors import ModelLoadError
 
 DEFAULT_MODEL = "default"
 """Stands for the embedded default model, SmolLM2-135M-Instruct (see ``zsfw.sources``)."""
-
-
-class ModelLoadError(ValueError):
-    """The model cannot be found or is not a supported causal LM."""
 
 
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
@@ -40,8 +39,9 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load {str(source)!r} as a causal LM: {exc}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {str(source)!r} as a causal LM: {first}") from exc
     if "gguf_file" in kwargs:  # dequantized on load: a plain float model from here on
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -1,12 +1,14 @@
 """The plugin manager: built-in plugins first, then the ``zsfw`` entry-point group.
 
-Set ``ZSFW_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-ins. A plugin that fails to import
-becomes a warning naming it; two plugins registering one name is an error naming both.
+Set ``ZSFW_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-ins. Each plugin is validated,
+registered and asked for its components on its own, so one broken plugin is a warning naming
+its distribution and never stops the others (see ``zsfw.hookspecs`` for the contract).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,24 +19,23 @@ from typing import Any
 import pluggy
 
 from zsfw import hookspecs
+from zsfw.errors import PluginError
 
 ENTRY_POINT_GROUP = "zsfw"
 DEFAULT_PLUGINS = ("zsfw_zerosum", "zsfw_baselines", "zsfw_dense", "zsfw_torchao", "zsfw_packed")
 KINDS = {
+    "stage": "zsfw_register_stages",
     "scorer": "zsfw_register_scorers",
     "allocator": "zsfw_register_allocators",
     "corrector": "zsfw_register_correctors",
     "storage": "zsfw_register_storage_formats",
 }
-
-
-class PluginError(Exception):
-    """A plugin is missing, broken or clashes with another."""
+NOT_INSTALLED = ("(not installed)", "")
 
 
 @dataclass(frozen=True)
 class Component:
-    """One registered scorer, allocator, corrector or storage format, and who provides it."""
+    """One registered stage, scorer, allocator, corrector or storage format, and who provides it."""
 
     kind: str
     name: str
@@ -45,15 +46,18 @@ class Component:
 
 
 _manager: pluggy.PluginManager | None = None
+_distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 _registry: dict[str, dict[str, Component]] | None = None
+_clashes: dict[tuple[str, str], list[Component]] = {}  # (kind, name) -> the components refused
 
 
-def _entry_point_distributions() -> dict[str, tuple[str, str]]:
-    found = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.dist is not None:
-            found[ep.name] = (ep.dist.name, ep.dist.version)
-    return found
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _who(plugin_name: str) -> str:
+    dist, version = _distributions.get(plugin_name, NOT_INSTALLED)
+    return f"plugin {plugin_name!r} (from {dist} {version})".replace(" )", ")")
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -62,34 +66,65 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _manager is None:
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
+        _distributions.clear()
+        zsfw_dist = _own_distribution()
         for module_name in DEFAULT_PLUGINS:
+            _distributions[module_name] = zsfw_dist
             pm.register(importlib.import_module(module_name), name=module_name)
         if not os.environ.get("ZSFW_DISABLE_PLUGIN_AUTOLOAD"):
             _load_entry_points(pm)
-        pm.check_pending()
         _manager = pm
     return _manager
+
+
+def _own_distribution() -> tuple[str, str]:
+    from zsfw import __version__
+
+    return "zsfw", __version__
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
+        _distributions[ep.name] = (ep.dist.name, ep.dist.version) if ep.dist else NOT_INSTALLED
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party plugin must not break zsfw
-            dist = f" (from {ep.dist.name} {ep.dist.version})" if ep.dist else ""
-            warnings.warn(f"zsfw plugin {ep.name!r}{dist} failed to load and is skipped: "
-                          f"{type(exc).__name__}: {exc}", stacklevel=2)
+            _warn(f"zsfw {_who(ep.name)} failed to load and is skipped: {type(exc).__name__}: {exc}")
             continue
-        pm.register(plugin, name=ep.name)
+        _register_checked(pm, plugin, ep.name)
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> str | None:
+    """Register one plugin and validate its hooks; on failure unregister it and warn."""
+    try:
+        name = pm.register(plugin, name=name)
+        if name is None:  # blocked or already there
+            return None
+        for hook in pm.get_hookcallers(plugin) or []:
+            if not hook.has_spec():
+                raise pluggy.PluginValidationError(
+                    plugin, f"unknown hook {hook.name!r}; zsfw's hooks are {sorted(KINDS.values())}")
+        return name
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        if name is not None and pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+        _warn(f"zsfw {_who(name or repr(plugin))} is invalid and is skipped: {exc}")
+        return None
 
 
 def register_plugin(plugin: ModuleType | Any, name: str | None = None) -> None:
-    """Register a plugin object (module or instance with hookimpls) at run time."""
+    """Register a plugin object (module or instance with hookimpls) at run time.
+
+    Unlike an entry point, an invalid plugin passed here is an error (the caller wrote it)."""
     pm = get_plugin_manager()
-    pm.register(plugin, name=name)
-    pm.check_pending()
+    name = pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=name)
+        raise PluginError(f"plugin {name!r} is invalid: {exc}") from None
     _invalidate()
 
 
@@ -105,31 +140,48 @@ def _invalidate() -> None:
 
 
 def registry() -> dict[str, dict[str, Component]]:
-    """Every registered component, by kind then name."""
+    """Every registered component, by kind then name (first registration of a name wins)."""
     global _registry
     if _registry is not None:
         return _registry
     pm = get_plugin_manager()
-    dists = _entry_point_distributions()
     found: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+    _clashes.clear()
+    plugins = pm.list_name_plugin()
     for kind, hook_name in KINDS.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            dist, version = dists.get(impl.plugin_name, ("(not installed)", ""))
-
-            def register(cls: type, kind=kind, impl=impl, dist=dist, version=version) -> None:
-                name = getattr(cls, "name", None)
-                if not isinstance(name, str) or not name:
-                    raise PluginError(f"plugin {impl.plugin_name!r} registered a {kind} "
-                                      f"{cls!r} without a string `name` attribute")
-                if name in found[kind]:
-                    other = found[kind][name].plugin
-                    raise PluginError(f"{kind} {name!r} is registered by two plugins: "
-                                      f"{other!r} and {impl.plugin_name!r}")
-                found[kind][name] = Component(kind, name, cls, impl.plugin_name, dist, version)
-
-            impl.function(register=register)
+        for plugin_name, plugin in plugins:
+            if not any(impl.plugin is plugin for impl in getattr(pm.hook, hook_name).get_hookimpls()):
+                continue
+            for component in _components_of(pm, plugins, plugin_name, kind, hook_name):
+                first = found[kind].setdefault(component.name, component)
+                if first is not component:
+                    _clashes.setdefault((kind, component.name), []).append(component)
+                    _warn(f"zsfw: {kind} {component.name!r} is registered by {_who(first.plugin)} "
+                          f"and by {_who(component.plugin)}; keeping the first")
     _registry = found
     return found
+
+
+def _components_of(pm: pluggy.PluginManager, plugins: list, plugin_name: str, kind: str,
+                   hook_name: str) -> list[Component]:
+    """What one plugin registers for one kind, through pluggy; [] and a warning if it fails."""
+    dist, version = _distributions.get(plugin_name, NOT_INSTALLED)
+    out: list[Component] = []
+
+    def register(cls: type) -> None:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"it registered a {kind} {cls!r} without a string `name` attribute")
+        out.append(Component(kind, name, cls, plugin_name, dist, version))
+
+    others = [p for n, p in plugins if n != plugin_name]
+    try:
+        pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+    except Exception as exc:  # one plugin's failure must not hide the others' components
+        _warn(f"zsfw {_who(plugin_name)} failed in {hook_name} and its {kind}s are skipped: "
+              f"{type(exc).__name__}: {exc}")
+        return []
+    return out
 
 
 def names(kind: str) -> list[str]:
@@ -137,13 +189,31 @@ def names(kind: str) -> list[str]:
     return sorted(registry()[kind])
 
 
-def create(kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
-    """Instantiate the ``kind`` component registered as ``name`` with recipe ``options``."""
+def component(kind: str, name: str) -> Component:
+    """The registered component, or a ``PluginError`` naming what is registered or the clash."""
     components = registry()[kind]
     if name not in components:
         raise PluginError(f"{kind} {name!r} is not registered; registered {kind}s: "
                           f"{', '.join(sorted(components)) or '(none)'}")
+    if (kind, name) in _clashes:
+        who = [_who(c.plugin) for c in [components[name], *_clashes[(kind, name)]]]
+        raise PluginError(f"{kind} {name!r} is registered by {' and by '.join(who)}; uninstall "
+                          f"one of them or name the {kind} of the other in the recipe")
+    return components[name]
+
+
+def option_names(kind: str, name: str) -> set[str] | None:
+    """The options (constructor keywords) a component accepts; None if it takes any."""
+    params = inspect.signature(component(kind, name).cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def create(kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
+    """Instantiate the ``kind`` component registered as ``name`` with recipe ``options``."""
+    cls = component(kind, name).cls
     try:
-        return components[name].cls(**(options or {}))
-    except TypeError as exc:
+        return cls(**(options or {}))
+    except (TypeError, ValueError) as exc:
         raise PluginError(f"{kind} {name!r} rejected its options {options}: {exc}") from exc

@@ -8,6 +8,7 @@
           ratio: 0.8                 # bytes kept, vs the targets at 16 bits per weight
           scorer: first_order        # a name, or {name: ..., <options>}
           allocator: zero_sum
+          stages: []                 # pre-compression stages, e.g. [{name: prehab, ...}]
           corrector: null            # e.g. {name: projected_gradient, cycles: 5}
           storage: bf16
           calibration: {samples: 32, sequence_length: 512}
@@ -26,12 +27,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zsfw import plugins
+from zsfw.errors import PluginError, RecipeError
 
 MODIFIER_NAME = "ZeroSumSVDModifier"
-
-
-class RecipeError(ValueError):
-    """A recipe is malformed; the message names the source and the offending key."""
 
 
 class PluginSpec(BaseModel):
@@ -86,6 +84,7 @@ class ZeroSumSVDModifier(BaseModel):
     targets: list[str] = Field(default_factory=lambda: ["Linear"], min_length=1)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     ratio: float = Field(0.8, gt=0, le=1)
+    stages: list[PluginSpec] = Field(default_factory=list)
     scorer: PluginSpec = PluginSpec(name="first_order")
     allocator: PluginSpec = PluginSpec(name="zero_sum")
     corrector: PluginSpec | None = None
@@ -119,8 +118,9 @@ class Recipe(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         m = self.modifier
-        body = m.model_dump(exclude={"scorer", "allocator", "corrector", "storage", "calibration"})
-        body.update(scorer=m.scorer.to_yaml(), allocator=m.allocator.to_yaml(),
+        body = m.model_dump(exclude={"stages", "scorer", "allocator", "corrector", "storage",
+                                     "calibration"})
+        body.update(stages=[s.to_yaml() for s in m.stages], scorer=m.scorer.to_yaml(), allocator=m.allocator.to_yaml(),
                     corrector=m.corrector.to_yaml() if m.corrector else None,
                     storage=m.storage.to_yaml(), calibration=m.calibration.model_dump())
         return {self.stage: {self.group: {MODIFIER_NAME: body}}}
@@ -217,14 +217,25 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
 
 
 def _check_plugins(recipe: Recipe) -> Recipe:
+    """Every plugin the recipe names is registered (once) and accepts the options it is given."""
     m = recipe.modifier
     where = f"{recipe.source}: {recipe.stage}.{recipe.group}.{MODIFIER_NAME}"
-    for kind, spec in (("scorer", m.scorer), ("allocator", m.allocator),
-                       ("corrector", m.corrector), ("storage", m.storage)):
+    specs = [(f"stages[{i}]", "stage", s) for i, s in enumerate(m.stages)]
+    specs += [(kind, kind, spec) for kind, spec in (("scorer", m.scorer), ("allocator", m.allocator),
+                                                     ("corrector", m.corrector), ("storage", m.storage))]
+    for key, kind, spec in specs:
         if spec is None:
             continue
         registered = plugins.names(kind)
         if spec.name not in registered:
-            raise RecipeError(f"{where}.{kind}: {spec.name!r} is not a registered {kind}; "
+            raise RecipeError(f"{where}.{key}: {spec.name!r} is not a registered {kind}; "
                               f"registered: {', '.join(registered) or '(none)'}")
+        try:
+            allowed = plugins.option_names(kind, spec.name)
+        except PluginError as exc:
+            raise RecipeError(f"{where}.{key}: {exc}") from None
+        unknown = sorted(set(spec.options) - allowed) if allowed is not None else []
+        if unknown:
+            raise RecipeError(f"{where}.{key}.{unknown[0]}: unknown option of {kind} "
+                              f"{spec.name!r}; allowed: {', '.join(sorted(allowed)) or '(none)'}")
     return recipe

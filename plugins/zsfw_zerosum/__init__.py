@@ -9,9 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 import zsfw
-from zsfw.allocation import DropFrontier
-from zsfw.interfaces import ByteBudget, CorrectionProblem, LayerScores, LayerSpectrum
-from zsfw.linalg import first_order_scores
+from zsfw import (AllocationPlan, ByteBudget, CorrectionProblem, DropFrontier, LayerScores,
+                  LayerSpectrum, first_order_scores)
 
 
 class FirstOrderScorer:
@@ -35,7 +34,7 @@ class ZeroSumAllocator:
 
     name: ClassVar[str] = "zero_sum"
 
-    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> dict[str, int]:
+    def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
         frontier = DropFrontier(layers, budget)
         heaps: dict[bool, list[tuple[float, int]]] = {True: [], False: []}  # key: ΔL >= 0
 

@@ -8,20 +8,26 @@ decoding in Python). Every shipped storage format exports as it is: torchao int8
 are traced into plain aten ops, the packed format's unpacked factors are constants.
 
 Next to ``model.pt2`` go ``model.json`` (a manifest: shapes, dtypes, ranges, the storage
-format) and ``model.tokenizer/`` (the tokenizer, when given). Load with
-``torch._inductor.aoti_load_package("model.pt2")`` and call it with an int64 id tensor.
+format), ``model.tokenizer/`` (the tokenizer, when given) and ``model_runner.py``, a standalone
+loader that checks inputs against the manifest before running the package (see ``pt2_runner``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from zsfw.checkpoint.destination import current_umask
+from zsfw.checkpoint.hf_quantizer import zsfw_config
+from zsfw.errors import ServingError
 
 MANIFEST_VERSION = 1
 
@@ -40,9 +46,9 @@ def export(model: nn.Module, out: str | Path, tokenizer: Any = None, max_sequenc
     """Export ``model``'s forward to the package ``out`` (``.pt2``), atomically."""
     out = Path(out)
     if out.suffix != ".pt2":
-        raise ValueError(f"the package name must end in .pt2, got {str(out)!r}")
+        raise ServingError(f"the package name must end in .pt2, got {str(out)!r}")
     if max_sequence < 3:
-        raise ValueError(f"max_sequence must be at least 3, got {max_sequence}")
+        raise ServingError(f"max_sequence must be at least 3, got {max_sequence}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     example = torch.zeros(2, min(16, max_sequence), dtype=torch.long,
@@ -54,18 +60,23 @@ def export(model: nn.Module, out: str | Path, tokenizer: Any = None, max_sequenc
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
         os.close(fd)
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            with warnings.catch_warnings():  # torch's own deprecation notes, not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, out)
         finally:
             Path(tmp).unlink(missing_ok=True)
         logits = _Logits(model)(example)
     config = getattr(model, "config", None)
-    storage = (getattr(config, "quantization_config", None) or {}).get("storage")
+    compressed = zsfw_config(config)
+    storage = None if compressed is None else compressed.storage
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "package": out.name,
         "inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"],
-                                 "batch": [1, max_batch], "seq": [2, max_sequence]}},
+                                 "batch": [1, max_batch], "seq": list(_range(program, example, 1)),
+                                 "compiled_batch": list(_range(program, example, 0))}},
         "outputs": {"logits": {"dtype": str(logits.dtype).removeprefix("torch."),
                                "shape": ["batch", "seq", logits.shape[-1]]}},
         "kv_cache": False,
@@ -78,4 +89,18 @@ def export(model: nn.Module, out: str | Path, tokenizer: Any = None, max_sequenc
         tokenizer.save_pretrained(out.with_suffix(".tokenizer"))
         manifest["tokenizer"] = out.with_suffix(".tokenizer").name
     out.with_suffix(".json").write_text(json.dumps(manifest, indent=2))
+    shutil.copyfile(Path(__file__).with_name("pt2_runner.py"), out.with_name(f"{out.stem}_runner.py"))
     return out
+
+
+def _range(program, example: torch.Tensor, dim: int) -> tuple[int, int]:
+    """The sizes the compiled package accepts along ``dim`` of its input, from the exported
+    program's own range constraints."""
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+    size = node.meta["val"].shape[dim]
+    found = program.range_constraints.get(getattr(size, "node", None) and size.node.expr)
+    if found is None:
+        return example.shape[dim], example.shape[dim]
+    # a dynamic size is compiled as ≥ 2 (0 and 1 would specialize): the runtime guard says so
+    return max(2, int(found.lower)), int(found.upper)
+

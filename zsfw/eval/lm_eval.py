@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from torch import nn
 
+from zsfw.errors import EvaluationError
+
 
 def run_task(model: nn.Module, tokenizer: Any, task_yaml: str | Path, limit: int | None = None,
              batch_size: int = 1) -> dict[str, dict[str, Any]]:
@@ -22,13 +24,13 @@ def run_task(model: nn.Module, tokenizer: Any, task_yaml: str | Path, limit: int
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise RuntimeError("--lm-eval needs the lm-eval package: pip install -e '.[eval]'") from e
+        raise EvaluationError("--lm-eval needs the lm-eval package: pip install -e '.[eval]'") from e
     path = Path(task_yaml)
     if not path.is_file():
-        raise FileNotFoundError(f"lm-eval task file {str(path)!r} does not exist")
+        raise EvaluationError(f"lm-eval task file {str(path)!r} does not exist")
     task = (yaml.safe_load(path.read_text()) or {}).get("task")
     if not task:
-        raise ValueError(f"{str(path)!r} has no 'task:' name; it must be an lm-eval task YAML")
+        raise EvaluationError(f"{str(path)!r} has no 'task:' name; it must be an lm-eval task YAML")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = evaluator.simple_evaluate(model=lm, tasks=[task], limit=limit,
                                         task_manager=TaskManager(include_path=str(path.parent)))

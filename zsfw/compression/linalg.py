@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zsfw.allocation import dropped
+
 log = logging.getLogger(__name__)
 
 
@@ -119,10 +121,3 @@ def relative_tail_energy(sigma: torch.Tensor, kept: int | torch.Tensor) -> float
     energy = sigma.to(torch.float64).square()
     total = energy.sum()
     return 0.0 if total == 0 else (energy[dropped(sigma.numel(), kept).to(energy.device)].sum() / total).sqrt().item()
-
-
-def dropped(full_rank: int, kept: int | torch.Tensor) -> torch.Tensor:
-    """Mask of the components not kept: those past rank ``kept``, or not in the indices ``kept``."""
-    mask = torch.ones(full_rank, dtype=torch.bool)
-    mask[slice(None, kept) if isinstance(kept, int) else kept] = False
-    return mask

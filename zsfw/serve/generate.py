@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsfw.errors import ServingError
+
 log = logging.getLogger(__name__)
 
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -30,7 +32,7 @@ def bucket_of(length: int, buckets: tuple[int, ...] = BUCKETS) -> int:
     for bucket in sorted(buckets):
         if length <= bucket:
             return bucket
-    raise ValueError(f"a prompt of {length} tokens is longer than the largest bucket "
+    raise ServingError(f"a prompt of {length} tokens is longer than the largest bucket "
                      f"({max(buckets)}); pass larger buckets")
 
 

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from zsfw.checkpoint import owner_of, checkpoint_files, module_records
-from zsfw.interfaces import REFERENCE_BYTES_PER_WEIGHT
+from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
+from zsfw.checkpoint.load import checkpoint_files
+from zsfw.checkpoint.hf_quantizer import ZsfwConfig
+from zsfw.checkpoint.schema import QUANT_METHOD, owner_of
+from zsfw.errors import CheckpointError
 
 
 @dataclass
@@ -31,12 +34,12 @@ def saved_modules(directory: str | Path) -> list[SavedModule]:
     """Every compressed module of a saved model, with the bytes its tensors take on disk."""
     config_file = Path(directory) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no config.json: not a saved model folder")
-    config = json.loads(config_file.read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") != "zsfw":
-        raise ValueError(f"{str(directory)!r} is not a zsfw checkpoint (no zsfw quantization_config "
-                         f"in its config.json)")
-    records = module_records(config["quantization_config"])
+        raise CheckpointError(f"{str(directory)!r} has no config.json: not a saved model folder")
+    config = json.loads(config_file.read_text()).get("quantization_config") or {}
+    if config.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{str(directory)!r} is not a zsfw checkpoint (no zsfw "
+                              f"quantization_config in its config.json)")
+    records = ZsfwConfig(**{k: v for k, v in config.items() if k != "quant_method"}).records()
     sizes = dict.fromkeys(records, 0)
     for path in checkpoint_files(directory):
         with safe_open(path, framework="pt") as f:

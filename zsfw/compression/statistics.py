@@ -1,10 +1,13 @@
-"""One pass of the calibration data through the model: input second moments and gradients.
+"""What a calibration pass measures, layer by layer: input second moments and gradients.
 
 For every target layer the pass collects C = E[x xᵀ] of its input (XᵀX of each micro-batch in
 the activation dtype, summed in float64, divided by the token count) and G = ∂L/∂W of the mean
 next-token loss. Targets that read the same input tensor (q/k/v, gate/up) share one C: the
 grouping is found by tensor identity during the pass, never from module names. Only target
 weights require gradients; windows beyond ``gradient_samples`` run forward only.
+
+This module holds the per-layer arithmetic (hooks, loss functions) and ``collect``, the pass
+over a whole model in memory; who drives windows through the model is ``zsfw.compression.driver``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from zsfw.errors import CalibrationError, NonFiniteError
 
-class NonFiniteError(FloatingPointError):
-    """NaN or Inf in activations or gradients; names the module where it appeared."""
+
+@dataclass
+class GroupStatistics:
+    """The complete statistics of one input group (the targets that read one input tensor)."""
+
+    group: str
+    members: list[str]
+    covariance: torch.Tensor | None  # C (in×in, float64); None when not whitening
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # member -> G (out×in)
 
 
 @dataclass
@@ -63,9 +74,9 @@ class _InputMoments:
                 group = name
                 self._accumulate(name, x)
             if self.group_of.setdefault(name, group) != group:
-                raise RuntimeError(f"{name!r} shared its input with {self.group_of[name]!r} in one "
-                                   f"batch and with {group!r} in another; the model's data flow "
-                                   f"changes between batches")
+                raise CalibrationError(
+                    f"{name!r} shared its input with {self.group_of[name]!r} in one batch and "
+                    f"with {group!r} in another; the model's data flow changes between batches")
             self.seen[id(x)] = (x, group)
 
         return hook
@@ -235,7 +246,8 @@ def collect(
             stats.covariances[group] = total.div_(hooks.tokens)
     for name, grad in grads.items():
         if grad is None:
-            raise RuntimeError(f"{name!r} received no gradient: it does not affect the loss")
+            raise CalibrationError(f"target {name!r} received no gradient: it does not affect the "
+                                   f"loss; leave it out with the recipe's ignore")
         if not torch.isfinite(grad).all():
             raise NonFiniteError(f"non-finite gradient for the weight of {name!r}")
         stats.gradients[name] = grad

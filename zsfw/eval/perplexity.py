@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsfw.errors import EvaluationError
+
 BOS_POLICIES = ("none", "each")
 
 
@@ -38,12 +40,15 @@ class PerplexityResult:
 
 def _windows(tokens: torch.Tensor, window: int, windows: int | None, offset: int,
              bos_token_id: int | None) -> torch.Tensor:
+    if window < 2:
+        raise EvaluationError(f"window must be at least 2 tokens (one of context, one scored), "
+                              f"got {window}")
     text = window - (bos_token_id is not None)  # text tokens per window
     stream = tokens[offset:]
     available = stream.numel() // text
     count = available if windows is None else windows
     if count < 1 or count > available:
-        raise ValueError(f"{stream.numel()} tokens after offset {offset} hold {available} windows "
+        raise EvaluationError(f"{stream.numel()} tokens after offset {offset} hold {available} windows "
                          f"of {text} text tokens; {count} requested")
     chunks = stream[: count * text].view(count, text)
     if bos_token_id is not None:
@@ -81,9 +86,9 @@ def evaluate(model: nn.Module | str | Path, data: Any, tokenizer: Any = None, wi
              windows: int | None = None, offset: int = 0, bos: str = "none",
              batch_size: int = 1) -> PerplexityResult:
     """Perplexity of a model (in memory, or a folder / id / ``"default"`` to load, compressed or
-    not) on ``data``: a tensor of token ids or text (anything ``zsfw.calibration`` reads)."""
+    not) on ``data``: a tensor of token ids or text (anything ``zsfw.compression.calibration`` reads)."""
     if bos not in BOS_POLICIES:
-        raise ValueError(f"bos must be one of {BOS_POLICIES}, got {bos!r}")
+        raise EvaluationError(f"bos must be one of {BOS_POLICIES}, got {bos!r}")
     if isinstance(model, (str, Path)):
         from zsfw.models import load_model
 
@@ -94,12 +99,12 @@ def evaluate(model: nn.Module | str | Path, data: Any, tokenizer: Any = None, wi
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     if not isinstance(data, torch.Tensor):
-        from zsfw.calibration import load_texts, tokenize
+        from zsfw.compression.calibration import load_texts, tokenize
 
         data = tokenize(tokenizer, load_texts(data))
     bos_token_id = None
     if bos == "each":
         bos_token_id = tokenizer.bos_token_id
         if bos_token_id is None:
-            raise ValueError("bos='each' needs a tokenizer with a BOS token; this one has none")
+            raise EvaluationError("bos='each' needs a tokenizer with a BOS token; this one has none")
     return perplexity(model, data, window, windows, offset, batch_size, bos_token_id)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
-
-class TargetError(ValueError):
-    """Targets match nothing, or match something that cannot be factorized."""
+from zsfw.errors import NonFiniteError, TargetError
 
 
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:
@@ -40,6 +39,10 @@ def find_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dic
             raise TargetError(f"target {name!r} (matched by {hits[0]!r}) is a "
                               f"{type(module).__name__}, not a torch.nn.Linear; only linear "
                               f"layers can be factorized")
+        for param_name, param in module.named_parameters(prefix=name):
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(f"parameter {param_name!r} holds NaN or Inf values; the model's "
+                                     f"weights are broken (re-load or re-convert the checkpoint)")
         found[name] = module
     unused = [p for p, hit in used.items() if not hit]
     if unused:

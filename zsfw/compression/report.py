@@ -9,7 +9,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, TypeVar
+
+from zsfw.allocation import AllocationPlan
+from zsfw.compression.linalg import relative_tail_energy
+
+T = TypeVar("T")
 
 
 def peak_rss_mb() -> float:
@@ -41,6 +46,8 @@ class LayerReport:
 class Report:
     recipe: dict
     layers: list[LayerReport] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # name, options, summary of each
+    warnings: list[str] = field(default_factory=list)  # what the user should know about the run
     budget_bytes: int = 0
     calibration_tokens: int = 0
     calibration_loss: float = float("nan")
@@ -59,6 +66,19 @@ class Report:
     def reference_bytes(self) -> int:
         return sum(l.reference_bytes for l in self.layers)
 
+    def record_plan(self, plan: AllocationPlan, notes: dict[str, str]) -> None:
+        """One row per layer of ``plan``, in plan order; ``notes``: how each S was obtained."""
+        self.budget_bytes = plan.budget.limit
+        for name, layer in plan.layers.items():
+            dense = plan.is_dense(name)
+            self.layers.append(LayerReport(
+                name=name, shape=(layer.out_features, layer.in_features), rank=plan.rank(name),
+                full_rank=layer.full_rank, dense=dense, bytes=plan.cost(name),
+                reference_bytes=plan.budget.reference_bytes(layer),
+                predicted_delta_loss=0.0 if dense else layer.scores[plan.dropped(name)].sum().item(),
+                whitened_error=0.0 if dense else relative_tail_energy(layer.sigma, plan[name]),
+                whitening=notes.get(name, "")))
+
     def record_written(self, written: dict[str, int], files: dict[str, tuple[int, int]]) -> None:
         """Note the bytes a save wrote: per compressed module, and per file (size, header)."""
         for layer in self.layers:
@@ -70,8 +90,25 @@ class Report:
         """Time a pipeline phase and record the peak memory after it."""
         start = time.perf_counter()
         yield
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.add_time(name, time.perf_counter() - start)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
         self.peak_rss_mb[name] = peak_rss_mb()
+
+    def timed(self, name: str, items: Iterable[T]) -> Iterator[T]:
+        """``items`` passed through, the time spent producing them added to phase ``name``
+        (for a phase interleaved with another, such as a pass the factorization consumes)."""
+        iterator = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.add_time(name, time.perf_counter() - start)
+            yield item
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -114,7 +151,11 @@ class Report:
                     if self.correction_losses else ""),
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
                  + f" (total {t['seconds']:.1f}s)",
-                 f"peak RSS: {max(self.peak_rss_mb.values(), default=peak_rss_mb()):.0f} MB"]
+                 f"peak RSS: {max(self.peak_rss_mb.values(), default=peak_rss_mb()):.0f} MB",
+                 "columns: rank kept/full ('dense': stored whole); kept = bytes / bytes at 16 bits "
+                 "per weight; ΔL sum = the scorer's predicted loss change of the dropped "
+                 "components; w.err = ‖(W − W_k)S‖ / ‖W S‖, the whitened relative error"]
+        rows += [f"warning: {w}" for w in self.warnings]
         if self.files:
             rows.append(f"saved: {t['written_bytes']} bytes of compressed-module tensors (predicted "
                         f"{t['bytes']}), {t['file_bytes']} bytes in {len(self.files)} file(s)")

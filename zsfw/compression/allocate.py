@@ -1,0 +1,78 @@
+"""Allocate: the allocator spends the byte budget over the layers' scored spectra.
+
+A plain allocator gets ``(layers, budget)``; one that declares ``needs_model = True`` gets an
+``AllocationProblem`` that can also evaluate the soft-truncated model through the driver. Either
+way the result becomes an ``AllocationPlan``, checked against the layers and the budget here, so
+an invalid plan is an error naming the allocator before anything is truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from zsfw.allocation import AllocationPlan, ByteBudget
+from zsfw.compression.driver import Driver
+from zsfw.compression.linalg import lowrank_factors
+from zsfw.compression.store import FactorStore
+from zsfw.errors import AllocationError
+from zsfw.interfaces import LayerScores, StorageFormat
+
+
+class SoftTruncation:
+    """The ``AllocationProblem`` of the in-pipeline model: layers, budget and soft gradients."""
+
+    def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget, store: FactorStore,
+                 targets: dict[str, nn.Linear], driver: Driver) -> None:
+        self.layers, self.budget = list(layers), budget
+        self.store, self.targets, self.driver = store, targets, driver
+
+    def _factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """B_full = U Σ^½ and A_full = Σ^½ Vᵀ S⁻¹ (float64): every component of the layer."""
+        U, Vh = self.store.svd(name, device)
+        sigma = self.store.layers[name].sigma.to(device)
+        return lowrank_factors(U, sigma, Vh, self.store.whitener(name, device), sigma.numel())
+
+    def soft_gradients(self, occupations: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        originals = {}
+        try:
+            for name, f in occupations.items():
+                weight = self.targets[name].weight
+                B, A = self._factors(name, weight.device)
+                originals[name] = weight.detach().clone()
+                with torch.no_grad():
+                    weight.copy_((B * f.to(B)) @ A)
+            loss, grads = self.driver.gradients({n: self.targets[n] for n in occupations})
+            out = {}
+            for name in occupations:  # ∂L/∂f_i = b_iᵀ G a_i, G = ∂L/∂W at the soft weight
+                B, A = self._factors(name, grads[name].device)
+                out[name] = ((B.mT @ grads.pop(name).to(torch.float64)) * A).sum(dim=1).cpu()
+            return loss, out
+        finally:
+            with torch.no_grad():
+                for name, weight in originals.items():
+                    self.targets[name].weight.copy_(weight)
+
+
+def allocate(allocator: Any, name: str, ratio: float, storage: StorageFormat, store: FactorStore,
+             targets: dict[str, nn.Linear], driver: Driver) -> AllocationPlan:
+    """Run ``allocator`` (registered as ``name``) on the stored layers, in target order, under the
+    budget of ``ratio`` priced by ``storage``; returns its plan, checked."""
+    layers = [store.layers[target] for target in targets]
+    budget = ByteBudget(layers, ratio, storage)
+    try:
+        if getattr(allocator, "needs_model", False):
+            result = allocator.allocate(SoftTruncation(layers, budget, store, targets, driver))
+        else:
+            result = allocator.allocate(layers, budget)
+        if not isinstance(result, (AllocationPlan, Mapping)):
+            raise AllocationError(f"returned {type(result).__name__}; expected an AllocationPlan "
+                                  f"(or a mapping of layer name to rank or kept indices)")
+        plan = result if isinstance(result, AllocationPlan) else AllocationPlan(layers, budget, result)
+        plan.check_budget()
+    except AllocationError as exc:
+        raise AllocationError(f"allocator {name!r}: {exc}") from None
+    return plan

@@ -1,0 +1,165 @@
+"""An on-disk cache of calibration statistics and factorizations: another ratio, allocator or
+storage format skips the calibration pass and the SVDs.
+
+The statistics (C per input group, G per target, token count, loss) depend only on the model's
+weights (after any pre-compression stage), the calibration windows, the targets and the
+statistics settings; the factorization (each layer's whitened SVD, S per group, the scores) also
+on whitening, damping and the scorer. Neither depends on the ratio, allocator or storage format.
+Keys are SHA-256 digests of all of those, so any change of a weight, a token or a setting misses.
+
+Statistics entries are folders of one safetensors file per input group plus an index, written
+group by group as the pass yields them; factorization entries are ``FactorStore`` folders. Both
+are written under a hidden temporary name and renamed into place when complete. An entry that
+cannot be read is a miss, with a warning, and is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from zsfw.compression.driver import StatisticsPass
+from zsfw.compression.statistics import GroupStatistics
+from zsfw.compression.store import FactorStore, work_folder
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+_UNREADABLE = (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError)
+
+
+def _update(hasher, tensor: torch.Tensor) -> None:
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    hasher.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+    hasher.update(data.view(torch.uint8).numpy())
+
+
+def statistics_key(model: nn.Module, targets: list[str], windows: torch.Tensor, settings: dict) -> str:
+    """SHA-256 of everything the statistics depend on."""
+    hasher = hashlib.sha256()
+    hasher.update(json.dumps({"version": CACHE_VERSION, "targets": sorted(targets),
+                              "settings": settings}, sort_keys=True, default=str).encode())
+    _update(hasher, windows)
+    for name, tensor in model.state_dict().items():
+        hasher.update(name.encode())
+        _update(hasher, tensor)
+    return hasher.hexdigest()
+
+
+def factorization_key(statistics_key: str, settings: dict) -> str:
+    """SHA-256 of the statistics key and the settings the factorization adds."""
+    text = json.dumps({"version": CACHE_VERSION, "statistics": statistics_key, "settings": settings},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _CachedPass:
+    """A statistics entry read back group by group."""
+
+    def __init__(self, directory: Path, index: dict) -> None:
+        self.directory, self.index = directory, index
+        self.tokens, self.loss = int(index["tokens"]), float(index["loss"])
+
+    def __iter__(self) -> Iterator[GroupStatistics]:
+        for entry in self.index["groups"]:
+            with safe_open(self.directory / entry["file"], framework="pt") as f:
+                keys = set(f.keys())
+                yield GroupStatistics(
+                    entry["group"], entry["members"], f.get_tensor("C") if "C" in keys else None,
+                    {n: f.get_tensor(f"G:{n}") for n in entry["members"] if f"G:{n}" in keys})
+
+
+class _RecordingPass:
+    """Passes a statistics pass through, writing each group into a new cache entry."""
+
+    def __init__(self, source: StatisticsPass, directory: Path, final: Path, key: str) -> None:
+        self.source, self.directory, self.final, self.key = source, directory, final, key
+        self.tokens, self.loss = 0, float("nan")
+
+    def __iter__(self) -> Iterator[GroupStatistics]:
+        tmp = work_folder(self.directory, ".statistics-")
+        try:
+            groups = []
+            for i, stats in enumerate(self.source):
+                tensors = {f"G:{n}": g.contiguous() for n, g in stats.gradients.items()}
+                if stats.covariance is not None:
+                    tensors["C"] = stats.covariance.contiguous()
+                groups.append({"file": f"group-{i:05d}.safetensors", "group": stats.group,
+                               "members": stats.members})
+                save_file(tensors, tmp / groups[-1]["file"])
+                yield stats
+            self.tokens, self.loss = self.source.tokens, self.source.loss
+            (tmp / "index.json").write_text(json.dumps(
+                {"key": self.key, "tokens": self.tokens, "loss": repr(self.loss), "groups": groups}))
+            if not self.final.exists():
+                os.replace(tmp, self.final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
+
+
+class StatisticsCache:
+    """Statistics and factorization entries in ``directory``, one per key."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def statistics_path(self, key: str) -> Path:
+        return self.directory / f"statistics-{key[:32]}"
+
+    def factors_path(self, key: str) -> Path:
+        return self.directory / f"factors-{key[:32]}"
+
+    def statistics(self, key: str) -> StatisticsPass | None:
+        """The cached statistics for ``key``, or None (a miss; unreadable entries warn)."""
+        path = self.statistics_path(key)
+        if not path.is_dir():
+            return None
+        try:
+            index = json.loads((path / "index.json").read_text())
+            if index.get("key") != key:
+                return None
+            for entry in index["groups"]:  # every file present and readable before using any
+                with safe_open(path / entry["file"], framework="pt"):
+                    pass
+            cached = _CachedPass(path, index)
+        except _UNREADABLE as exc:
+            log.warning("statistics cache entry %s is unreadable (%s: %s); recomputing it",
+                        path, type(exc).__name__, exc)
+            shutil.rmtree(path, ignore_errors=True)  # zsfw's own cache entry, not the user's data
+            return None
+        log.info("calibration statistics from the cache: %s", path)
+        return cached
+
+    def record(self, key: str, source: StatisticsPass) -> StatisticsPass:
+        """``source`` passed through, stored under ``key`` once it has been read to the end."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return _RecordingPass(source, self.directory, self.statistics_path(key), key)
+
+    def factors(self, key: str) -> FactorStore | None:
+        """The cached factorization for ``key``, or None (a miss; unreadable entries warn)."""
+        path = self.factors_path(key)
+        try:
+            return FactorStore.open(path, key)
+        except _UNREADABLE as exc:
+            log.warning("factorization cache entry %s is unreadable (%s: %s); recomputing it",
+                        path, type(exc).__name__, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+
+    def new_factors(self, key: str) -> FactorStore:
+        """An empty store that becomes the entry for ``key`` when committed."""
+        return FactorStore(work_folder(self.directory, ".factors-"), final=self.factors_path(key), key=key)
+
+
+def open_cache(directory: Any) -> StatisticsCache | None:
+    return None if directory is None else StatisticsCache(directory)

@@ -1,0 +1,183 @@
+"""Calibration text in, token windows out.
+
+A source is a local text/jsonl/json/parquet file or a folder of them (read through
+``datasets``), a ``datasets.Dataset``, the name of a hub dataset (when online), or any iterable
+of strings. Documents are tokenized, joined with the EOS token, and cut into non-overlapping
+windows; a seeded permutation picks which windows are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import torch
+from torch import nn
+
+from zsfw.errors import CalibrationError
+from zsfw.recipe import CalibrationConfig
+
+log = logging.getLogger(__name__)
+
+DatasetLike = Union[str, os.PathLike, Iterable[str], Any]
+_BUILDERS = {".txt": "text", ".text": "text", ".cor": "text", ".jsonl": "json", ".json": "json",
+             ".parquet": "parquet"}
+
+
+def load_texts(source: DatasetLike, split: str = "train") -> list[str]:
+    """All documents of ``source`` as a list of strings."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.exists():
+            return _texts_of(_load_local(path))
+        if not isinstance(source, str) or path.suffix in _BUILDERS or source.startswith((".", "/", "~")):
+            raise CalibrationError(f"calibration data {str(source)!r} does not exist")
+        import datasets
+
+        try:
+            return _texts_of(datasets.load_dataset(source, split=split))
+        except Exception as exc:
+            raise CalibrationError(f"calibration data {source!r} is not a local path and could "
+                                   f"not be loaded as a hub dataset: {exc}") from exc
+    if hasattr(source, "column_names"):
+        return _texts_of(source)
+    texts = list(source)
+    if not all(isinstance(t, str) for t in texts):
+        raise CalibrationError("an iterable calibration source must yield strings")
+    return texts
+
+
+def _load_local(path: Path):
+    import datasets
+
+    files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise CalibrationError(f"folder {str(path)!r} holds no {sorted(_BUILDERS)} files")
+    builders = {_BUILDERS.get(p.suffix, "text") for p in files}
+    if len(builders) > 1:
+        raise CalibrationError(f"folder {str(path)!r} mixes file kinds {sorted(builders)}; "
+                               f"use one kind per folder")
+    if all(p.stat().st_size == 0 for p in files):
+        raise CalibrationError(f"calibration data {str(path)!r} is empty; give a text file or folder")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+    except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError, OSError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise CalibrationError(f"calibration data {str(path)!r} cannot be read as "
+                               f"{'/'.join(sorted(_BUILDERS))} text ({type(cause).__name__}: "
+                               f"{first}); give UTF-8 text, JSON lines or parquet") from None
+
+
+def _texts_of(dataset) -> list[str]:
+    columns = dataset.column_names
+    column = "text" if "text" in columns else next(
+        (c for c in columns if dataset.features[c].dtype == "string"), None)
+    if column is None:
+        raise CalibrationError(f"dataset has no text column; columns: {columns}")
+    return [t for t in dataset[column] if t and t.strip()]
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One long stream of token ids: documents joined by EOS."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _shuffled_chunks(tokens: torch.Tensor, samples: int, sequence_length: int, seed: int,
+                     max_tokens: int | None, held_out: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-overlapping chunks of the first ``max_tokens`` tokens and their seeded order."""
+    pool = tokens if max_tokens is None else tokens[:max_tokens]
+    available = pool.numel() // sequence_length
+    if available < samples + held_out:
+        raise CalibrationError(
+            f"calibration text has {pool.numel()} tokens"
+            f"{'' if max_tokens is None else f' within max_tokens={max_tokens}'}, enough for "
+            f"{available} windows of {sequence_length}; {samples} were requested"
+            f"{f' and {held_out} held out' if held_out else ''}. Give more text, or lower "
+            f"calibration.samples or calibration.sequence_length")
+    chunks = pool[: available * sequence_length].view(available, sequence_length)
+    return chunks, torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+
+
+def sample_windows(tokens: torch.Tensor, samples: int, sequence_length: int, seed: int = 0,
+                   max_tokens: int | None = None) -> torch.Tensor:
+    """``samples`` distinct windows of ``sequence_length`` tokens (samples × sequence_length).
+
+    Windows are the non-overlapping chunks of the first ``max_tokens`` tokens; the seed picks
+    which ones, so the same seed always gives the same windows.
+    """
+    chunks, order = _shuffled_chunks(tokens, samples, sequence_length, seed, max_tokens)
+    return chunks[order[:samples]].clone()
+
+
+def held_out_windows(tokens: torch.Tensor, count: int, samples: int, sequence_length: int,
+                     seed: int = 0, max_tokens: int | None = None) -> torch.Tensor:
+    """``count`` windows of the same text that ``sample_windows`` with these arguments never
+    picks: for evaluating what a compression calibrated on them lost."""
+    chunks, order = _shuffled_chunks(tokens, samples, sequence_length, seed, max_tokens, count)
+    return chunks[order[samples:samples + count]].clone()
+
+
+def calibration_windows(tokenizer, source: DatasetLike, samples: int, sequence_length: int,
+                        seed: int = 0, max_tokens: int | None = None) -> torch.Tensor:
+    """Load, tokenize and sample: the calibration batch the pipeline runs."""
+    texts = load_texts(source)
+    if not texts:
+        raise CalibrationError("calibration source holds no text")
+    return sample_windows(tokenize(tokenizer, texts), samples, sequence_length, seed, max_tokens)
+
+
+def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, tokenizer: Any,
+                calibration: CalibrationConfig) -> torch.Tensor:
+    """The calibration windows of a ``compress`` call: ``dataset`` itself when it is a
+    (windows × tokens) tensor of ids, else drawn from its text as ``calibration`` says (with
+    ``tokenizer``, default: the model's own)."""
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.dtype != torch.long:
+            raise CalibrationError(f"a tensor dataset must be (windows × tokens) int64 ids, got "
+                                   f"{tuple(dataset.shape)} {dataset.dtype}")
+        return dataset
+    if dataset is None:
+        raise CalibrationError("compress needs calibration data: a text file/folder, a "
+                               "datasets.Dataset, an iterable of strings, or a tensor of token ids")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    return calibration_windows(tokenizer, dataset, calibration.samples, calibration.sequence_length,
+                               calibration.seed, calibration.max_tokens)
+
+
+COVERAGE_FLOOR = 8
+"""Calibration tokens below a target's input width divided by this are refused: C would have
+rank below 1/8 of its size and the whitened SVD would mostly fit the damping."""
+
+
+def coverage_warnings(targets: dict[str, nn.Linear], windows: torch.Tensor) -> list[str]:
+    """A warning (also logged) for targets whose input is wider than the calibration tokens, so
+    their C = E[x xᵀ] is rank-deficient; a ``CalibrationError`` far below that."""
+    tokens = windows.numel()
+    narrow = {name: t.in_features for name, t in targets.items() if t.in_features > tokens}
+    if not narrow:
+        return []
+    widest = max(narrow.values())
+    example = next(name for name, width in narrow.items() if width == widest)
+    if tokens * COVERAGE_FLOOR < widest:
+        raise CalibrationError(f"{tokens} calibration tokens for {example!r}, whose input is {widest} "
+                               f"wide: at least {widest // COVERAGE_FLOOR} are needed, {widest} or "
+                               f"more for a full-rank C; raise calibration.samples or "
+                               f"calibration.sequence_length")
+    message = (f"only {tokens} calibration tokens: {len(narrow)} target(s) have wider inputs (e.g. "
+               f"{example!r}, {widest} wide), so their statistics are rank-deficient and quality "
+               f"may collapse; use at least {widest} tokens")
+    log.warning(message)
+    return [message]

@@ -1,0 +1,82 @@
+"""Data drivers: who pushes the calibration windows through the model.
+
+The steps (factorize, score, allocate, truncate, correct) never run the model themselves; they
+ask a driver for
+
+- ``statistics(targets, moments, gradients)``: the statistics of every input group, yielded one
+  group at a time as soon as the group's C and G are complete (the factorize step turns each
+  into SVDs and scores at once and drops it), with the token count and loss after the last one;
+- ``gradients(targets)``: the loss and ∂L/∂W of the targets at their current weights over the
+  gradient windows, in one pass (the corrector and model-aware allocators use it).
+
+``InMemoryDriver`` holds the whole model in memory and runs one pass over all windows (its
+groups all complete at the end of that pass). A layer-streamed or a ``torch.distributed`` driver
+implements the same two methods, and nothing else in the pipeline changes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from zsfw.compression.statistics import GroupStatistics, collect
+from zsfw.recipe import CalibrationConfig
+
+
+class StatisticsPass(Protocol):
+    """Groups' statistics, one at a time; ``tokens`` and ``loss`` are set once exhausted."""
+
+    tokens: int
+    loss: float
+
+    def __iter__(self) -> Iterator[GroupStatistics]: ...
+
+
+class Driver(Protocol):
+    """What the pipeline asks of whoever runs the model."""
+
+    def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
+
+    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]: ...
+
+
+class _InMemoryPass:
+    def __init__(self, driver: "InMemoryDriver", targets: dict[str, nn.Linear], moments: bool,
+                 gradients: bool) -> None:
+        self.driver, self.targets, self.moments, self.gradients = driver, targets, moments, gradients
+        self.tokens, self.loss = 0, float("nan")
+
+    def __iter__(self) -> Iterator[GroupStatistics]:
+        d, cal = self.driver, self.driver.calibration
+        if not (self.moments or self.gradients):  # unwhitened SVD scored by σ: nothing to measure
+            self.tokens = d.windows.numel()
+            for name in self.targets:
+                yield GroupStatistics(name, [name], None)
+            return
+        stats = collect(d.model, self.targets, d.windows, gradient_samples=cal.gradient_samples,
+                        batch_size=cal.batch_size, moments=self.moments, gradients=self.gradients,
+                        checkpoint_layers=cal.checkpoint_layers, desc="statistics + gradient")
+        self.tokens, self.loss = stats.tokens or d.windows.numel(), stats.loss
+        groups = stats.groups if self.moments else {name: [name] for name in self.targets}
+        for group, members in groups.items():
+            yield GroupStatistics(group, members, stats.covariances.pop(group, None),
+                                  {n: stats.gradients.pop(n) for n in members if n in stats.gradients})
+
+
+class InMemoryDriver:
+    """The whole model in memory; one pass over all windows (the default, for models that fit)."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, calibration: CalibrationConfig) -> None:
+        self.model, self.windows, self.calibration = model, windows, calibration
+
+    def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass:
+        return _InMemoryPass(self, targets, moments, gradients)
+
+    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]:
+        cal = self.calibration
+        stats = collect(self.model, targets, self.windows[: cal.gradient_samples],
+                        batch_size=cal.batch_size, moments=False,
+                        checkpoint_layers=cal.checkpoint_layers, desc="gradient")
+        return stats.loss, stats.gradients

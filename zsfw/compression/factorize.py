@@ -1,0 +1,98 @@
+"""Factorize and score: each input group's whitening factor, each layer's whitened SVD and the
+scorer's score of every component, one group at a time as the driver (or the statistics cache)
+completes it; or the whole factorization from the cache.
+
+A group's C and its members' G are dropped as soon as the group is done, and the SVD factors go
+to the factor store, so only one group's statistics are ever held here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from zsfw.compression.cache import StatisticsCache, factorization_key, statistics_key
+from zsfw.compression.driver import Driver
+from zsfw.compression.linalg import Whitening, whitened_svd, whitening_factor
+from zsfw.compression.report import Report
+from zsfw.compression.statistics import GroupStatistics
+from zsfw.compression.store import FactorStore
+from zsfw.interfaces import LayerScores, LayerSpectrum, Scorer
+from zsfw.recipe import ZeroSumSVDModifier
+
+log = logging.getLogger(__name__)
+
+
+def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], scorer: Scorer,
+              damping: float, store: FactorStore) -> None:
+    """Fill ``store`` with the whitened SVD and scores of every target, group by group."""
+    bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
+    for group in groups:
+        S, note = None, ""
+        if group.covariance is not None:
+            whitening = whitening_factor(group.covariance, damping)
+            S, note = whitening.S, whitening_note(whitening, damping)
+            store.put_whitener(group.group, S)
+            if note:
+                log.warning("whitening of %s needed %s", group.members, note)
+        for name in group.members:
+            weight = targets[name].weight.detach()
+            U, sigma, Vh = whitened_svd(weight, S)
+            scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, group.gradients.pop(name, None)))
+            layer = LayerScores(name, weight.shape[0], weight.shape[1], targets[name].bias is not None,
+                                sigma.cpu(), scores.to(torch.float64).cpu())
+            store.put_layer(layer, U, Vh, None if S is None else group.group, note)
+            bar.update()
+    bar.close()
+
+
+def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+                 modifier: ZeroSumSVDModifier, scorer: Scorer, driver: Driver,
+                 cache: StatisticsCache | None, report: Report) -> FactorStore:
+    """The factorization of every target: a cached one when the cache holds it, else computed
+    from statistics (cached, or from the driver's pass) and, with a cache, stored there."""
+    m, cal = modifier, modifier.calibration
+    if cache is not None:
+        settings = {"gradient_samples": cal.gradient_samples, "batch_size": cal.batch_size,
+                    "moments": m.whiten, "gradients": scorer.needs_gradient,
+                    "stages": [s.to_yaml() for s in m.stages]}
+        stats_key = statistics_key(model, list(targets), windows, settings)
+        key = factorization_key(stats_key, {"whiten": m.whiten, "damping": m.damping,
+                                            "scorer": m.scorer.name, "options": m.scorer.options})
+        store = cache.factors(key)
+        if store is not None:
+            report.statistics_cached = report.factors_cached = True
+            return store
+        statistics = cache.statistics(stats_key)
+        report.statistics_cached = statistics is not None
+        if statistics is None:
+            statistics = cache.record(stats_key, driver.statistics(targets, m.whiten, scorer.needs_gradient))
+        store = cache.new_factors(key)
+    else:
+        statistics = driver.statistics(targets, m.whiten, scorer.needs_gradient)
+        store = FactorStore.temporary()
+    try:
+        start = time.perf_counter()
+        factorize(targets, report.timed("statistics", statistics), scorer, m.damping, store)
+        report.add_time("factorize + score", time.perf_counter() - start - report.timings["statistics"])
+        store.tokens, store.loss = statistics.tokens, statistics.loss
+        if cache is not None:
+            store.commit()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def whitening_note(whitening: Whitening, damping: float) -> str:
+    """How S was obtained, for the report, when it was not a plain Cholesky at ``damping``."""
+    if whitening.method != "cholesky":
+        return f"{whitening.method} whitening"
+    if whitening.relative_damping > damping:
+        return f"damping raised to {whitening.relative_damping:.0e}"
+    return ""

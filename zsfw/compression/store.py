@@ -1,0 +1,147 @@
+"""The factor store: each layer's whitened SVD and each input group's whitening factor S, kept on
+disk between factorization and truncation, with the spectra and scores allocators need in memory.
+
+One object owns its folder, its keys and its cleanup. A temporary store lives in a fresh folder
+and is removed by ``close``. A store created by the factorization cache is written in a hidden
+folder of the cache and becomes an entry only when ``commit`` renames it into place; ``close``
+of an uncommitted one removes it, so a failed or interrupted run never leaves a half entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from zsfw.interfaces import LayerScores
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.safetensors"
+
+
+def spill_root() -> Path:
+    """Where temporary factor stores live: ``$ZSFW_SPILL``, else ``<zsfw cache>/spill``."""
+    from zsfw.sources import cache_dir
+
+    return Path(os.environ.get("ZSFW_SPILL") or cache_dir() / "spill").expanduser()
+
+
+def work_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``<prefix><pid>-<random>`` in ``parent``, after removing the folders with that
+    prefix that processes no longer running left behind (a kill -9 skips every cleanup)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class FactorStore:
+    """U and Vᵀ per layer and S per whitening group on disk; σ, scores and notes in memory."""
+
+    def __init__(self, directory: Path, final: Path | None = None, key: str = "") -> None:
+        self.directory = directory
+        self.final = final  # where ``commit`` moves it (a cache entry), None: temporary
+        self.key = key
+        self.layers: dict[str, LayerScores] = {}
+        self.whitener_of: dict[str, str] = {}  # layer -> its whitening group
+        self.notes: dict[str, str] = {}  # layer -> how S was obtained, when unusual
+        self.tokens = 0
+        self.loss = float("nan")
+        self.committed = False
+
+    @classmethod
+    def temporary(cls) -> "FactorStore":
+        """A store in the spill folder (``spill_root``), removed by ``close``."""
+        return cls(work_folder(spill_root(), "factors-"))
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def put_whitener(self, group: str, S: torch.Tensor) -> None:
+        save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+
+    def put_layer(self, scores: LayerScores, U: torch.Tensor, Vh: torch.Tensor,
+                  group: str | None, note: str = "") -> None:
+        """A layer's SVD factors (to disk, fp32) and its spectrum and scores (kept)."""
+        save_file({"U": U.detach().float().cpu().contiguous(), "Vh": Vh.detach().float().cpu().contiguous()},
+                  self._path(f"svd.{scores.name}"))
+        self.layers[scores.name] = scores
+        if group is not None:
+            self.whitener_of[scores.name] = group
+            self.notes[scores.name] = note
+
+    def svd(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """U and Vᵀ of a layer's whitened SVD."""
+        found = load_file(self._path(f"svd.{name}"))
+        return found["U"].to(device), found["Vh"].to(device)
+
+    def whitener(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The S that whitens layer ``name`` (None when it was not whitened)."""
+        group = self.whitener_of.get(name)
+        return None if group is None else load_file(self._path(f"S.{group}"))["S"].to(device)
+
+    def commit(self) -> None:
+        """Write the index and, for a cache entry, rename the folder into place."""
+        tensors = {}
+        for name, layer in self.layers.items():
+            tensors[f"sigma:{name}"] = layer.sigma.contiguous()
+            tensors[f"scores:{name}"] = layer.scores.contiguous()
+        shapes = {name: [l.out_features, l.in_features, l.has_bias] for name, l in self.layers.items()}
+        save_file(tensors, self.directory / INDEX, metadata={
+            "key": self.key, "shapes": json.dumps(shapes, sort_keys=True),
+            "whitener_of": json.dumps(self.whitener_of, sort_keys=True),
+            "notes": json.dumps(self.notes, sort_keys=True), "tokens": str(self.tokens),
+            "loss": repr(self.loss)})
+        if self.final is not None:
+            if self.final.exists():  # another run finished the same entry first
+                shutil.rmtree(self.directory)
+            else:
+                os.replace(self.directory, self.final)
+            self.directory = self.final
+        self.committed = True
+
+    @classmethod
+    def open(cls, directory: Path, key: str) -> "FactorStore | None":
+        """A committed store, or None when absent or written for another key."""
+        index = directory / INDEX
+        if not index.is_file():
+            return None
+        with safe_open(index, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            store = cls(directory, final=directory, key=key)
+            store.whitener_of = json.loads(meta["whitener_of"])
+            store.notes = json.loads(meta["notes"])
+            store.tokens, store.loss = int(meta["tokens"]), float(meta["loss"])
+            for name, (out_f, in_f, bias) in json.loads(meta["shapes"]).items():
+                store.layers[name] = LayerScores(name, out_f, in_f, bias, f.get_tensor(f"sigma:{name}"),
+                                                 f.get_tensor(f"scores:{name}"))
+        store.committed = True
+        log.info("whitened SVDs and scores from the cache: %s", directory)
+        return store
+
+    def close(self) -> None:
+        """Remove the folder unless it is a committed cache entry."""
+        if self.final is None or not self.committed:  # temporary, or an entry left unfinished
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Measuring a model, compressed or not: perplexity and lm-eval tasks."""

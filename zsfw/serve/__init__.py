@@ -1,0 +1,1 @@
+"""Serving a compressed model: compiled generation and AOTInductor export."""
