@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], scorer: Scorer,
               damping: float, store: FactorStore) -> None:
     """Fill ``store`` with the whitened SVD and scores of every target, group by group."""
-    bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
+    bar = None  # opened with the first group: the driver's pass may run before it arrives
     for group in groups:
+        if bar is None:
+            bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
         S, note = None, ""
         if group.covariance is not None:
             whitening = whitening_factor(group.covariance, damping)
@@ -48,7 +50,8 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
                                 sigma.cpu(), scores.to(torch.float64).cpu())
             store.put_layer(layer, U, Vh, None if S is None else group.group, note)
             bar.update()
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
