@@ -110,10 +110,18 @@ def test_d5_an_unwritable_destination_fails_before_the_model_loads(tmp_path, cap
 
 
 def test_d14_eval_of_nothing_is_an_error(tmp_path, llama, tokenizer, capsys):
+    import torch
+
     _tiny_model_folder(tmp_path, llama, tokenizer)
     assert main(["eval", str(tmp_path / "model"), "--dataset", str(tmp_path / "cal.txt"),
                  "--window", "1"]) == 2
-    _one_line_error(capsys, "window")
+    _one_line_error(capsys, "window must be at least 2 tokens")
+    with torch.no_grad():  # every window's logits become NaN: perplexity is undefined
+        llama.model.embed_tokens.weight.fill_(float("nan"))
+    llama.save_pretrained(tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model"), "--dataset", str(tmp_path / "cal.txt"),
+                 "--window", "16", "--windows", "2"]) == 2
+    _one_line_error(capsys, "no window of 16 tokens had finite logits")
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
@@ -174,3 +182,14 @@ def test_d6_predictable_failures_are_one_line_before_the_work(tmp_path, llama, t
     assert main([*command, "--output", str(tmp_path / "out")]) == 2
     _one_line_error(capsys, *expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_d13_compress_without_output_says_so_before_the_work(tmp_path, llama, tokenizer, capsys):
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    capsys.readouterr()
+    assert main([*command, "--held-out", "0", "--table"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("zsfw: no --output: the compressed model is measured, then discarded")
+    out = captured.out.strip().splitlines()
+    assert "w.err =" in captured.out and out[-2].startswith("compressed 14 layers")
+    assert out[-1] == "not saved (no --output)"

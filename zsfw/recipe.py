@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +77,15 @@ class CalibrationConfig(BaseModel):
         return self
 
 
+class ExecutionConfig(BaseModel):
+    """Who drives the calibration windows through the model (the results are the same)."""
+
+    model_config = ConfigDict(extra="forbid")
+    driver: Literal["memory", "streamed"] = Field(
+        "memory", description="memory: one pass over the whole model; streamed: the exact "
+                              "two-sweep pass, one decoder layer at a time")
+
+
 class ZeroSumSVDModifier(BaseModel):
     """Low-rank compression of the target linear layers under one global byte budget."""
 
@@ -92,6 +101,7 @@ class ZeroSumSVDModifier(BaseModel):
     whiten: bool = True
     damping: float = Field(1e-4, ge=0, description="relative to the mean diagonal of C")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -119,10 +129,11 @@ class Recipe(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         m = self.modifier
         body = m.model_dump(exclude={"stages", "scorer", "allocator", "corrector", "storage",
-                                     "calibration"})
-        body.update(stages=[s.to_yaml() for s in m.stages], scorer=m.scorer.to_yaml(), allocator=m.allocator.to_yaml(),
-                    corrector=m.corrector.to_yaml() if m.corrector else None,
-                    storage=m.storage.to_yaml(), calibration=m.calibration.model_dump())
+                                     "calibration", "execution"})
+        body.update(stages=[s.to_yaml() for s in m.stages], scorer=m.scorer.to_yaml(),
+                    allocator=m.allocator.to_yaml(), corrector=m.corrector.to_yaml() if m.corrector else None,
+                    storage=m.storage.to_yaml(), calibration=m.calibration.model_dump(),
+                    execution=m.execution.model_dump())
         return {self.stage: {self.group: {MODIFIER_NAME: body}}}
 
     def to_yaml(self) -> str:

@@ -1,0 +1,56 @@
+"""The layer-streamed driver gives the statistics of the in-memory pass, layer by layer."""
+
+import copy
+
+import pytest
+import torch
+
+import zsfw
+from helpers import recipe
+from zsfw.compression.driver import InMemoryDriver
+from zsfw.compression.streaming import LayerStreamedDriver
+from zsfw.compression.targets import find_targets
+from zsfw.recipe import CalibrationConfig
+
+
+def _groups(driver, model, moments=True, gradients=True):
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    statistics = driver.statistics(targets, moments, gradients)
+    groups = {g.group: g for g in statistics}
+    return groups, statistics.tokens, statistics.loss
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_streamed_statistics_equal_the_in_memory_ones(architecture, windows, request):
+    model = request.getfixturevalue(architecture)
+    cal = CalibrationConfig(samples=8, sequence_length=32, gradient_samples=4, batch_size=2)
+    memory, tokens, loss = _groups(InMemoryDriver(model, windows, cal), model)
+    streamed, s_tokens, s_loss = _groups(LayerStreamedDriver(model, windows, cal), model)
+    assert s_tokens == tokens == windows.numel() and s_loss == loss
+    assert set(streamed) == set(memory) and len(memory) == 4 * model.config.num_hidden_layers
+    for name, group in memory.items():
+        other = streamed[name]
+        assert other.members == group.members
+        # the same sums in the same order: bit for bit
+        assert torch.equal(other.covariance, group.covariance), name
+        assert set(other.gradients) == set(group.gradients) == set(group.members)
+        for member, grad in group.gradients.items():
+            assert torch.equal(other.gradients[member], grad), member
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_streamed_groups_arrive_last_layer_first(llama, windows):
+    cal = CalibrationConfig(samples=4, sequence_length=32)
+    targets = find_targets(llama, ["Linear"], ["lm_head"])
+    order = [g.group for g in LayerStreamedDriver(llama, windows[:4], cal).statistics(targets, True, True)]
+    assert order[0].startswith("model.layers.1.") and order[-1].startswith("model.layers.0.")
+
+
+def test_compress_with_the_streamed_driver_gives_the_same_model(llama, windows):
+    memory, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
+    streamed, s_report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"driver": "streamed"}),
+                                       windows)
+    assert [l.rank for l in s_report.layers] == [l.rank for l in report.layers]
+    with torch.no_grad():
+        assert torch.allclose(streamed(input_ids=windows).logits, memory(input_ids=windows).logits,
+                              rtol=1e-4, atol=1e-4)

@@ -1,0 +1,245 @@
+"""The layer-streamed driver: the exact two-sweep calibration pass, one decoder layer at a time.
+
+C and G are sums over every window, so in the usual window-major order every layer's statistics
+complete only at the very end. Here the order is layer-major:
+
+1. capture, per window shape and per layer, the arguments the model passes to each decoder layer
+   (masks, rotary embeddings: they differ per layer type in some models) and the input of the
+   first layer;
+2. forward sweep, layer by layer over all windows, without gradients: each boundary's hidden
+   states are stored and each layer's input second moments C accumulated;
+3. turn: ∂loss/∂(last boundary) from the model's own tail (final norm, head, loss function: the
+   decoder layers pass their stored outputs through), checked against ``model(ids).loss``;
+4. backward sweep, last layer first: recompute the layer from its stored input, backpropagate
+   the stored output gradient, and the layer's G is complete: its groups are handed on at once
+   (the factorize step turns them into SVDs and scores and drops them) and its boundary freed.
+
+Same windows, micro-batches and summation order per weight as ``InMemoryDriver``, so the
+statistics agree with it to rounding (tested). This first version keeps the weights in memory
+and the boundaries in host memory; lazy weights, offload and several processes build on it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from zsfw.compression.driver import InMemoryDriver
+from zsfw.compression.statistics import (GroupStatistics, _InputMoments, decoder_layers,
+                                         loss_function)
+from zsfw.errors import CalibrationError, NonFiniteError
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _layer_calls(layers: list[nn.Module]) -> Iterator[list[tuple[tuple, dict]]]:
+    """Record each layer's call arguments (one entry per layer) during the block."""
+    calls: list[tuple[tuple, dict]] = [((), {})] * len(layers)
+
+    def recorder(i: int):
+        def hook(module, args, kwargs):
+            calls[i] = (args, dict(kwargs))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _passthrough(layers: list[nn.Module], outputs: list[torch.Tensor]) -> Iterator[None]:
+    """Every decoder layer returns its stored output instead of computing it (the last one the
+    tensor in ``outputs[0]``), so running the model computes only its embedding and its tail."""
+    last = layers[-1]
+
+    def skip(module, args, kwargs, output):
+        return outputs[0] if module is last else output
+
+    def no_compute(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    handle = last.register_forward_hook(skip, with_kwargs=True)
+    for layer in layers:
+        layer.forward = no_compute
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in layers:
+            del layer.forward  # the class's forward shows through again
+
+
+class _StreamedPass:
+    def __init__(self, driver: "LayerStreamedDriver", targets: dict[str, nn.Linear], moments: bool,
+                 gradients: bool) -> None:
+        self.driver, self.targets, self.moments, self.gradients = driver, targets, moments, gradients
+        self.tokens, self.loss = 0, float("nan")
+
+    def __iter__(self) -> Iterator[GroupStatistics]:
+        d = self.driver
+        if not (self.moments or self.gradients):
+            yield from InMemoryDriver(d.model, d.windows, d.calibration).statistics(self.targets, False, False)
+            self.tokens = d.windows.numel()
+            return
+        model, cal = d.model, d.calibration
+        layers = decoder_layers(model)
+        owner = _owners(self.targets, layers)
+        batches = [d.windows[i:i + cal.batch_size] for i in range(0, d.windows.shape[0], cal.batch_size)]
+        n_grad = 0 if not self.gradients else (d.windows.shape[0] if cal.gradient_samples is None
+                                               else min(cal.gradient_samples, d.windows.shape[0]))
+        saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+        was_training = model.training
+        model.eval()
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            boundaries, calls = self._capture(layers, batches)
+            moments = _InputMoments(self.targets, torch.float64) if self.moments else None
+            try:
+                self._forward(layers, boundaries, calls, moments)
+            finally:
+                if moments:
+                    moments.remove()
+            loss_of = loss_function(model, d.windows[:1, :32])
+            grads_out = self._turn(layers, batches, boundaries[-1], loss_of, n_grad)
+            self.tokens = moments.tokens if moments else d.windows.numel()
+            yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
+        finally:
+            for p, (flag, grad) in saved.items():
+                p.requires_grad_(flag)
+                p.grad = grad
+            model.train(was_training)
+
+    def _capture(self, layers, batches) -> tuple[list[list[torch.Tensor]], list[list[tuple]]]:
+        """The first layer's input and every layer's call arguments, per micro-batch (one cheap
+        run of the model per batch with every layer passing its input through)."""
+        first: list[torch.Tensor] = []
+        calls: list[list[tuple]] = []
+        device = next(self.driver.model.parameters()).device
+        for batch in batches:
+            with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]):
+                self.driver.model(input_ids=batch.to(device), use_cache=False)
+            first.append(recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"])
+            calls.append([(args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                          for args, kwargs in recorded])
+        return [first] + [[None] * len(batches) for _ in layers], calls
+
+    def _forward(self, layers, boundaries, calls, moments) -> None:
+        for i, layer in enumerate(tqdm(layers, desc="forward sweep", unit="layer")):
+            for b, hidden in enumerate(boundaries[i]):
+                if moments:
+                    moments.new_batch(hidden.shape[0] * hidden.shape[1] if i == 0 else 0)
+                args, kwargs = calls[b][i]
+                with torch.no_grad():
+                    boundaries[i + 1][b] = _hidden(layer(hidden, *args, **kwargs))
+
+    def _turn(self, layers, batches, last, loss_of, n_grad) -> list[torch.Tensor | None]:
+        """∂loss/∂(last boundary) per gradient micro-batch, from the model's own tail; sets the loss."""
+        d, device = self.driver, next(self.driver.model.parameters()).device
+        grad_tokens = n_grad * (d.windows.shape[1] - 1)
+        grads: list[torch.Tensor | None] = []
+        loss_sum, loss_tokens, start = 0.0, 0, 0
+        for batch, hidden in zip(batches, last):
+            if start < n_grad and start + batch.shape[0] > n_grad:
+                raise CalibrationError("the streamed driver needs calibration.gradient_samples to be "
+                                       "a multiple of calibration.batch_size")
+            grad = start < n_grad
+            leaf = hidden.detach().requires_grad_(grad)
+            with torch.set_grad_enabled(grad), _passthrough(layers, [leaf]):
+                loss = loss_of(d.model, batch.to(device))
+                if grad:
+                    scored = batch.numel() - batch.shape[0]
+                    (loss * scored / grad_tokens).backward()
+            if start == 0:
+                self._check_turn(loss, loss_of, batch.to(device))
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
+            loss_sum += loss.item() * (batch.numel() - batch.shape[0])
+            loss_tokens += batch.numel() - batch.shape[0]
+            grads.append(leaf.grad if grad else None)
+            start += batch.shape[0]
+        self.loss = loss_sum / max(loss_tokens, 1)
+        return grads
+
+    def _check_turn(self, streamed: torch.Tensor, loss_of, batch: torch.Tensor) -> None:
+        """Refuse a model whose layer-by-layer loss is not its own loss (once per pass)."""
+        with torch.no_grad():
+            own = loss_of(self.driver.model, batch)
+        if not torch.allclose(streamed.detach(), own, rtol=1e-5, atol=1e-6):
+            raise CalibrationError(f"{type(self.driver.model).__name__} cannot be streamed layer by "
+                                   f"layer (loss {streamed.item():.6f} vs its own {own.item():.6f}); "
+                                   f"use execution.driver 'memory'")
+
+    def _backward(self, layers, owner, boundaries, calls, grads_out, moments, n_grad) -> Iterator[GroupStatistics]:
+        groups: dict[str, list[str]] = {}
+        if moments:
+            for name, group in moments.group_of.items():
+                groups.setdefault(group, []).append(name)
+        else:
+            groups = {name: [name] for name in self.targets}
+        for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="backward sweep", unit="layer"):
+            mine = [name for name, layer in owner.items() if layer == i]
+            for name in mine:
+                self.targets[name].weight.requires_grad_(n_grad > 0)
+                self.targets[name].weight.grad = None
+            grads_in = []
+            for b, grad in enumerate(grads_out):
+                if grad is None:
+                    grads_in.append(None)
+                    continue
+                x = boundaries[i][b].detach().requires_grad_(True)
+                args, kwargs = calls[b][i]
+                _hidden(layers[i](x, *args, **kwargs)).backward(grad)
+                grads_in.append(x.grad)
+            grads_out = grads_in
+            boundaries[i + 1] = []  # this boundary is done with
+            for group, members in groups.items():
+                if group in mine:
+                    yield self._group(group, members, moments)
+            for name in mine:
+                self.targets[name].weight.requires_grad_(False)
+
+    def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
+        gradients = {}
+        for name in members:
+            grad = self.targets[name].weight.grad
+            if self.gradients:
+                if grad is None:
+                    raise CalibrationError(f"target {name!r} received no gradient: it does not affect "
+                                           f"the loss; leave it out with the recipe's ignore")
+                if not torch.isfinite(grad).all():
+                    raise NonFiniteError(f"non-finite gradient for the weight of {name!r}")
+                gradients[name] = grad
+            self.targets[name].weight.grad = None
+        covariance = moments.sums.pop(group).div_(moments.tokens) if moments else None
+        return GroupStatistics(group, members, covariance, gradients)
+
+
+def _owners(targets: dict[str, nn.Linear], layers: list[nn.Module]) -> dict[str, int]:
+    """The index of the decoder layer holding each target; targets outside them are refused."""
+    index = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    found = {name: index.get(id(module)) for name, module in targets.items()}
+    outside = [name for name, i in found.items() if i is None]
+    if not layers or outside:
+        raise CalibrationError(f"the streamed driver compresses layers inside the decoder blocks only; "
+                               f"{outside[:3] or 'no decoder blocks were found'} are outside: use "
+                               f"execution.driver 'memory' or leave them out with ignore")
+    return found
+
+
+class LayerStreamedDriver(InMemoryDriver):
+    """The two-sweep, layer-by-layer pass (see the module docstring); gradients for the
+    corrector and soft allocation still come from a whole-model pass."""
+
+    def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> _StreamedPass:
+        return _StreamedPass(self, targets, moments, gradients)
