@@ -54,3 +54,10 @@ def test_compress_with_the_streamed_driver_gives_the_same_model(llama, windows):
     with torch.no_grad():
         assert torch.allclose(streamed(input_ids=windows).logits, memory(input_ids=windows).logits,
                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_streamed_driver_runs_no_pass_when_nothing_is_measured(llama, windows):
+    plain = recipe(ratio=0.8, whiten=False, scorer="sigma", execution={"driver": "streamed"})
+    _, report = zsfw.compress(copy.deepcopy(llama), plain, windows)
+    assert report.calibration_tokens == windows.numel() and "statistics" in report.timings
+    assert all(l.whitening == "" for l in report.layers)

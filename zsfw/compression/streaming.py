@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsfw.compression.driver import InMemoryDriver
+from zsfw.compression.driver import InMemoryDriver, _InMemoryPass
 from zsfw.compression.statistics import (GroupStatistics, _InputMoments, decoder_layers,
                                          loss_function)
 from zsfw.errors import CalibrationError, NonFiniteError
@@ -79,17 +79,13 @@ def _passthrough(layers: list[nn.Module], outputs: list[torch.Tensor]) -> Iterat
             del layer.forward  # the class's forward shows through again
 
 
-class _StreamedPass:
-    def __init__(self, driver: "LayerStreamedDriver", targets: dict[str, nn.Linear], moments: bool,
-                 gradients: bool) -> None:
-        self.driver, self.targets, self.moments, self.gradients = driver, targets, moments, gradients
-        self.tokens, self.loss = 0, float("nan")
+class _StreamedPass(_InMemoryPass):
+    """The in-memory pass's bookkeeping, with the statistics gathered in the two sweeps."""
 
     def __iter__(self) -> Iterator[GroupStatistics]:
         d = self.driver
-        if not (self.moments or self.gradients):
-            yield from InMemoryDriver(d.model, d.windows, d.calibration).statistics(self.targets, False, False)
-            self.tokens = d.windows.numel()
+        if not (self.moments or self.gradients):  # nothing to measure: no pass at all
+            yield from super().__iter__()
             return
         model, cal = d.model, d.calibration
         layers = decoder_layers(model)
