@@ -96,35 +96,37 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         _register_checked(pm, plugin, ep.name)
 
 
-def _register_checked(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> str | None:
-    """Register one plugin and validate its hooks; on failure unregister it and warn."""
+def _register_validated(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> None:
+    """Register one plugin whose hooks all exist and take arguments the specs pass; a
+    ``pluggy.PluginValidationError`` (or ``ValueError`` for a taken name) leaves nothing behind."""
     try:
-        name = pm.register(plugin, name=name)
-        if name is None:  # blocked or already there
-            return None
+        pm.register(plugin, name=name)
         for hook in pm.get_hookcallers(plugin) or []:
             if not hook.has_spec():
                 raise pluggy.PluginValidationError(
                     plugin, f"unknown hook {hook.name!r}; zsfw's hooks are {sorted(KINDS.values())}")
-        return name
+    except (pluggy.PluginValidationError, ValueError):
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        raise
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Register an entry point's plugin; an invalid one is skipped with a warning."""
+    try:
+        _register_validated(pm, plugin, name)
     except (pluggy.PluginValidationError, ValueError) as exc:
-        if name is not None and pm.get_plugin(name) is not None:
-            pm.unregister(name=name)
-        _warn(f"zsfw {_who(name or repr(plugin))} is invalid and is skipped: {exc}")
-        return None
+        _warn(f"zsfw {_who(name)} is invalid and is skipped: {exc}")
 
 
 def register_plugin(plugin: ModuleType | Any, name: str | None = None) -> None:
     """Register a plugin object (module or instance with hookimpls) at run time.
 
     Unlike an entry point, an invalid plugin passed here is an error (the caller wrote it)."""
-    pm = get_plugin_manager()
-    name = pm.register(plugin, name=name)
     try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        pm.unregister(name=name)
-        raise PluginError(f"plugin {name!r} is invalid: {exc}") from None
+        _register_validated(get_plugin_manager(), plugin, name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}") from None
     _invalidate()
 
 
