@@ -9,9 +9,8 @@ from pathlib import Path
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from zsfw.compression.calibration import held_out_windows, load_texts, sample_windows, tokenize
+    from zsfw.compression.calibration import held_out_windows, sample_windows, text_tokens
     from zsfw.compression.pipeline import compress
-    from zsfw.errors import CalibrationError
     from zsfw.eval.gains import snapshot, summary
     from zsfw.models import load_model
     from zsfw.recipe import load_recipe
@@ -26,10 +25,7 @@ def _compress(args: argparse.Namespace) -> int:
               "DIR to keep it)", file=sys.stderr)
     model, tokenizer = load_model(args.model)
     cal = recipe.modifier.calibration
-    texts = load_texts(args.dataset or _news_text())
-    if not texts:
-        raise CalibrationError(f"calibration data {args.dataset!r} holds no text")
-    tokens = tokenize(tokenizer, texts)
+    tokens = text_tokens(tokenizer, args.dataset or _news_text())
     windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
     held = (held_out_windows(tokens, args.held_out, cal.samples, cal.sequence_length, cal.seed,
                              cal.max_tokens) if args.held_out else None)

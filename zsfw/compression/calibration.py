@@ -127,13 +127,18 @@ def held_out_windows(tokens: torch.Tensor, count: int, samples: int, sequence_le
     return chunks[order[samples:samples + count]].clone()
 
 
+def text_tokens(tokenizer, source: DatasetLike) -> torch.Tensor:
+    """Load and tokenize ``source`` into one stream; an error when it holds no text."""
+    texts = load_texts(source)
+    if not texts:
+        raise CalibrationError(f"calibration data {str(source)[:200]!r} holds no text")
+    return tokenize(tokenizer, texts)
+
+
 def calibration_windows(tokenizer, source: DatasetLike, samples: int, sequence_length: int,
                         seed: int = 0, max_tokens: int | None = None) -> torch.Tensor:
     """Load, tokenize and sample: the calibration batch the pipeline runs."""
-    texts = load_texts(source)
-    if not texts:
-        raise CalibrationError("calibration source holds no text")
-    return sample_windows(tokenize(tokenizer, texts), samples, sequence_length, seed, max_tokens)
+    return sample_windows(text_tokens(tokenizer, source), samples, sequence_length, seed, max_tokens)
 
 
 def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, tokenizer: Any,
