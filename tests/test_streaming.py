@@ -61,3 +61,49 @@ def test_the_streamed_driver_runs_no_pass_when_nothing_is_measured(llama, window
     _, report = zsfw.compress(copy.deepcopy(llama), plain, windows)
     assert report.calibration_tokens == windows.numel() and "statistics" in report.timings
     assert all(l.whitening == "" for l in report.layers)
+
+
+def test_per_layer_arguments_are_kept_per_layer_sliding_window_qwen2(windows):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from helpers import VOCAB, train_briefly
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    model = train_briefly(Qwen2ForCausalLM(config).eval(), windows)
+    masks = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]), with_kwargs=True)
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=windows[:1])
+    for hook in hooks:
+        hook.remove()
+    # the layers really get different masks (full attention may pass none at all)
+    assert masks[1] is not None and (masks[0] is None or not torch.equal(masks[0], masks[1]))
+    cal = CalibrationConfig(samples=8, sequence_length=32)
+    memory, _, _ = _groups(InMemoryDriver(model, windows, cal), model)
+    streamed, _, _ = _groups(LayerStreamedDriver(model, windows, cal), model)
+    for name, group in memory.items():
+        assert torch.equal(streamed[name].covariance, group.covariance), name
+        for member, grad in group.gradients.items():
+            assert torch.equal(streamed[name].gradients[member], grad), member
+
+
+def test_a_model_that_does_more_between_layers_is_refused(llama, windows):
+    from zsfw.errors import CalibrationError
+
+    base, own_forward = llama.model, llama.model.forward
+
+    def forward(*args, **kwargs):  # scales layer 0's output inside the model's own forward only
+        handle = base.layers[0].register_forward_hook(lambda module, inputs, output: output * 1.5)
+        try:
+            return own_forward(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    base.forward = forward
+    cal = CalibrationConfig(samples=2, sequence_length=32)
+    with pytest.raises(CalibrationError, match="LlamaForCausalLM cannot be streamed layer by layer"):
+        _groups(LayerStreamedDriver(llama, windows[:2], cal), llama)
