@@ -107,3 +107,23 @@ def test_a_model_that_does_more_between_layers_is_refused(llama, windows):
     cal = CalibrationConfig(samples=2, sequence_length=32)
     with pytest.raises(CalibrationError, match="LlamaForCausalLM cannot be streamed layer by layer"):
         _groups(LayerStreamedDriver(llama, windows[:2], cal), llama)
+
+
+def test_boundaries_offloaded_to_disk_give_the_same_statistics_and_leave_nothing(qwen2, windows, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("ZSFW_SPILL", str(tmp_path))
+    cal = CalibrationConfig(samples=8, sequence_length=32, batch_size=2)
+    memory, _, loss = _groups(InMemoryDriver(qwen2, windows, cal), qwen2)
+    targets = find_targets(qwen2, ["Linear"], ["lm_head"])
+    statistics = LayerStreamedDriver(qwen2, windows, cal, offload="disk").statistics(targets, True, True)
+    groups = iter(statistics)
+    first = next(groups)
+    (folder,) = tmp_path.iterdir()  # the boundaries wait on disk while the backward sweep runs
+    assert folder.name.startswith("boundaries-") and len(list(folder.glob("*.safetensors"))) == 2 * 4
+    on_disk = {first.group: first, **{g.group: g for g in groups}}
+    assert statistics.loss == loss
+    for name, group in memory.items():
+        assert torch.equal(on_disk[name].covariance, group.covariance), name
+        for member, grad in group.gradients.items():
+            assert torch.equal(on_disk[name].gradients[member], grad), member
+    assert list(tmp_path.iterdir()) == []

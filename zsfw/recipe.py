@@ -84,6 +84,9 @@ class ExecutionConfig(BaseModel):
     driver: Literal["memory", "streamed"] = Field(
         "memory", description="memory: one pass over the whole model; streamed: the exact "
                               "two-sweep pass, one decoder layer at a time")
+    offload: Literal["memory", "disk"] = Field(
+        "memory", description="streamed: where the boundaries' hidden states wait between the "
+                              "sweeps (disk: the spill folder)")
 
 
 class ZeroSumSVDModifier(BaseModel):

@@ -27,8 +27,7 @@ from zsfw.compression.allocate import allocate
 from zsfw.compression.cache import open_cache
 from zsfw.compression.calibration import DatasetLike, coverage_warnings, windows_for
 from zsfw.compression.correct import Correction, correct
-from zsfw.compression.driver import InMemoryDriver
-from zsfw.compression.streaming import LayerStreamedDriver
+from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
 from zsfw.compression.stages import run_stages
@@ -37,8 +36,6 @@ from zsfw.compression.truncate import truncate
 from zsfw.recipe import RecipeLike, load_recipe
 
 log = logging.getLogger(__name__)
-
-DRIVERS = {"memory": InMemoryDriver, "streamed": LayerStreamedDriver}
 
 
 def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike | torch.Tensor | None = None,
@@ -65,7 +62,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     if m.stages:
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows)
-    driver = DRIVERS[m.execution.driver](model, windows, m.calibration)
+    driver = driver_for(m.execution, model, windows, m.calibration)
     store = factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache), report)
     try:
         report.calibration_tokens, report.calibration_loss = store.tokens, store.loss

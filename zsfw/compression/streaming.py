@@ -16,22 +16,29 @@ complete only at the very end. Here the order is layer-major:
 
 Same windows, micro-batches and summation order per weight as ``InMemoryDriver``, so the
 statistics agree with it to rounding (tested). This first version keeps the weights in memory
-and the boundaries in host memory; lazy weights, offload and several processes build on it.
+and the boundaries in host memory, or on disk with ``offload: disk`` (one safetensors file per
+boundary and micro-batch in the spill folder, removed as the backward sweep passes it); lazy
+weights and several processes build on it.
 """
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsfw.compression.driver import InMemoryDriver, _InMemoryPass
+from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass
 from zsfw.compression.statistics import (GroupStatistics, _InputMoments, decoder_layers,
                                          loss_function)
+from zsfw.compression.store import spill_root, work_folder
 from zsfw.errors import CalibrationError, NonFiniteError
+from zsfw.recipe import CalibrationConfig, ExecutionConfig
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -96,56 +103,58 @@ class _StreamedPass(_InMemoryPass):
         saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
         was_training = model.training
         model.eval()
+        boundaries = Boundaries(d.offload, next(model.parameters()).device)
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            boundaries, calls = self._capture(layers, batches)
+            calls = self._capture(layers, batches, boundaries)
             moments = _InputMoments(self.targets, torch.float64) if self.moments else None
             try:
-                self._forward(layers, boundaries, calls, moments)
+                self._forward(layers, len(batches), boundaries, calls, moments)
             finally:
                 if moments:
                     moments.remove()
             loss_of = loss_function(model, d.windows[:1, :32])
-            grads_out = self._turn(layers, batches, boundaries[-1], loss_of, n_grad)
+            grads_out = self._turn(layers, batches, boundaries, loss_of, n_grad)
             self.tokens = moments.tokens if moments else d.windows.numel()
             yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
         finally:
+            boundaries.close()
             for p, (flag, grad) in saved.items():
                 p.requires_grad_(flag)
                 p.grad = grad
             model.train(was_training)
 
-    def _capture(self, layers, batches) -> tuple[list[list[torch.Tensor]], list[list[tuple]]]:
-        """The first layer's input and every layer's call arguments, per micro-batch (one cheap
-        run of the model per batch with every layer passing its input through)."""
-        first: list[torch.Tensor] = []
+    def _capture(self, layers, batches, boundaries: "Boundaries") -> list[list[tuple]]:
+        """Every layer's call arguments per micro-batch, and the first layer's input as boundary
+        0 (one cheap run of the model per batch, every layer passing its input through)."""
         calls: list[list[tuple]] = []
-        device = next(self.driver.model.parameters()).device
-        for batch in batches:
+        for b, batch in enumerate(batches):
             with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]):
-                self.driver.model(input_ids=batch.to(device), use_cache=False)
-            first.append(recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"])
+                self.driver.model(input_ids=batch.to(boundaries.device), use_cache=False)
+            boundaries.put(0, b, recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"])
             calls.append([(args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
                           for args, kwargs in recorded])
-        return [first] + [[None] * len(batches) for _ in layers], calls
+        return calls
 
-    def _forward(self, layers, boundaries, calls, moments) -> None:
+    def _forward(self, layers, n_batches: int, boundaries: "Boundaries", calls, moments) -> None:
         for i, layer in enumerate(tqdm(layers, desc="forward sweep", unit="layer")):
-            for b, hidden in enumerate(boundaries[i]):
+            for b in range(n_batches):
+                hidden = boundaries.get(i, b)
                 if moments:
                     moments.new_batch(hidden.shape[0] * hidden.shape[1] if i == 0 else 0)
                 args, kwargs = calls[b][i]
                 with torch.no_grad():
-                    boundaries[i + 1][b] = _hidden(layer(hidden, *args, **kwargs))
+                    boundaries.put(i + 1, b, _hidden(layer(hidden, *args, **kwargs)))
 
-    def _turn(self, layers, batches, last, loss_of, n_grad) -> list[torch.Tensor | None]:
+    def _turn(self, layers, batches, boundaries: "Boundaries", loss_of, n_grad) -> list[torch.Tensor | None]:
         """∂loss/∂(last boundary) per gradient micro-batch, from the model's own tail; sets the loss."""
         d, device = self.driver, next(self.driver.model.parameters()).device
         grad_tokens = n_grad * (d.windows.shape[1] - 1)
         grads: list[torch.Tensor | None] = []
         loss_sum, loss_tokens, start = 0.0, 0, 0
-        for batch, hidden in zip(batches, last):
+        for b, batch in enumerate(batches):
+            hidden = boundaries.get(len(layers), b)
             if start < n_grad and start + batch.shape[0] > n_grad:
                 raise CalibrationError("the streamed driver needs calibration.gradient_samples to be "
                                        "a multiple of calibration.batch_size")
@@ -193,12 +202,12 @@ class _StreamedPass(_InMemoryPass):
                 if grad is None:
                     grads_in.append(None)
                     continue
-                x = boundaries[i][b].detach().requires_grad_(True)
+                x = boundaries.get(i, b).detach().requires_grad_(True)
                 args, kwargs = calls[b][i]
                 _hidden(layers[i](x, *args, **kwargs)).backward(grad)
                 grads_in.append(x.grad)
             grads_out = grads_in
-            boundaries[i + 1] = []  # this boundary is done with
+            boundaries.drop(i + 1)  # this boundary is done with
             for group, members in groups.items():
                 if group in mine:
                     yield self._group(group, members, moments)
@@ -233,9 +242,58 @@ def _owners(targets: dict[str, nn.Linear], layers: list[nn.Module]) -> dict[str,
     return found
 
 
+class Boundaries:
+    """Each boundary's hidden states per micro-batch, in memory or on disk (``offload``)."""
+
+    def __init__(self, offload: str, device: torch.device) -> None:
+        self.device = device
+        self.folder = work_folder(spill_root(), "boundaries-") if offload == "disk" else None
+        self._held: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _path(self, i: int, b: int) -> Path:
+        return self.folder / f"{i:05d}-{b:05d}.safetensors"
+
+    def put(self, i: int, b: int, hidden: torch.Tensor) -> None:
+        if self.folder is None:
+            self._held[(i, b)] = hidden
+        else:
+            save_file({"hidden": hidden.detach().contiguous().cpu()}, self._path(i, b))
+
+    def get(self, i: int, b: int) -> torch.Tensor:
+        if self.folder is None:
+            return self._held[(i, b)]
+        return load_file(self._path(i, b))["hidden"].to(self.device)
+
+    def drop(self, i: int) -> None:
+        """Forget boundary ``i`` of every micro-batch."""
+        for key in [k for k in self._held if k[0] == i]:
+            del self._held[key]
+        if self.folder is not None:
+            for path in self.folder.glob(f"{i:05d}-*.safetensors"):
+                path.unlink()
+
+    def close(self) -> None:
+        self._held.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class LayerStreamedDriver(InMemoryDriver):
     """The two-sweep, layer-by-layer pass (see the module docstring); gradients for the
     corrector and soft allocation still come from a whole-model pass."""
 
+    def __init__(self, model: nn.Module, windows: torch.Tensor, calibration: CalibrationConfig,
+                 offload: str = "memory") -> None:
+        super().__init__(model, windows, calibration)
+        self.offload = offload
+
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> _StreamedPass:
         return _StreamedPass(self, targets, moments, gradients)
+
+
+def driver_for(execution: ExecutionConfig, model: nn.Module, windows: torch.Tensor,
+               calibration: CalibrationConfig) -> Driver:
+    """The driver a recipe's ``execution`` asks for."""
+    if execution.driver == "streamed":
+        return LayerStreamedDriver(model, windows, calibration, execution.offload)
+    return InMemoryDriver(model, windows, calibration)
