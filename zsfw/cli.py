@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG to write (default: <folder name>-ranks.png in the current folder)")
     p.set_defaults(run=_inspect)
-    p = sub.add_parser("plugins", help="list registered scorers, allocators, correctors, formats")
+    p = sub.add_parser("plugins", help="list registered stages, scorers, allocators, correctors, formats")
     p.set_defaults(run=_plugins)
     args = parser.parse_args(argv)
     from zsfw.memory import return_large_frees_to_the_os
