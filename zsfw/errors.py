@@ -49,10 +49,6 @@ class DestinationError(ZsfwError):
     """The output folder cannot be written, or is refused so that nothing of the user's is lost."""
 
 
-class CacheError(ZsfwError):
-    """A statistics or factorization cache entry cannot be used."""
-
-
 class SourceError(ZsfwError, RuntimeError):
     """An embedded model or text cannot be fetched from PyPI or extracted."""
 

@@ -168,6 +168,42 @@ def loss_function(model: nn.Module, probe: torch.Tensor):
     return chunked_next_token_loss if torch.allclose(chunked, plain, rtol=1e-4, atol=1e-5) else next_token_loss
 
 
+def gradient_windows(windows: torch.Tensor, gradient_samples: int | None, gradients: bool) -> int:
+    """How many of the first windows also get a backward pass (all by default, none without
+    gradients)."""
+    if not gradients:
+        return 0
+    return windows.shape[0] if gradient_samples is None else min(gradient_samples, windows.shape[0])
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with no parameter requiring gradients for the block; every
+    parameter's ``requires_grad`` and ``grad`` and the training mode are restored after it."""
+    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, (flag, grad) in saved.items():
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+
+
+def checked_gradient(name: str, grad: torch.Tensor | None) -> torch.Tensor:
+    """A target's accumulated gradient, or an error saying why it is unusable."""
+    if grad is None:
+        raise CalibrationError(f"target {name!r} received no gradient: it does not affect the "
+                               f"loss; leave it out with the recipe's ignore")
+    if not torch.isfinite(grad).all():
+        raise NonFiniteError(f"non-finite gradient for the weight of {name!r}")
+    return grad
+
+
 def collect(
     model: nn.Module,
     targets: dict[str, nn.Linear],
@@ -187,56 +223,46 @@ def collect(
     ``checkpoint_layers`` the decoder layers keep only their inputs for the backward pass and
     recompute the rest: about one more forward pass of time for far less activation memory.
     """
-    n_grad = windows.shape[0] if gradient_samples is None else min(gradient_samples, windows.shape[0])
-    if not gradients:
-        n_grad = 0
+    n_grad = gradient_windows(windows, gradient_samples, gradients)
     device = next(model.parameters()).device
     layers = decoder_layers(model) if checkpoint_layers else []
-    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
-    was_training = model.training
-    model.eval()
     stats = CalibrationStatistics()
     loss_sum, loss_tokens = 0.0, 0
     hooks = None
-    try:
-        loss_of = loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss
-        hooks = _InputMoments(targets, accumulate_dtype) if moments else None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in targets.values():
-            module.weight.requires_grad_(n_grad > 0)
-            module.weight.grad = None
-        grad_tokens = n_grad * (windows.shape[1] - 1)
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch",
-                          total=-(-windows.shape[0] // batch_size)):
-            batch = windows[start:start + batch_size].to(device)
-            with_grad = batch[: max(0, n_grad - start)]
-            without = batch[with_grad.shape[0]:]
-            for part, grad in ((with_grad, True), (without, False)):
-                if part.shape[0] == 0:
-                    continue
-                if hooks:
-                    hooks.new_batch(part.numel())
-                with torch.set_grad_enabled(grad), _checkpointed(layers if grad else []):
-                    loss = loss_of(model, part)
-                    if grad:
-                        if hooks:
-                            hooks.active = False
-                        (loss * (part.numel() - part.shape[0]) / grad_tokens).backward()
-                        if hooks:
-                            hooks.active = True
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
-                loss_sum += loss.item() * (part.numel() - part.shape[0])
-                loss_tokens += part.numel() - part.shape[0]
-        grads = {name: m.weight.grad for name, m in targets.items()} if n_grad else {}
-    finally:
-        if hooks:
-            hooks.remove()
-        for p, (flag, grad) in saved.items():
-            p.requires_grad_(flag)
-            p.grad = grad
-        model.train(was_training)
+    with frozen(model):
+        try:
+            loss_of = loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss
+            hooks = _InputMoments(targets, accumulate_dtype) if moments else None
+            for module in targets.values():
+                module.weight.requires_grad_(n_grad > 0)
+                module.weight.grad = None
+            grad_tokens = n_grad * (windows.shape[1] - 1)
+            for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch",
+                              total=-(-windows.shape[0] // batch_size)):
+                batch = windows[start:start + batch_size].to(device)
+                with_grad = batch[: max(0, n_grad - start)]
+                without = batch[with_grad.shape[0]:]
+                for part, grad in ((with_grad, True), (without, False)):
+                    if part.shape[0] == 0:
+                        continue
+                    if hooks:
+                        hooks.new_batch(part.numel())
+                    with torch.set_grad_enabled(grad), _checkpointed(layers if grad else []):
+                        loss = loss_of(model, part)
+                        if grad:
+                            if hooks:
+                                hooks.active = False
+                            (loss * (part.numel() - part.shape[0]) / grad_tokens).backward()
+                            if hooks:
+                                hooks.active = True
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
+                    loss_sum += loss.item() * (part.numel() - part.shape[0])
+                    loss_tokens += part.numel() - part.shape[0]
+            grads = {name: m.weight.grad for name, m in targets.items()} if n_grad else {}
+        finally:
+            if hooks:
+                hooks.remove()
     stats.loss = loss_sum / max(loss_tokens, 1)
     if hooks:
         stats.tokens = hooks.tokens
@@ -244,11 +270,5 @@ def collect(
             stats.groups.setdefault(group, []).append(name)
         for group, total in hooks.sums.items():
             stats.covariances[group] = total.div_(hooks.tokens)
-    for name, grad in grads.items():
-        if grad is None:
-            raise CalibrationError(f"target {name!r} received no gradient: it does not affect the "
-                                   f"loss; leave it out with the recipe's ignore")
-        if not torch.isfinite(grad).all():
-            raise NonFiniteError(f"non-finite gradient for the weight of {name!r}")
-        stats.gradients[name] = grad
+    stats.gradients = {name: checked_gradient(name, grad) for name, grad in grads.items()}
     return stats

@@ -34,8 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass
-from zsfw.compression.statistics import (GroupStatistics, _InputMoments, decoder_layers,
-                                         loss_function)
+from zsfw.compression.statistics import (GroupStatistics, _InputMoments, checked_gradient,
+                                         decoder_layers, frozen, gradient_windows, loss_function)
 from zsfw.compression.store import spill_root, work_folder
 from zsfw.errors import CalibrationError, NonFiniteError
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
@@ -98,32 +98,23 @@ class _StreamedPass(_InMemoryPass):
         layers = decoder_layers(model)
         owner = _owners(self.targets, layers)
         batches = [d.windows[i:i + cal.batch_size] for i in range(0, d.windows.shape[0], cal.batch_size)]
-        n_grad = 0 if not self.gradients else (d.windows.shape[0] if cal.gradient_samples is None
-                                               else min(cal.gradient_samples, d.windows.shape[0]))
-        saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
-        was_training = model.training
-        model.eval()
+        n_grad = gradient_windows(d.windows, cal.gradient_samples, self.gradients)
         boundaries = Boundaries(d.offload, next(model.parameters()).device)
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            calls = self._capture(layers, batches, boundaries)
-            moments = _InputMoments(self.targets, torch.float64) if self.moments else None
+        with frozen(model):
             try:
-                self._forward(layers, len(batches), boundaries, calls, moments)
+                calls = self._capture(layers, batches, boundaries)
+                moments = _InputMoments(self.targets, torch.float64) if self.moments else None
+                try:
+                    self._forward(layers, len(batches), boundaries, calls, moments)
+                finally:
+                    if moments:
+                        moments.remove()
+                loss_of = loss_function(model, d.windows[:1, :32])
+                grads_out = self._turn(layers, batches, boundaries, loss_of, n_grad)
+                self.tokens = moments.tokens if moments else d.windows.numel()
+                yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
             finally:
-                if moments:
-                    moments.remove()
-            loss_of = loss_function(model, d.windows[:1, :32])
-            grads_out = self._turn(layers, batches, boundaries, loss_of, n_grad)
-            self.tokens = moments.tokens if moments else d.windows.numel()
-            yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
-        finally:
-            boundaries.close()
-            for p, (flag, grad) in saved.items():
-                p.requires_grad_(flag)
-                p.grad = grad
-            model.train(was_training)
+                boundaries.close()
 
     def _capture(self, layers, batches, boundaries: "Boundaries") -> list[list[tuple]]:
         """Every layer's call arguments per micro-batch, and the first layer's input as boundary
@@ -217,14 +208,8 @@ class _StreamedPass(_InMemoryPass):
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
         gradients = {}
         for name in members:
-            grad = self.targets[name].weight.grad
             if self.gradients:
-                if grad is None:
-                    raise CalibrationError(f"target {name!r} received no gradient: it does not affect "
-                                           f"the loss; leave it out with the recipe's ignore")
-                if not torch.isfinite(grad).all():
-                    raise NonFiniteError(f"non-finite gradient for the weight of {name!r}")
-                gradients[name] = grad
+                gradients[name] = checked_gradient(name, self.targets[name].weight.grad)
             self.targets[name].weight.grad = None
         covariance = moments.sums.pop(group).div_(moments.tokens) if moments else None
         return GroupStatistics(group, members, covariance, gradients)
