@@ -98,9 +98,14 @@ def new_folder(parent: Path, prefix: str) -> Path:
     return folder
 
 
+def file_mode() -> int:
+    """The permissions the umask gives a new file (mkstemp and safetensors give 0600)."""
+    return 0o666 & ~current_umask()
+
+
 def honour_umask(folder: Path) -> None:
     """Give every file under ``folder`` the permissions the umask gives a new file."""
-    mode = 0o666 & ~current_umask()
+    mode = file_mode()
     for path in folder.rglob("*"):
         if path.is_file():
             path.chmod(mode)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsfw.checkpoint.destination import current_umask
+from zsfw.checkpoint.destination import file_mode
 from zsfw.checkpoint.hf_quantizer import zsfw_config
 from zsfw.errors import ServingError
 
@@ -63,7 +63,7 @@ def export(model: nn.Module, out: str | Path, tokenizer: Any = None, max_sequenc
             with warnings.catch_warnings():  # torch's own deprecation notes, not the user's concern
                 warnings.simplefilter("ignore", FutureWarning)
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            os.chmod(tmp, 0o666 & ~current_umask())
+            os.chmod(tmp, file_mode())
             os.replace(tmp, out)
         finally:
             Path(tmp).unlink(missing_ok=True)
