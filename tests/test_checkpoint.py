@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import zsfw
-from helpers import recipe
+from helpers import patterned_windows, recipe, tiny_llama
 from zsfw.checkpoint.save import header_bytes, module_tensors
 from zsfw.errors import CheckpointError, DestinationError
 
@@ -285,6 +285,9 @@ def test_a_save_killed_with_sigkill_leaves_no_output(tmp_path, existing):
     else:
         assert not out.exists()
     assert all(p.name.startswith(".out.zsfw-tmp-") for p in tmp_path.iterdir() if p.name != "out")
+    model, _ = zsfw.compress(tiny_llama(), recipe(), patterned_windows())
+    zsfw.save(model, out, overwrite=True)  # the next save sweeps what the killed process left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def _broken_copy(saved, tmp_path, label="int8"):

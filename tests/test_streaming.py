@@ -127,3 +127,128 @@ def test_boundaries_offloaded_to_disk_give_the_same_statistics_and_leave_nothing
         for member, grad in group.gradients.items():
             assert torch.equal(on_disk[name].gradients[member], grad), member
     assert list(tmp_path.iterdir()) == []
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.fixture
+def llama_folder(llama, tmp_path):
+    folder = tmp_path / "llama"
+    llama.save_pretrained(folder)
+    return folder
+
+
+def test_lazy_weights_give_the_same_checkpoint_one_layer_at_a_time(llama, llama_folder, windows, tmp_path,
+                                                                   monkeypatch):
+    from zsfw.residency import LazyWeights, lazy_model, residency
+
+    held, most = set(), [0]
+    acquire, release = LazyWeights._acquire, LazyWeights._release
+
+    def counting_acquire(self, index):
+        acquire(self, index)
+        held.add(index)
+        most[0] = max(most[0], len(held))
+
+    def counting_release(self, index):
+        release(self, index)
+        if self.holders[index] == 0:
+            held.discard(index)
+
+    monkeypatch.setattr(LazyWeights, "_acquire", counting_acquire)
+    monkeypatch.setattr(LazyWeights, "_release", counting_release)
+    streamed = {"driver": "streamed", "weights": "lazy"}
+    lazy = lazy_model(llama_folder)
+    assert all(p.is_meta for layer in lazy.model.layers for p in layer.parameters())
+    _, report = zsfw.compress(lazy, recipe(ratio=0.6, execution=streamed, batch_size=2), windows,
+                              output_dir=tmp_path / "lazy")
+    assert most[0] == 1 and residency(lazy).holders == [0, 0]  # one layer in memory at a time, all let go
+    _, resident = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"driver": "streamed"},
+                                                              batch_size=2), windows, output_dir=tmp_path / "resident")
+    assert [l.rank for l in report.layers] == [l.rank for l in resident.layers]
+    assert [l.written_bytes for l in report.layers] == [l.written_bytes for l in resident.layers]
+    assert _files(tmp_path / "lazy") == _files(tmp_path / "resident")  # byte for byte
+    reloaded = zsfw.load(tmp_path / "lazy")
+    compressed = zsfw.load(tmp_path / "resident")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=windows).logits, compressed(input_ids=windows).logits)
+
+
+def test_lazy_weights_split_into_shards_as_layers_are_written(llama_folder, windows, tmp_path, monkeypatch):
+    from zsfw.checkpoint import save
+    from zsfw.residency import lazy_model
+
+    monkeypatch.setattr(save, "LAZY_MAX_SHARD_BYTES", 4096)
+    lazy = recipe(ratio=0.6, execution={"driver": "streamed", "weights": "lazy"})
+    zsfw.compress(lazy_model(llama_folder), lazy, windows, output_dir=tmp_path / "out")
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    reloaded = zsfw.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=windows).logits).all()
+
+
+def test_lazy_statistics_cache_hits_and_factorizes_layer_by_layer(llama, llama_folder, windows, tmp_path):
+    from zsfw.residency import lazy_model
+
+    lazy = {"driver": "streamed", "weights": "lazy"}
+    cache = tmp_path / "cache"
+    zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, execution=lazy), windows,
+                  output_dir=tmp_path / "first", statistics_cache=cache)
+    _, report = zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, damping=1e-2, execution=lazy),
+                              windows, output_dir=tmp_path / "second", statistics_cache=cache)
+    assert report.statistics_cached and not report.factors_cached
+    _, resident = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, damping=1e-2), windows,
+                                output_dir=tmp_path / "resident")
+    assert [l.rank for l in report.layers] == [l.rank for l in resident.layers]
+
+
+def test_lazy_loading_refuses_what_it_cannot_do(llama_folder, windows, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from zsfw.errors import ModelLoadError, NonFiniteError, RecipeError
+    from zsfw.residency import lazy_model
+
+    lazy = {"driver": "streamed", "weights": "lazy"}
+    with pytest.raises(RecipeError, match="needs an output folder"):
+        zsfw.compress(lazy_model(llama_folder), recipe(execution=lazy), windows)
+    with pytest.raises(RecipeError, match="needs no corrector"):
+        zsfw.compress(lazy_model(llama_folder), recipe(execution=lazy, corrector="projected_gradient"),
+                      windows, output_dir=tmp_path / "out")
+    with pytest.raises(RecipeError, match="weights 'lazy' needs driver 'streamed'"):
+        recipe_obj = recipe(execution={"weights": "lazy"})
+        zsfw.compress(lazy_model(llama_folder), recipe_obj, windows, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    tensors = load_file(llama_folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, llama_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match="model.layers.1.mlp.up_proj.weight"):
+        zsfw.compress(lazy_model(llama_folder), recipe(execution=lazy), windows, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    del tensors["model.layers.0.input_layernorm.weight"]
+    save_file(tensors, llama_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="no tensor 'model.layers.0.input_layernorm.weight'"):
+        zsfw.compress(lazy_model(llama_folder), recipe(execution=lazy), windows, output_dir=tmp_path / "out")
+
+
+def test_gemma3_mixed_sliding_and_full_attention_streams_exactly(windows):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from helpers import VOCAB, train_briefly
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+                              final_logit_softcapping=30.0)
+    model = train_briefly(Gemma3ForCausalLM(config).eval(), windows)
+    cal = CalibrationConfig(samples=8, sequence_length=32, batch_size=2)
+    memory, _, loss = _groups(InMemoryDriver(model, windows, cal), model)
+    streamed, _, s_loss = _groups(LayerStreamedDriver(model, windows, cal), model)
+    assert s_loss == loss and set(streamed) == set(memory)
+    for name, group in memory.items():
+        assert torch.equal(streamed[name].covariance, group.covariance), name
+        for member, grad in group.gradients.items():
+            assert torch.equal(streamed[name].gradients[member], grad), member

@@ -9,10 +9,12 @@ from pathlib import Path
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from zsfw.compression import distributed
     from zsfw.compression.calibration import held_out_windows, sample_windows, text_tokens
     from zsfw.compression.pipeline import compress
     from zsfw.eval.gains import snapshot, summary
     from zsfw.models import load_model
+    from zsfw.errors import RecipeError
     from zsfw.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # a bad recipe or output folder fails before the model loads
@@ -23,15 +25,26 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         print("zsfw: no --output: the compressed model is measured, then discarded (pass --output "
               "DIR to keep it)", file=sys.stderr)
-    model, tokenizer = load_model(args.model)
+    lazy = recipe.modifier.execution.weights == "lazy"
+    if lazy and args.output is None:
+        raise RecipeError("execution.weights 'lazy' writes the model as its layers are compressed: "
+                          "pass --output DIR")
+    if lazy and args.held_out:
+        print("zsfw: execution.weights 'lazy': no held-out measurement here (the model is never "
+              "whole in memory); run `zsfw eval` on the output", file=sys.stderr)
+        args.held_out = 0
+    model, tokenizer = load_model(args.model, lazy=lazy)
     cal = recipe.modifier.calibration
     tokens = text_tokens(tokenizer, args.dataset or _news_text())
     windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
     held = (held_out_windows(tokens, args.held_out, cal.samples, cal.sequence_length, cal.seed,
                              cal.max_tokens) if args.held_out else None)
-    before = None if held is None else snapshot(model, tokenizer, held)
+    helper = distributed.launched() and distributed.rank() != 0  # under torchrun: process 0 reports
+    before = None if held is None or helper else snapshot(model, tokenizer, held)
     _, report = compress(model, recipe, windows, output_dir=args.output, tokenizer=tokenizer,
                          overwrite=args.overwrite, statistics_cache=args.statistics_cache)
+    if helper:
+        return 0
     after = None if held is None else snapshot(model, tokenizer, held)
     if args.table:
         print(report.table())
@@ -212,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zsfw: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

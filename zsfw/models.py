@@ -8,13 +8,18 @@ import torch
 from safetensors import SafetensorError
 
 from zsfw.errors import ModelLoadError
+from zsfw.residency import lazy_model
 
 DEFAULT_MODEL = "default"
 """Stands for the embedded default model, SmolLM2-135M-Instruct (see ``zsfw.sources``)."""
 
 
-def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a checkpoint folder, a ``.gguf`` file, a hub id or ``"default"``."""
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, lazy: bool = False):
+    """(model, tokenizer) from a checkpoint folder, a ``.gguf`` file, a hub id or ``"default"``.
+
+    ``lazy``: only what lies outside the decoder layers is loaded; the layers are read from the
+    folder's safetensors one at a time as the streamed driver needs them (``zsfw.residency``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if str(source) == DEFAULT_MODEL:
@@ -36,8 +41,12 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
         raise ModelLoadError(f"model {str(source)!r} does not exist")
     else:
         location = str(source)  # a hub id, which works only when the hub is reachable
+    if lazy and not path.is_dir():
+        raise ModelLoadError(f"only a checkpoint folder can be loaded lazily, not {str(source)!r}; "
+                             f"use execution.weights 'resident'")
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        model = (lazy_model(path, dtype) if lazy else
+                 AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

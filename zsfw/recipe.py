@@ -87,6 +87,17 @@ class ExecutionConfig(BaseModel):
     offload: Literal["memory", "disk"] = Field(
         "memory", description="streamed: where the boundaries' hidden states wait between the "
                               "sweeps (disk: the spill folder)")
+    weights: Literal["resident", "lazy"] = Field(
+        "resident", description="how the CLI loads the model: resident: all of it; lazy: the "
+                                "decoder layers stay in the checkpoint's safetensors and are read "
+                                "one at a time (driver 'streamed'; the model is written to the "
+                                "output folder as its layers are compressed)")
+
+    @model_validator(mode="after")
+    def _lazy_streams(self) -> "ExecutionConfig":
+        if self.weights == "lazy" and self.driver != "streamed":
+            raise ValueError(f"weights 'lazy' needs driver 'streamed', not {self.driver!r}")
+        return self
 
 
 class ZeroSumSVDModifier(BaseModel):

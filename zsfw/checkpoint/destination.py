@@ -92,10 +92,32 @@ def check_space(out: Path, needed: int) -> None:
 
 
 def new_folder(parent: Path, prefix: str) -> Path:
-    """A fresh folder in ``parent`` with the permissions the umask gives (not mkdtemp's 0700)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    """A fresh work folder in ``parent`` (see ``work_folder``) with the permissions the umask
+    gives (not mkdtemp's 0700)."""
+    folder = work_folder(parent, prefix)
     folder.chmod(0o777 & ~current_umask())
     return folder
+
+
+def work_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``<prefix><pid>-<random>`` in ``parent``, after removing the folders with that
+    prefix that processes no longer running left behind (a kill -9 skips every cleanup)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def file_mode() -> int:

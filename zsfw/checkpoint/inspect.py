@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
-from zsfw.checkpoint.load import checkpoint_files
+from zsfw.checkpoint.files import checkpoint_files
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import QUANT_METHOD, owner_of
 from zsfw.errors import CheckpointError

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from zsfw.checkpoint.save import INDEX_FILE, SINGLE_FILE
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import owner_of
 from zsfw.errors import CheckpointError
@@ -60,17 +58,6 @@ def load_modules(model: nn.Module, config: ZsfwConfig, files: list[str | Path]) 
             raise CheckpointError(f"module {name!r} ({record.format}, rank {record.rank}): missing "
                                   f"tensors {result.missing_keys}, unexpected {result.unexpected_keys}")
         model.set_submodule(name, module.to(device))
-
-
-def checkpoint_files(directory: str | Path) -> list[Path]:
-    """The safetensors files of a saved model folder."""
-    directory = Path(directory)
-    index = directory / INDEX_FILE
-    if index.exists():
-        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (directory / SINGLE_FILE).exists():
-        return [directory / SINGLE_FILE]
-    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(directory)!r}")
 
 
 def load(path: str | Path, **kwargs: Any) -> nn.Module:

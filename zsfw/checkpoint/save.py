@@ -15,6 +15,7 @@ report always give byte-identical files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -25,13 +26,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zsfw.checkpoint.destination import check_destination, honour_umask, new_folder, replace
+from zsfw.checkpoint.files import INDEX_FILE, SINGLE_FILE
 from zsfw.checkpoint.hf_quantizer import mark_config_file, zsfw_config
 from zsfw.checkpoint.schema import owner_of
 from zsfw.errors import CheckpointError
+from zsfw.residency import layer_prefixes
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 1024**3
+LAZY_MAX_SHARD_BYTES = 256 * 1024**2
+"""Shards of a lazily loaded model, written as its layers are compressed: a shard waits in memory
+until full, and that memory must stay small next to one decoder layer's."""
+
 
 def module_tensors(name: str, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A compressed module's state dict as plain tensors (torchao subclasses flattened) and the
@@ -42,41 +47,129 @@ def module_tensors(name: str, module: nn.Module) -> tuple[dict[str, torch.Tensor
     return {k: v.detach().contiguous() for k, v in tensors.items()}, metadata
 
 
-def _other_tensors(model: nn.Module, compressed: set[str]) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor outside the compressed modules, each shared storage once (tied
-    embeddings are saved under their first name and re-tied by ``transformers`` on load)."""
-    out, seen = {}, set()
-    for key, tensor in model.state_dict().items():
+Unit = tuple[str | None, dict[str, torch.Tensor], dict[str, str]]
+"""What is written together (a unit never spans two shards): a compressed module's tensors and
+header metadata, with its name, or one other tensor (name None)."""
+
+
+def _under(key: str, prefixes: list[str]) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _units(model: nn.Module, compressed: set[str], state: dict[str, torch.Tensor]) -> Iterator[Unit]:
+    """The compressed modules (by name) among ``compressed``, then the tensors of ``state`` outside
+    them, each shared storage once (tied embeddings are saved under their first name and re-tied
+    by ``transformers`` on load)."""
+    for name in sorted(compressed):
+        yield (name, *module_tensors(name, model.get_submodule(name)))
+    seen = set()
+    for key, tensor in state.items():
         if owner_of(key, compressed) is not None:
             continue
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        out[key] = tensor.detach().contiguous()
-    return out
+        if ident not in seen:
+            seen.add(ident)
+            yield None, {key: tensor.detach().contiguous()}, {}
 
 
-def _units(model: nn.Module, compressed: set[str]) -> Iterator[tuple[str | None, dict, dict]]:
-    """What is written, unit by unit (a unit never spans two shards): each compressed module
-    with its metadata, then the model's other tensors one by one."""
-    modules = dict(model.named_modules())
-    for name in sorted(compressed):
-        yield (name, *module_tensors(name, modules[name]))
-    for key, tensor in _other_tensors(model, compressed).items():
-        yield None, {key: tensor}, {}
+class CheckpointWriter:
+    """A compressed model's folder, made in a hidden temporary folder beside the destination and
+    renamed into place by ``finish`` (``abort`` removes it).
+
+    Weights go in decoder layer by decoder layer (``add_layer``), so a model held one layer at a
+    time is written as its layers are made; a shard is written as soon as the next unit would
+    overflow it. ``finish`` adds everything outside the layers, names the shards and writes the
+    config, tokenizer, recipe and report.
+    """
+
+    def __init__(self, output_dir: str | Path, overwrite: bool = False, max_shard_bytes: int | None = None) -> None:
+        self.out = check_destination(output_dir, overwrite)
+        self.tmp = new_folder(self.out.parent, f".{self.out.name}.zsfw-tmp-")
+        self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+        self.pending: list[Unit] = []
+        self.pending_bytes = 0
+        self.parts: list[tuple[str, list[str], int]] = []  # temporary file, its tensors, data bytes
+        self.written: dict[str, int] = {}  # compressed module -> bytes of its tensors
+
+    def add_layer(self, model: nn.Module, prefix: str) -> None:
+        """Decoder layer ``prefix``'s tensors: its compressed modules, then the rest of it."""
+        compressed = {n for n in _compressed(model) if n.startswith(prefix + ".")}
+        self._add(_units(model, compressed, model.get_submodule(prefix).state_dict(prefix=prefix + ".")))
+
+    def _add(self, units: Iterator[Unit]) -> None:
+        for unit in units:
+            nbytes = sum(t.nbytes for t in unit[1].values())
+            if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+                self._flush()
+            self.pending.append(unit)
+            self.pending_bytes += nbytes
+            if unit[0] is not None:
+                self.written[unit[0]] = nbytes
+
+    def _flush(self) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        metadata: dict[str, str] = {"format": "pt"}
+        names: list[str] = []
+        for _, unit_tensors, unit_metadata in self.pending:
+            tensors.update(unit_tensors)
+            names += json.loads(unit_metadata.get("tensor_names", "[]"))
+            metadata.update({k: v for k, v in unit_metadata.items() if k != "tensor_names"})
+        if names:
+            metadata["tensor_names"] = json.dumps(names)
+        part = f"part-{len(self.parts) + 1:05d}.safetensors"
+        write_safetensors(tensors, self.tmp / part, metadata)
+        self.parts.append((part, list(tensors), self.pending_bytes))
+        self.pending, self.pending_bytes = [], 0
+
+    def finish(self, model: nn.Module, tokenizer: Any = None, recipe: Any = None, report: Any = None) -> Path:
+        """Write the rest and rename the folder into place (see ``save``)."""
+        layers = layer_prefixes(model)
+        rest = {k: v for k, v in model.state_dict().items() if not _under(k, layers)}
+        self._add(_units(model, {n for n in _compressed(model) if not _under(n, layers)}, rest))
+        self._flush()
+        files = self._name_shards()
+        model.config.save_pretrained(self.tmp)
+        mark_config_file(self.tmp / "config.json")
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(self.tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
+        if recipe is not None:
+            recipe.save(self.tmp / "recipe.yaml")
+        if report is not None:
+            report.record_written(self.written, {f: (size, header_bytes(self.tmp / f)) for f, size in files.items()})
+            report.save(self.tmp / "report.json")
+            (self.tmp / "report.txt").write_text(report.table() + "\n")
+        honour_umask(self.tmp)
+        replace(self.tmp, self.out)
+        return self.out
+
+    def _name_shards(self) -> dict[str, int]:
+        """The parts renamed as ``save_pretrained`` names shards (with an index when several)."""
+        files: dict[str, int] = {}
+        weight_map: dict[str, str] = {}
+        for i, (part, keys, _) in enumerate(self.parts, 1):
+            name = SINGLE_FILE if len(self.parts) == 1 else f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
+            os.replace(self.tmp / part, self.tmp / name)
+            files[name] = (self.tmp / name).stat().st_size
+            weight_map.update(dict.fromkeys(keys, name))
+        if len(self.parts) > 1:
+            total = sum(nbytes for _, _, nbytes in self.parts)
+            (self.tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        return files
+
+    def abort(self) -> None:
+        """Remove the unfinished folder (the destination is untouched)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _shards(units: list[tuple[str | None, dict, dict]], max_bytes: int) -> list[list]:
-    shards, size = [[]], 0
-    for unit in units:
-        nbytes = sum(t.nbytes for t in unit[1].values())
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(unit)
-        size += nbytes
-    return shards
+def _compressed(model: nn.Module) -> set[str]:
+    config = zsfw_config(getattr(model, "config", None))
+    if config is None:
+        raise CheckpointError("save() writes models compressed by zsfw.compress (their config has "
+                              "a zsfw quantization_config); use model.save_pretrained for others")
+    return set(config.modules)
 
 
 def header_bytes(path: str | Path) -> int:
@@ -89,7 +182,7 @@ def expected_bytes(model: nn.Module, targets: dict[str, nn.Linear], ratio: float
     """About what saving ``model`` compressed at ``ratio`` writes: its other tensors as they are
     (shared ones once) and the targets at ``ratio`` of 16 bits per weight."""
     target_params = {id(t.weight) for t in targets.values()}
-    others = {p.untyped_storage().data_ptr(): p.numel() * p.element_size()
+    others = {p.untyped_storage().data_ptr() if not p.is_meta else id(p): p.numel() * p.element_size()
               for p in model.parameters() if id(p) not in target_params}
     return sum(others.values()) + int(ratio * sum(2 * t.weight.numel() for t in targets.values()))
 
@@ -113,69 +206,25 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         f.write(text.ljust(length))
 
 
-def write_weights(model: nn.Module, directory: Path, max_shard_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
-    """Write the model's weights as safetensors shards in ``directory``.
-
-    Returns the bytes written per compressed module (its tensors' data) and the size of each file.
-    """
-    compressed = set(zsfw_config(model.config).modules)
-    shards = _shards(list(_units(model, compressed)), max_shard_bytes)
-    written: dict[str, int] = {}
-    files: dict[str, int] = {}
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, 1):
-        filename = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors: dict[str, torch.Tensor] = {}
-        metadata: dict[str, str] = {"format": "pt"}
-        names: list[str] = []
-        for module, unit_tensors, unit_metadata in shard:
-            tensors.update(unit_tensors)
-            names += json.loads(unit_metadata.pop("tensor_names", "[]"))
-            metadata.update(unit_metadata)
-            if module is not None:
-                written[module] = sum(t.nbytes for t in unit_tensors.values())
-        if names:
-            metadata["tensor_names"] = json.dumps(names)
-        write_safetensors(tensors, directory / filename, metadata)
-        files[filename] = (directory / filename).stat().st_size
-        weight_map.update(dict.fromkeys(tensors, filename))
-    if len(shards) > 1:
-        total = sum(t.nbytes for shard in shards for unit in shard for t in unit[1].values())
-        (directory / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return written, files
-
-
 def save(model: nn.Module, output_dir: str | Path, tokenizer: Any = None, recipe: Any = None,
          report: Any = None, overwrite: bool = False,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+         max_shard_bytes: int | None = None, writer: CheckpointWriter | None = None) -> Path:
     """Write a compressed ``model`` as a ``save_pretrained`` folder at ``output_dir``, atomically.
 
     ``report`` (a ``zsfw.compression.report.Report``) gets the bytes written per module and per file before
     it is saved next to the weights. An existing ``output_dir`` is replaced only with ``overwrite``.
+    Shards hold at most ``max_shard_bytes`` (default ``DEFAULT_MAX_SHARD_BYTES``) of tensors, or one
+    bigger unit. ``writer``: the one truncation already wrote the decoder layers to (a lazily
+    loaded model).
     """
-    out = check_destination(output_dir, overwrite)
-    if zsfw_config(getattr(model, "config", None)) is None:
-        raise CheckpointError("save() writes models compressed by zsfw.compress (their config has "
-                              "a zsfw quantization_config); use model.save_pretrained for others")
-    tmp = new_folder(out.parent, f".{out.name}.zsfw-tmp-")
+    _compressed(model)  # refuses a model zsfw did not compress before anything is written
+    fresh = writer is None
+    writer = writer or CheckpointWriter(output_dir, overwrite, max_shard_bytes)
     try:
-        model.config.save_pretrained(tmp)
-        mark_config_file(tmp / "config.json")
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        written, files = write_weights(model, tmp, max_shard_bytes)
-        if recipe is not None:
-            recipe.save(tmp / "recipe.yaml")
-        if report is not None:
-            report.record_written(written, {f: (size, header_bytes(tmp / f)) for f, size in files.items()})
-            report.save(tmp / "report.json")
-            (tmp / "report.txt").write_text(report.table() + "\n")
-        honour_umask(tmp)
-        replace(tmp, out)
+        if fresh:
+            for prefix in layer_prefixes(model):
+                writer.add_layer(model, prefix)
+        return writer.finish(model, tokenizer, recipe, report)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    return out

@@ -30,7 +30,9 @@ from torch import nn
 
 from zsfw.compression.driver import StatisticsPass
 from zsfw.compression.statistics import GroupStatistics
-from zsfw.compression.store import FactorStore, work_folder
+from zsfw.checkpoint.destination import work_folder
+from zsfw.compression.store import FactorStore
+from zsfw.residency import residency
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,13 @@ def statistics_key(model: nn.Module, targets: list[str], windows: torch.Tensor, 
     hasher.update(json.dumps({"version": CACHE_VERSION, "targets": sorted(targets),
                               "settings": settings}, sort_keys=True, default=str).encode())
     _update(hasher, windows)
-    for name, tensor in model.state_dict().items():
-        hasher.update(name.encode())
-        _update(hasher, tensor)
+    weights = residency(model)
+    if weights.lazy:
+        weights.fingerprint(hasher)
+    else:
+        for name, tensor in model.state_dict().items():
+            hasher.update(name.encode())
+            _update(hasher, tensor)
     return hasher.hexdigest()
 
 

@@ -7,11 +7,14 @@ ask a driver for
   group at a time as soon as the group's C and G are complete (the factorize step turns each
   into SVDs and scores at once and drops it), with the token count and loss after the last one;
 - ``gradients(targets)``: the loss and ∂L/∂W of the targets at their current weights over the
-  gradient windows, in one pass (the corrector and model-aware allocators use it).
+  gradient windows, in one pass (the corrector and model-aware allocators use it);
+- ``gathered(store)``: the factor store with every layer's factorization, in the process that
+  allocates, truncates and saves (None in the others).
 
 ``InMemoryDriver`` holds the whole model in memory and runs one pass over all windows (its
-groups all complete at the end of that pass). A layer-streamed or a ``torch.distributed`` driver
-implements the same two methods, and nothing else in the pipeline changes.
+groups all complete at the end of that pass). The layer-streamed driver (``streaming``) and the
+``torch.distributed`` one (``distributed``) implement the same methods, and nothing else in the
+pipeline changes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from zsfw.compression.statistics import GroupStatistics, collect
+from zsfw.compression.store import FactorStore
 from zsfw.recipe import CalibrationConfig
 
 
@@ -40,6 +44,8 @@ class Driver(Protocol):
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
 
     def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]: ...
+
+    def gathered(self, store: FactorStore) -> FactorStore | None: ...
 
 
 class _InMemoryPass:
@@ -80,3 +86,7 @@ class InMemoryDriver:
                         batch_size=cal.batch_size, moments=False,
                         checkpoint_layers=cal.checkpoint_layers, desc="gradient")
         return stats.loss, stats.gradients
+
+    def gathered(self, store: FactorStore) -> FactorStore:
+        """The factor store holding every layer (one process: the one it filled)."""
+        return store

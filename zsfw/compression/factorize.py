@@ -24,13 +24,15 @@ from zsfw.compression.statistics import GroupStatistics
 from zsfw.compression.store import FactorStore
 from zsfw.interfaces import LayerScores, LayerSpectrum, Scorer
 from zsfw.recipe import ZeroSumSVDModifier
+from zsfw.residency import RESIDENT, Resident, residency
 
 log = logging.getLogger(__name__)
 
 
 def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], scorer: Scorer,
-              damping: float, store: FactorStore) -> None:
-    """Fill ``store`` with the whitened SVD and scores of every target, group by group."""
+              damping: float, store: FactorStore, weights: Resident = RESIDENT) -> None:
+    """Fill ``store`` with the whitened SVD and scores of every target, group by group (each
+    group's layer held in memory while its members are factorized)."""
     bar = None  # opened with the first group: the driver's pass may run before it arrives
     for group in groups:
         if bar is None:
@@ -42,14 +44,15 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
             store.put_whitener(group.group, S)
             if note:
                 log.warning("whitening of %s needed %s", group.members, note)
-        for name in group.members:
-            weight = targets[name].weight.detach()
-            U, sigma, Vh = whitened_svd(weight, S)
-            scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, group.gradients.pop(name, None)))
-            layer = LayerScores(name, weight.shape[0], weight.shape[1], targets[name].bias is not None,
-                                sigma.cpu(), scores.to(torch.float64).cpu())
-            store.put_layer(layer, U, Vh, None if S is None else group.group, note)
-            bar.update()
+        with weights.holding_names(group.members):
+            for name in group.members:
+                weight = targets[name].weight.detach()
+                U, sigma, Vh = whitened_svd(weight, S)
+                scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, group.gradients.pop(name, None)))
+                layer = LayerScores(name, weight.shape[0], weight.shape[1], targets[name].bias is not None,
+                                    sigma.cpu(), scores.to(torch.float64).cpu())
+                store.put_layer(layer, U, Vh, None if S is None else group.group, note)
+                bar.update()
     if bar is not None:
         bar.close()
 
@@ -81,7 +84,7 @@ def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch
         store = FactorStore.temporary()
     try:
         start = time.perf_counter()
-        factorize(targets, report.timed("statistics", statistics), scorer, m.damping, store)
+        factorize(targets, report.timed("statistics", statistics), scorer, m.damping, store, residency(model))
         report.add_time("factorize + score", time.perf_counter() - start - report.timings["statistics"])
         store.tokens, store.loss = statistics.tokens, statistics.loss
         if cache is not None:

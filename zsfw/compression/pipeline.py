@@ -20,12 +20,14 @@ from torch import nn
 from zsfw import plugins
 from zsfw.allocation import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
-from zsfw.checkpoint.save import expected_bytes, save
+from zsfw.checkpoint import save
+from zsfw.checkpoint.save import CheckpointWriter, expected_bytes
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate
 from zsfw.compression.cache import open_cache
 from zsfw.compression.calibration import DatasetLike, coverage_warnings, windows_for
+from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
 from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
@@ -33,7 +35,9 @@ from zsfw.compression.report import Report
 from zsfw.compression.stages import run_stages
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
-from zsfw.recipe import RecipeLike, load_recipe
+from zsfw.errors import RecipeError
+from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
+from zsfw.residency import residency
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     scorer, allocator, storage = (plugins.create(kind, spec.name, spec.options) for kind, spec in
                                   (("scorer", m.scorer), ("allocator", m.allocator), ("storage", m.storage)))
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
+    lazy = residency(model).lazy
+    _check_execution(m, allocator, output_dir, lazy, statistics_cache)
     report = Report(recipe=recipe.to_dict())
     with report.phase("calibration data"):
         windows = windows_for(model, dataset, tokenizer, m.calibration)
@@ -63,25 +69,58 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows)
     driver = driver_for(m.execution, model, windows, m.calibration)
-    store = factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache), report)
+    store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver,
+                                         open_cache(statistics_cache), report))
+    if store is None:  # a helper process under torchrun: process 0 takes it from here
+        return model, report
+    writer = None
     try:
         report.calibration_tokens, report.calibration_loss = store.tokens, store.loss
         with report.phase("allocate"):
             plan = allocate(allocator, m.allocator.name, m.ratio, storage, store, targets, driver)
+        model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan, m.storage.name))
+        if lazy:  # its layers are saved as they are truncated
+            writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
         correction = corrector and Correction(model, targets, plan, store, driver)
         with report.phase("truncate"):
-            truncate(model, targets, plan, store, storage, correction)
+            truncate(model, targets, plan, store, storage, correction, writer)
         if corrector:
             with report.phase("correct"):
                 report.correction_losses = correct(corrector, correction, storage)
         report.record_plan(plan, store.notes)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     finally:
         store.close()
-    model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan, m.storage.name))
     if output_dir is not None:
         with report.phase("save"):
-            save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite)
+            save.save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite,
+                      writer=writer)
     return model, report
+
+
+def _check_execution(m: ZeroSumSVDModifier, allocator: Any, output_dir: str | Path | None, lazy: bool,
+                     statistics_cache: str | Path | None) -> None:
+    """Refuse what a lazily loaded model (decoder layers read one at a time) or several
+    processes under torchrun cannot do yet, before any work."""
+    model_aware = getattr(allocator, "needs_model", False)
+    if lazy:
+        needs = ["execution.driver 'streamed'" if m.execution.driver != "streamed" else "",
+                 "an output folder (its layers are written as they are compressed)" if output_dir is None else "",
+                 "no stages" if m.stages else "", "no corrector" if m.corrector else "",
+                 f"an allocator that needs no model, not {m.allocator.name!r}" if model_aware else ""]
+        needs = [n for n in needs if n]
+        if needs:
+            raise RecipeError(f"a lazily loaded model needs {', '.join(needs)}; or load it with "
+                              f"execution.weights 'resident'")
+    if distributed.launched():
+        unsupported = [what for what, used in (("a corrector", m.corrector), ("a statistics cache", statistics_cache),
+                                               (f"allocator {m.allocator.name!r}", model_aware)) if used]
+        if unsupported:
+            raise RecipeError(f"{' and '.join(unsupported)} cannot be used across several processes yet; "
+                              f"run without torchrun")
 
 
 def _records(plan: AllocationPlan, storage: str) -> dict[str, ModuleRecord]:

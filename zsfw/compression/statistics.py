@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from zsfw.errors import CalibrationError, NonFiniteError
+from zsfw.residency import decoder_layers
 
 
 @dataclass
@@ -106,12 +107,6 @@ class _InputMoments:
             h.remove()
         self.seen.clear()
         self.scratch.clear()
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (the classes it lists in ``_no_split_modules``)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 @contextmanager

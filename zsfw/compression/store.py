@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from zsfw.checkpoint.destination import work_folder
 from zsfw.interfaces import LayerScores
 
 log = logging.getLogger(__name__)
@@ -32,27 +32,6 @@ def spill_root() -> Path:
     from zsfw.sources import cache_dir
 
     return Path(os.environ.get("ZSFW_SPILL") or cache_dir() / "spill").expanduser()
-
-
-def work_folder(parent: Path, prefix: str) -> Path:
-    """A new folder ``<prefix><pid>-<random>`` in ``parent``, after removing the folders with that
-    prefix that processes no longer running left behind (a kill -9 skips every cleanup)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f"{prefix}*"):
-        pid = stale.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class FactorStore:

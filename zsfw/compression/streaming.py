@@ -7,18 +7,19 @@ complete only at the very end. Here the order is layer-major:
    (masks, rotary embeddings: they differ per layer type in some models) and the input of the
    first layer;
 2. forward sweep, layer by layer over all windows, without gradients: each boundary's hidden
-   states are stored and each layer's input second moments C accumulated;
+   states are stored;
 3. turn: ∂loss/∂(last boundary) from the model's own tail (final norm, head, loss function: the
    decoder layers pass their stored outputs through), checked against ``model(ids).loss``;
-4. backward sweep, last layer first: recompute the layer from its stored input, backpropagate
-   the stored output gradient, and the layer's G is complete: its groups are handed on at once
-   (the factorize step turns them into SVDs and scores and drops them) and its boundary freed.
+4. backward sweep, last layer first: recompute the layer from its stored input (its inputs'
+   second moments C accumulate there), backpropagate the stored output gradient, and the layer's
+   C and G are complete: its groups are handed on at once (the factorize step turns them into
+   SVDs and scores and drops them) and its boundary freed. Only one layer's C and G are ever held.
 
 Same windows, micro-batches and summation order per weight as ``InMemoryDriver``, so the
-statistics agree with it to rounding (tested). This first version keeps the weights in memory
-and the boundaries in host memory, or on disk with ``offload: disk`` (one safetensors file per
-boundary and micro-batch in the spill folder, removed as the backward sweep passes it); lazy
-weights and several processes build on it.
+statistics equal its own (tested bit for bit). The boundaries wait in host memory, or on disk
+with ``offload: disk`` (one safetensors file per boundary and micro-batch in the spill folder,
+removed as the backward sweep passes it). With a lazily loaded model (``zsfw.residency``) each
+sweep holds one decoder layer's weights at a time.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsfw.compression import distributed
 from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass
-from zsfw.compression.statistics import (GroupStatistics, _InputMoments, checked_gradient,
-                                         decoder_layers, frozen, gradient_windows, loss_function)
-from zsfw.compression.store import spill_root, work_folder
+from zsfw.compression.statistics import (GroupStatistics, _InputMoments, checked_gradient, frozen,
+                                         gradient_windows, loss_function)
+from zsfw.checkpoint.destination import work_folder
+from zsfw.compression.store import spill_root
 from zsfw.errors import CalibrationError, NonFiniteError
+from zsfw.residency import decoder_layers, residency
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
 
 
@@ -100,20 +104,22 @@ class _StreamedPass(_InMemoryPass):
         batches = [d.windows[i:i + cal.batch_size] for i in range(0, d.windows.shape[0], cal.batch_size)]
         n_grad = gradient_windows(d.windows, cal.gradient_samples, self.gradients)
         boundaries = Boundaries(d.offload, next(model.parameters()).device)
+        moments = None
         with frozen(model):
             try:
                 calls = self._capture(layers, batches, boundaries)
-                moments = _InputMoments(self.targets, torch.float64) if self.moments else None
-                try:
-                    self._forward(layers, len(batches), boundaries, calls, moments)
-                finally:
-                    if moments:
-                        moments.remove()
-                loss_of = loss_function(model, d.windows[:1, :32])
+                self._forward(layers, len(batches), boundaries, calls)
+                with _passthrough(layers, [None]):  # the probe checks the head only
+                    loss_of = loss_function(model, d.windows[:1, :32])
                 grads_out = self._turn(layers, batches, boundaries, loss_of, n_grad)
-                self.tokens = moments.tokens if moments else d.windows.numel()
+                self.tokens = d.windows.numel()  # every token passes every layer
+                if self.moments:  # accumulated in the backward sweep's recomputation
+                    moments = _InputMoments(self.targets, torch.float64)
+                    moments.tokens = self.tokens
                 yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
             finally:
+                if moments:
+                    moments.remove()
                 boundaries.close()
 
     def _capture(self, layers, batches, boundaries: "Boundaries") -> list[list[tuple]]:
@@ -128,15 +134,13 @@ class _StreamedPass(_InMemoryPass):
                           for args, kwargs in recorded])
         return calls
 
-    def _forward(self, layers, n_batches: int, boundaries: "Boundaries", calls, moments) -> None:
+    def _forward(self, layers, n_batches: int, boundaries: "Boundaries", calls) -> None:
+        weights = residency(self.driver.model)
         for i, layer in enumerate(tqdm(layers, desc="forward sweep", unit="layer")):
-            for b in range(n_batches):
-                hidden = boundaries.get(i, b)
-                if moments:
-                    moments.new_batch(hidden.shape[0] * hidden.shape[1] if i == 0 else 0)
-                args, kwargs = calls[b][i]
-                with torch.no_grad():
-                    boundaries.put(i + 1, b, _hidden(layer(hidden, *args, **kwargs)))
+            with weights.holding(i), torch.no_grad():
+                for b in range(n_batches):
+                    args, kwargs = calls[b][i]
+                    boundaries.put(i + 1, b, _hidden(layer(boundaries.get(i, b), *args, **kwargs)))
 
     def _turn(self, layers, batches, boundaries: "Boundaries", loss_of, n_grad) -> list[torch.Tensor | None]:
         """∂loss/∂(last boundary) per gradient micro-batch, from the model's own tail; sets the loss."""
@@ -169,7 +173,7 @@ class _StreamedPass(_InMemoryPass):
 
     def _check_turn(self, streamed: torch.Tensor, loss_of, batch: torch.Tensor) -> None:
         """Refuse a model whose layer-by-layer loss is not its own loss (once per pass)."""
-        with torch.no_grad():
+        with torch.no_grad(), residency(self.driver.model).sequential():
             own = loss_of(self.driver.model, batch)
         if not torch.allclose(streamed.detach(), own, rtol=1e-5, atol=1e-6):
             raise CalibrationError(f"{type(self.driver.model).__name__} cannot be streamed layer by "
@@ -177,33 +181,43 @@ class _StreamedPass(_InMemoryPass):
                                    f"use execution.driver 'memory'")
 
     def _backward(self, layers, owner, boundaries, calls, grads_out, moments, n_grad) -> Iterator[GroupStatistics]:
-        groups: dict[str, list[str]] = {}
-        if moments:
-            for name, group in moments.group_of.items():
-                groups.setdefault(group, []).append(name)
-        else:
-            groups = {name: [name] for name in self.targets}
+        """Layer by layer, last first: each window batch's layer recomputed from its stored input
+        (C accumulates there, so only this layer's C is ever held), the gradient windows
+        backpropagated (G complete), and the layer's groups handed on."""
+        weights = residency(self.driver.model)
         for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="backward sweep", unit="layer"):
             mine = [name for name, layer in owner.items() if layer == i]
-            for name in mine:
-                self.targets[name].weight.requires_grad_(n_grad > 0)
-                self.targets[name].weight.grad = None
-            grads_in = []
-            for b, grad in enumerate(grads_out):
-                if grad is None:
-                    grads_in.append(None)
-                    continue
-                x = boundaries.get(i, b).detach().requires_grad_(True)
-                args, kwargs = calls[b][i]
-                _hidden(layers[i](x, *args, **kwargs)).backward(grad)
-                grads_in.append(x.grad)
-            grads_out = grads_in
-            boundaries.drop(i + 1)  # this boundary is done with
-            for group, members in groups.items():
-                if group in mine:
+            with weights.holding(i):
+                grads_out = self._backward_layer(layers[i], i, mine, boundaries, calls, grads_out, moments, n_grad)
+                groups: dict[str, list[str]] = {}
+                for name in mine:
+                    groups.setdefault(moments.group_of[name] if moments else name, []).append(name)
+                for group, members in groups.items():
                     yield self._group(group, members, moments)
-            for name in mine:
-                self.targets[name].weight.requires_grad_(False)
+
+    def _backward_layer(self, layer, i, mine, boundaries, calls, grads_out, moments, n_grad) -> list:
+        """∂loss/∂(input of layer i) per batch, after accumulating its targets' C and G."""
+        for name in mine:
+            self.targets[name].weight.requires_grad_(n_grad > 0)
+            self.targets[name].weight.grad = None
+        grads_in = []
+        for b, grad in enumerate(grads_out):
+            if moments:
+                moments.new_batch(0)
+            args, kwargs = calls[b][i]
+            if grad is None:
+                if moments:  # a window without gradient: recomputed for its C only
+                    with torch.no_grad():
+                        layer(boundaries.get(i, b), *args, **kwargs)
+                grads_in.append(None)
+                continue
+            x = boundaries.get(i, b).detach().requires_grad_(True)
+            _hidden(layer(x, *args, **kwargs)).backward(grad)
+            grads_in.append(x.grad)
+        boundaries.drop(i + 1)  # this boundary is done with
+        for name in mine:
+            self.targets[name].weight.requires_grad_(False)
+        return grads_in
 
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
         gradients = {}
@@ -278,7 +292,15 @@ class LayerStreamedDriver(InMemoryDriver):
 
 def driver_for(execution: ExecutionConfig, model: nn.Module, windows: torch.Tensor,
                calibration: CalibrationConfig) -> Driver:
-    """The driver a recipe's ``execution`` asks for."""
-    if execution.driver == "streamed":
-        return LayerStreamedDriver(model, windows, calibration, execution.offload)
-    return InMemoryDriver(model, windows, calibration)
+    """The driver a recipe's ``execution`` asks for; under torchrun, over this process's share
+    of the windows with the statistics summed across processes."""
+    def local(windows: torch.Tensor, calibration: CalibrationConfig) -> Driver:
+        if execution.driver == "streamed":
+            return LayerStreamedDriver(model, windows, calibration, execution.offload)
+        return InMemoryDriver(model, windows, calibration)
+
+    if not distributed.launched():
+        return local(windows, calibration)
+    distributed.join(next(model.parameters()).device)
+    mine, calibration, n_grad = distributed.share(windows, calibration)
+    return distributed.DistributedDriver(local(mine, calibration), windows, n_grad)

@@ -40,7 +40,7 @@ def find_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dic
                               f"{type(module).__name__}, not a torch.nn.Linear; only linear "
                               f"layers can be factorized")
         for param_name, param in module.named_parameters(prefix=name):
-            if not torch.isfinite(param).all():
+            if not param.is_meta and not torch.isfinite(param).all():  # lazy layers: checked on load
                 raise NonFiniteError(f"parameter {param_name!r} holds NaN or Inf values; the model's "
                                      f"weights are broken (re-load or re-convert the checkpoint)")
         found[name] = module

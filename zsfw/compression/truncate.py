@@ -15,6 +15,7 @@ from zsfw.allocation import Allocation, AllocationPlan
 from zsfw.compression.linalg import lowrank_factors
 from zsfw.compression.store import FactorStore
 from zsfw.interfaces import StorageFormat
+from zsfw.residency import residency
 
 
 def kept_factors(store: FactorStore, name: str, kept: Allocation,
@@ -25,15 +26,26 @@ def kept_factors(store: FactorStore, name: str, kept: Allocation,
 
 
 def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-             store: FactorStore, storage: StorageFormat, correction=None) -> None:
+             store: FactorStore, storage: StorageFormat, correction=None, writer=None) -> None:
     """Replace every target of ``model`` as ``plan`` says; with ``correction`` (a
-    ``zsfw.compression.correct.Correction``) low-rank layers go to it as dense rank-k weights."""
-    for name, linear in tqdm(targets.items(), desc="truncate", unit="layer"):
-        if plan.is_dense(name):
-            model.set_submodule(name, storage.dense_module(linear))
-            continue
-        B, A = kept_factors(store, name, plan[name], linear.weight.device)
-        if correction is not None:
-            correction.install(name, B, A)
-        else:
-            model.set_submodule(name, storage.lowrank_module(B, A, linear.bias))
+    ``zsfw.compression.correct.Correction``) low-rank layers go to it as dense rank-k weights.
+
+    A lazily loaded model is truncated one decoder layer at a time, each written to ``writer``
+    (a ``zsfw.checkpoint.save.CheckpointWriter``) before its memory goes back.
+    """
+    bar = tqdm(total=len(targets), desc="truncate", unit="layer")
+    for prefix, names in residency(model).parts(targets):
+        for name in names:
+            linear = targets[name]
+            if plan.is_dense(name):
+                model.set_submodule(name, storage.dense_module(linear))
+            else:
+                B, A = kept_factors(store, name, plan[name], linear.weight.device)
+                if correction is not None:
+                    correction.install(name, B, A)
+                else:
+                    model.set_submodule(name, storage.lowrank_module(B, A, linear.bias))
+            bar.update()
+        if writer is not None and prefix is not None:
+            writer.add_layer(model, prefix)
+    bar.close()

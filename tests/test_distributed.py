@@ -1,0 +1,60 @@
+"""Two processes under torchrun (gloo) give what one process gives."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zsfw
+from helpers import patterned_windows, recipe, tiny_llama, train_briefly
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch, zsfw
+from helpers import patterned_windows, recipe, tiny_llama, train_briefly
+
+windows = patterned_windows()
+model = train_briefly(tiny_llama(), windows)
+_, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution={execution!r}), windows,
+                          output_dir={out!r})
+if torch.distributed.get_rank() == 0:
+    json.dump({{"ranks": [l.rank for l in report.layers], "bytes": [l.written_bytes for l in report.layers],
+               "loss": report.calibration_loss, "tokens": report.calibration_tokens}}, open({result!r}, "w"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def _torchrun(tmp_path: Path, execution: dict) -> dict:
+    script = tmp_path / "run.py"
+    result = tmp_path / "result.json"
+    script.write_text(SCRIPT.format(tests=str(HERE), execution=execution, out=str(tmp_path / "two"),
+                                    result=str(result)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("execution", [{"driver": "memory"}, {"driver": "streamed"}])
+def test_two_processes_give_what_one_gives(execution, tmp_path):
+    two = _torchrun(tmp_path, execution)
+    windows = patterned_windows()
+    model = train_briefly(tiny_llama(), windows)
+    _, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution=execution), windows,
+                              output_dir=tmp_path / "one")
+    assert two["ranks"] == [l.rank for l in report.layers]
+    assert two["bytes"] == [l.written_bytes for l in report.layers]
+    assert two["tokens"] == report.calibration_tokens
+    assert two["loss"] == pytest.approx(report.calibration_loss, rel=1e-9)
+    one, other = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == other.keys()
+    for key, tensor in one.items():
+        assert torch.allclose(other[key].float(), tensor.float(), rtol=1e-6, atol=1e-6 * tensor.float().abs().max()), key
+    assert not list(tmp_path.glob(".two*"))  # the helper process wrote nothing

@@ -1,0 +1,249 @@
+"""Which weights are in memory: all of them, or, for a lazily loaded model, what lies outside the
+decoder layers plus the layers a step holds at the moment.
+
+A model loaded the usual way is ``Resident``: holding a layer costs nothing. ``lazy_model``
+builds the model's skeleton on the ``meta`` device and materialises only the embedding, final
+norm, head and the like; each decoder layer's tensors stay in the checkpoint's safetensors files
+(memory-mapped) until a step holds the layer (``holding``) and go back to ``meta`` when the last
+holder lets go. The layer-streamed driver, the factorize step and truncation hold one layer at a
+time, so the whole model is never in memory at once.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import ContextManager, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from zsfw.checkpoint.files import checkpoint_files
+from zsfw.errors import CheckpointError, ModelLoadError, NonFiniteError
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (the classes it lists in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def layer_prefixes(model: nn.Module) -> list[str]:
+    """The module names of the decoder layers, in order."""
+    layers = {id(layer) for layer in decoder_layers(model)}
+    return [name for name, module in model.named_modules() if id(module) in layers]
+
+
+class Resident:
+    """Every weight is in memory (a model loaded the usual way): holding costs nothing."""
+
+    lazy = False
+
+    def holding(self, index: int) -> ContextManager[None]:
+        """Decoder layer ``index`` in memory for the block."""
+        return nullcontext()
+
+    def holding_names(self, names: Iterable[str]) -> ContextManager[None]:
+        """The decoder layers holding the modules ``names`` in memory for the block."""
+        return nullcontext()
+
+    def sequential(self) -> ContextManager[None]:
+        """Whole-model forward passes work in the block (each layer held while it runs)."""
+        return nullcontext()
+
+    def parts(self, names: Iterable[str]) -> Iterator[tuple[str | None, list[str]]]:
+        """The modules ``names`` in parts whose weights are in memory together, each held while
+        the caller works on it: (decoder layer's name, or None for all at once; names in it)."""
+        yield None, list(names)
+
+
+RESIDENT = Resident()
+
+
+def residency(model: nn.Module) -> Resident:
+    """How ``model``'s weights are held: its ``LazyWeights`` when loaded lazily, else ``RESIDENT``."""
+    return getattr(model, "_zsfw_residency", RESIDENT)
+
+
+class LazyWeights(Resident):
+    """The decoder layers' tensors, read from the checkpoint's safetensors when a layer is held."""
+
+    lazy = True
+
+    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        self.files = _tensor_files(folder)
+        self.layers = decoder_layers(model)
+        self.prefixes = layer_prefixes(model)
+        self.holders = [0] * len(self.layers)
+        self.model_class = type(model).__name__
+        self._open: dict[str, object] = {}
+        self._checked: set[str] = set()
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One checkpoint tensor, floating point ones in the model's dtype and checked finite once."""
+        file = self.files.get(key)
+        if file is None:
+            raise ModelLoadError(f"{self.model_class} cannot be loaded lazily from {str(self.folder)!r}: "
+                                 f"its checkpoint has no tensor {key!r}; use execution.weights 'resident'")
+        if file not in self._open:
+            self._open[file] = safe_open(self.folder / file, framework="pt", device="cpu")
+        t = self._open[file].get_tensor(key)
+        if t.is_floating_point():
+            t = t.to(self.dtype)
+            if key not in self._checked:
+                if not torch.isfinite(t).all():
+                    raise NonFiniteError(f"checkpoint tensor {key!r} holds NaN or Inf values; the model's "
+                                         f"weights are broken (re-load or re-convert the checkpoint)")
+                self._checked.add(key)
+        return t
+
+    def _acquire(self, index: int) -> None:
+        if self.holders[index] == 0:
+            _fill(self.layers[index], self.prefixes[index], self)
+        self.holders[index] += 1
+
+    def _release(self, index: int) -> None:
+        self.holders[index] -= 1
+        if self.holders[index] == 0:
+            _empty(self.layers[index])
+
+    @contextmanager
+    def holding(self, index: int) -> Iterator[None]:
+        self._acquire(index)
+        try:
+            yield
+        finally:
+            self._release(index)
+
+    @contextmanager
+    def holding_names(self, names: Iterable[str]) -> Iterator[None]:
+        wanted = {i for name in names for i, prefix in enumerate(self.prefixes)
+                  if name.startswith(prefix + ".")}
+        with ExitStack() as stack:
+            for i in sorted(wanted):
+                stack.enter_context(self.holding(i))
+            yield
+
+    @contextmanager
+    def sequential(self) -> Iterator[None]:
+        running: list[int] = []  # layers entered and not yet left (an exception skips the leaving)
+
+        def enter(i: int):
+            def hook(module, args):
+                self._acquire(i)
+                running.append(i)
+            return hook
+
+        def leave(i: int):
+            def hook(module, args, output):
+                running.remove(i)
+                self._release(i)
+            return hook
+        with ExitStack() as stack:
+            for i, layer in enumerate(self.layers):
+                stack.enter_context(layer.register_forward_pre_hook(enter(i)))
+                stack.enter_context(layer.register_forward_hook(leave(i)))
+            try:
+                yield
+            finally:
+                for i in reversed(running):
+                    self._release(i)
+
+    def parts(self, names: Iterable[str]) -> Iterator[tuple[str | None, list[str]]]:
+        names = list(names)
+        for i, prefix in enumerate(self.prefixes):
+            with self.holding(i):
+                yield prefix, [n for n in names if n.startswith(prefix + ".")]
+
+    def fingerprint(self, hasher) -> None:
+        """Feed the checkpoint files' names, sizes, modification times and headers (reading every
+        weight would take as long as a sweep) and the dtype the layers are read in to ``hasher``."""
+        hasher.update(str(self.dtype).encode())
+        for file in sorted(set(self.files.values())):
+            path = self.folder / file
+            stat = path.stat()
+            hasher.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            with open(path, "rb") as f:
+                hasher.update(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def _tensor_files(folder: Path) -> dict[str, str]:
+    """Checkpoint tensor name → the safetensors file holding it."""
+    try:
+        files = checkpoint_files(folder)
+    except CheckpointError as exc:
+        raise ModelLoadError(f"{exc}: lazy loading reads safetensors checkpoints; use "
+                             f"execution.weights 'resident'") from None
+    found = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            found.update(dict.fromkeys(f.keys(), path.name))
+    return found
+
+
+def _direct_tensors(module: nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
+    """(the dict holding it, its name, the tensor) for each persistent tensor of ``module`` itself."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield module._parameters, name, p
+    for name, b in module._buffers.items():
+        if b is not None and name not in module._non_persistent_buffers_set:
+            yield module._buffers, name, b
+
+
+def _set(module: nn.Module, holder: dict, key: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    grad = old.requires_grad and new.is_floating_point()
+    holder[key] = nn.Parameter(new, requires_grad=grad) if holder is module._parameters else new
+
+
+def _load(module: nn.Module, name: str, weights: LazyWeights, skip: set[str] = frozenset()) -> None:
+    """``module``'s own persistent tensors from the checkpoint (but the keys in ``skip``)."""
+    for holder, key, old in list(_direct_tensors(module)):
+        full = f"{name}.{key}" if name else key
+        if full not in skip:
+            _set(module, holder, key, old, weights.tensor(full))
+
+
+def _fill(layer: nn.Module, prefix: str, weights: LazyWeights) -> None:
+    for name, module in layer.named_modules(prefix=prefix):
+        _load(module, name, weights)
+    left = [n for n, t in (*layer.named_parameters(), *layer.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelLoadError(f"{weights.model_class} cannot be loaded lazily: {prefix}.{left[0]} is not "
+                             f"restored from its checkpoint; use execution.weights 'resident'")
+
+
+def _empty(layer: nn.Module) -> None:
+    """Every tensor of ``layer`` back to ``meta`` (same shape and dtype, no memory)."""
+    for module in layer.modules():
+        for holder, key, old in list(_direct_tensors(module)):
+            if not old.is_meta:
+                _set(module, holder, key, old, torch.empty(old.shape, dtype=old.dtype, device="meta"))
+
+
+def lazy_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM in ``folder`` with its decoder layers left in the checkpoint (see the module
+    docstring); everything outside them is loaded now."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = LazyWeights(model, folder, dtype)
+    if not weights.layers:
+        raise ModelLoadError(f"{type(model).__name__} lists no decoder layer class in _no_split_modules, "
+                             f"so it cannot be loaded lazily; use execution.weights 'resident'")
+    inside = {id(m) for layer in weights.layers for m in layer.modules()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        module.to_empty(device="cpu", recurse=False)
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)  # computed buffers (rotary frequencies), as transformers does
+        _load(module, name, weights, tied)
+    model.tie_weights()
+    model.name_or_path = model.config._name_or_path = str(folder)
+    model._zsfw_residency = weights
+    return model.eval()
