@@ -41,6 +41,20 @@ def dropped(full_rank: int, kept: Allocation) -> torch.Tensor:
     return mask
 
 
+def useful_rank(storage: StorageFormat, out_features: int, in_features: int, bias: bool) -> int:
+    """The highest rank ``storage`` keeps below its dense cost (0 when none is): above it a layer
+    stays dense, so no allocation keeps more of its top components."""
+    dense = storage.dense_bytes(out_features, in_features, bias)
+    low, high = 0, min(out_features, in_features) - 1  # the answer lies in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if storage.lowrank_bytes(out_features, in_features, mid, bias) < dense:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 class ByteBudget:
     """The global byte budget every allocator spends, priced by one storage format.
 

@@ -68,7 +68,8 @@ def zsfw_register_allocators(register: Register) -> None:
     """Register rank allocators: classes implementing ``zsfw.interfaces.Allocator``.
 
     ``allocate(layers, budget)`` returns an ``AllocationPlan`` whose cost is within
-    ``budget.limit``. An allocator that sets ``needs_model = True`` is instead called as
+    ``budget.limit``, keeping each layer's top components unless it sets
+    ``keeps_any_component = True``. An allocator that sets ``needs_model = True`` is instead called as
     ``allocate(problem)`` with a ``zsfw.interfaces.AllocationProblem``, which can also evaluate
     the loss and its gradient for soft-truncated layers.
     """

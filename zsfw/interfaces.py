@@ -82,7 +82,9 @@ class Allocator(Protocol):
     """Chooses what each layer keeps so that the plan's cost is at most ``budget.limit``.
 
     Returns an ``AllocationPlan`` (a plain mapping of layer name to rank or kept indices is
-    turned into one by the engine)."""
+    turned into one by the engine). Plans keep each layer's top components unless the allocator
+    sets ``keeps_any_component = True``: then it may keep any indices, and the factor store
+    keeps every component for it."""
 
     name: ClassVar[str]
 

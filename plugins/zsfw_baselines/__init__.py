@@ -63,6 +63,7 @@ class GreedyNegativeAllocator:
 
     def __init__(self, keep_top_k: bool = False) -> None:
         self.keep_top_k = keep_top_k
+        self.keeps_any_component = not keep_top_k  # the factor store then keeps every component
 
     def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
         frontier = DropFrontier(layers, budget)

@@ -16,7 +16,6 @@ from torch import nn
 
 from zsfw.allocation import AllocationPlan, ByteBudget
 from zsfw.compression.driver import Driver
-from zsfw.compression.linalg import lowrank_factors
 from zsfw.compression.store import FactorStore
 from zsfw.errors import AllocationError
 from zsfw.interfaces import LayerScores, StorageFormat
@@ -31,10 +30,10 @@ class SoftTruncation:
         self.store, self.targets, self.driver = store, targets, driver
 
     def _factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """B_full = U Σ^½ and A_full = Σ^½ Vᵀ S⁻¹ (float64): every component of the layer."""
-        U, Vh = self.store.svd(name, device)
-        sigma = self.store.layers[name].sigma.to(device)
-        return lowrank_factors(U, sigma, Vh, self.store.whitener(name, device), sigma.numel())
+        """B_full = U Σ^½ and A_full = Σ^½ Vᵀ S⁻¹ (float64): every component of the layer (a
+        model-aware allocator's store keeps them all)."""
+        B, A = self.store.factors(name, device)
+        return B.to(torch.float64), A.to(torch.float64)
 
     def soft_gradients(self, occupations: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
         originals = {}

@@ -36,7 +36,7 @@ from zsfw.residency import residency
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _UNREADABLE = (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError)
 
 

@@ -143,33 +143,33 @@ def _cost(linear: nn.Linear) -> float:
 
 
 def _send(store: FactorStore, group: str, members: list[str]) -> None:
-    whitener = store.whitener(members[0], torch.device("cpu"))
-    layers = {name: store.layers[name] for name in members}
+    whitener = store.whitener(members[0], torch.device("cpu")) if store.whiteners else None
+    factors = {name: store.factors(name, torch.device("cpu")) for name in members}
     dist.send_object_list([{"notes": {n: store.notes.get(n, "") for n in members},
-                            "whitened": whitener is not None,
+                            "whitened": members[0] in store.whitener_of,
                             "S": None if whitener is None else (tuple(whitener.shape), whitener.dtype),
-                            "layers": layers}], dst=0)
+                            "ranks": {n: B.shape[1] for n, (B, _) in factors.items()},
+                            "layers": {name: store.layers[name] for name in members}}], dst=0)
     if whitener is not None:
         dist.send(whitener.contiguous(), dst=0)
-    for name in members:
-        U, Vh = store.svd(name, torch.device("cpu"))
-        dist.send(U.contiguous(), dst=0)
-        dist.send(Vh.contiguous(), dst=0)
+    for B, A in factors.values():
+        dist.send(B.contiguous(), dst=0)
+        dist.send(A.contiguous(), dst=0)
 
 
 def _receive(store: FactorStore, group: str, members: list[str], owner: int) -> None:
     message = [None]
     dist.recv_object_list(message, src=owner)
     info = message[0]
-    if info["whitened"]:
+    if info["S"] is not None:
         shape, dtype = info["S"]
         S = torch.empty(shape, dtype=dtype)
         dist.recv(S, src=owner)
         store.put_whitener(group, S)
     for name in members:
         layer: LayerScores = info["layers"][name]
-        k = layer.full_rank
-        U, Vh = torch.empty(layer.out_features, k), torch.empty(k, layer.in_features)
-        dist.recv(U, src=owner)
-        dist.recv(Vh, src=owner)
-        store.put_layer(layer, U, Vh, group if info["whitened"] else None, info["notes"][name])
+        r = info["ranks"][name]
+        B, A = torch.empty(layer.out_features, r), torch.empty(r, layer.in_features)
+        dist.recv(B, src=owner)
+        dist.recv(A, src=owner)
+        store.put_layer(layer, B, A, group if info["whitened"] else None, info["notes"][name])

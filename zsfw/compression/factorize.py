@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from zsfw.compression.cache import StatisticsCache, factorization_key, statistics_key
 from zsfw.compression.driver import Driver
-from zsfw.compression.linalg import Whitening, whitened_svd, whitening_factor
+from zsfw.compression.linalg import Whitening, lowrank_factors, whitened_svd, whitening_factor
 from zsfw.compression.report import Report
 from zsfw.compression.statistics import GroupStatistics
 from zsfw.compression.store import FactorStore
-from zsfw.interfaces import LayerScores, LayerSpectrum, Scorer
+from zsfw.interfaces import LayerScores, LayerSpectrum, Scorer, StorageFormat
 from zsfw.recipe import ZeroSumSVDModifier
 from zsfw.residency import RESIDENT, Resident, residency
 
@@ -51,7 +51,8 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
                 scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, group.gradients.pop(name, None)))
                 layer = LayerScores(name, weight.shape[0], weight.shape[1], targets[name].bias is not None,
                                     sigma.cpu(), scores.to(torch.float64).cpu())
-                store.put_layer(layer, U, Vh, None if S is None else group.group, note)
+                B, A = lowrank_factors(U, sigma, Vh, S, store.kept_rank(layer))
+                store.put_layer(layer, B, A, None if S is None else group.group, note)
                 bar.update()
     if bar is not None:
         bar.close()
@@ -59,9 +60,11 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
 
 def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
                  modifier: ZeroSumSVDModifier, scorer: Scorer, driver: Driver,
-                 cache: StatisticsCache | None, report: Report) -> FactorStore:
+                 cache: StatisticsCache | None, report: Report, spill: StorageFormat | None = None,
+                 whiteners: bool = True) -> FactorStore:
     """The factorization of every target: a cached one when the cache holds it, else computed
-    from statistics (cached, or from the driver's pass) and, with a cache, stored there."""
+    from statistics (cached, or from the driver's pass) and, with a cache, stored there (cache
+    entries keep everything; a temporary store what ``spill`` and ``whiteners`` say)."""
     m, cal = modifier, modifier.calibration
     if cache is not None:
         settings = {"gradient_samples": cal.gradient_samples, "batch_size": cal.batch_size,
@@ -81,7 +84,7 @@ def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch
         store = cache.new_factors(key)
     else:
         statistics = driver.statistics(targets, m.whiten, scorer.needs_gradient)
-        store = FactorStore.temporary()
+        store = FactorStore.temporary(spill, whiteners)
     try:
         start = time.perf_counter()
         factorize(targets, report.timed("statistics", statistics), scorer, m.damping, store, residency(model))

@@ -69,8 +69,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows)
     driver = driver_for(m.execution, model, windows, m.calibration)
-    store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver,
-                                         open_cache(statistics_cache), report))
+    every_component = getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
+    store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache),
+                                         report, None if every_component else storage, bool(corrector)))
     if store is None:  # a helper process under torchrun: process 0 takes it from here
         return model, report
     writer = None

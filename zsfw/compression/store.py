@@ -1,5 +1,7 @@
-"""The factor store: each layer's whitened SVD and each input group's whitening factor S, kept on
-disk between factorization and truncation, with the spectra and scores allocators need in memory.
+"""The factor store: each layer's low-rank factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its whitened
+SVD (every component, or those a top-k plan can keep) and, when a corrector needs them, each input
+group's whitening factor S, kept on disk between factorization and truncation, with the spectra
+and scores allocators need in memory.
 
 One object owns its folder, its keys and its cleanup. A temporary store lives in a fresh folder
 and is removed by ``close``. A store created by the factorization cache is written in a hidden
@@ -20,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zsfw.checkpoint.destination import work_folder
-from zsfw.interfaces import LayerScores
+from zsfw.allocation import useful_rank
+from zsfw.interfaces import LayerScores, StorageFormat
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,13 @@ def spill_root() -> Path:
 class FactorStore:
     """U and Vᵀ per layer and S per whitening group on disk; σ, scores and notes in memory."""
 
-    def __init__(self, directory: Path, final: Path | None = None, key: str = "") -> None:
+    def __init__(self, directory: Path, final: Path | None = None, key: str = "",
+                 spill: StorageFormat | None = None, whiteners: bool = True) -> None:
         self.directory = directory
         self.final = final  # where ``commit`` moves it (a cache entry), None: temporary
         self.key = key
+        self.spill = spill  # keep each layer's components up to this format's useful rank; None: all
+        self.whiteners = whiteners  # keep each group's S (a corrector re-truncates with it)
         self.layers: dict[str, LayerScores] = {}
         self.whitener_of: dict[str, str] = {}  # layer -> its whitening group
         self.notes: dict[str, str] = {}  # layer -> how S was obtained, when unusual
@@ -49,34 +55,47 @@ class FactorStore:
         self.committed = False
 
     @classmethod
-    def temporary(cls) -> "FactorStore":
-        """A store in the spill folder (``spill_root``), removed by ``close``."""
-        return cls(work_folder(spill_root(), "factors-"))
+    def temporary(cls, spill: StorageFormat | None = None, whiteners: bool = True) -> "FactorStore":
+        """A store in the spill folder (``spill_root``), removed by ``close``; ``spill`` and
+        ``whiteners`` say what it keeps (see ``kept_rank``)."""
+        return cls(work_folder(spill_root(), "factors-"), spill=spill, whiteners=whiteners)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def put_whitener(self, group: str, S: torch.Tensor) -> None:
-        save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+    def kept_rank(self, layer: LayerScores) -> int:
+        """How many of the layer's top components are kept: every one, or with ``spill`` as many
+        as that storage format keeps below its dense cost (no top-k plan keeps more; about the
+        fp32 weights' size on disk instead of twice that)."""
+        if self.spill is None:
+            return layer.full_rank
+        return useful_rank(self.spill, layer.out_features, layer.in_features, layer.has_bias)
 
-    def put_layer(self, scores: LayerScores, U: torch.Tensor, Vh: torch.Tensor,
+    def put_whitener(self, group: str, S: torch.Tensor) -> None:
+        if self.whiteners:
+            save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+
+    def put_layer(self, scores: LayerScores, B: torch.Tensor, A: torch.Tensor,
                   group: str | None, note: str = "") -> None:
-        """A layer's SVD factors (to disk, fp32) and its spectrum and scores (kept)."""
-        save_file({"U": U.detach().float().cpu().contiguous(), "Vh": Vh.detach().float().cpu().contiguous()},
-                  self._path(f"svd.{scores.name}"))
+        """A layer's factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its kept components (to disk,
+        fp32) and its spectrum and scores (kept in memory)."""
+        save_file({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
+                  self._path(f"factors.{scores.name}"))
         self.layers[scores.name] = scores
         if group is not None:
             self.whitener_of[scores.name] = group
             self.notes[scores.name] = note
 
-    def svd(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """U and Vᵀ of a layer's whitened SVD."""
-        found = load_file(self._path(f"svd.{name}"))
-        return found["U"].to(device), found["Vh"].to(device)
+    def factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """B (out×r) and A (r×in), fp32, of the layer's top r kept components."""
+        found = load_file(self._path(f"factors.{name}"))
+        return found["B"].to(device), found["A"].to(device)
 
     def whitener(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The S that whitens layer ``name`` (None when it was not whitened)."""
         group = self.whitener_of.get(name)
+        if group is not None and not self.whiteners:
+            raise RuntimeError("this factor store keeps no whitening factors")  # a pipeline bug
         return None if group is None else load_file(self._path(f"S.{group}"))["S"].to(device)
 
     def commit(self) -> None:

@@ -1,8 +1,9 @@
 """Truncate: every target becomes what the plan says, in the storage format's modules.
 
 A layer the plan keeps dense gets the format's dense module; a low-rank layer gets
-B = U_k Σ_k^½ and A = Σ_k^½ V_kᵀ S⁻¹ of its kept components, built into the format's low-rank
-module, or handed to the correction step (which builds the modules once it is done).
+B = U_k Σ_k^½ and A = Σ_k^½ V_kᵀ S⁻¹ of its kept components (read from the factor store), built
+into the format's low-rank module, or handed to the correction step (which builds the modules
+once it is done).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsfw.allocation import Allocation, AllocationPlan
-from zsfw.compression.linalg import lowrank_factors
 from zsfw.compression.store import FactorStore
+from zsfw.errors import AllocationError
 from zsfw.interfaces import StorageFormat
 from zsfw.residency import residency
 
@@ -21,8 +22,14 @@ from zsfw.residency import residency
 def kept_factors(store: FactorStore, name: str, kept: Allocation,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """B (out×k) and A (k×in), float64, of the components ``kept`` of layer ``name``."""
-    U, Vh = store.svd(name, device)
-    return lowrank_factors(U, store.layers[name].sigma.to(device), Vh, store.whitener(name, device), kept)
+    B, A = store.factors(name, device)
+    needed = kept if isinstance(kept, int) else int(kept.max()) + 1 if kept.numel() else 0
+    if needed > B.shape[1]:
+        raise AllocationError(f"the plan keeps component {needed - 1} of {name!r}, but only its top "
+                              f"{B.shape[1]} were kept for truncation; an allocator that keeps other "
+                              f"than the top components declares keeps_any_component = True")
+    index = slice(None, kept) if isinstance(kept, int) else kept
+    return B[:, index].to(torch.float64), A[index].to(torch.float64)
 
 
 def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
