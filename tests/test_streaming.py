@@ -252,3 +252,24 @@ def test_gemma3_mixed_sliding_and_full_attention_streams_exactly(windows):
         assert torch.equal(streamed[name].covariance, group.covariance), name
         for member, grad in group.gradients.items():
             assert torch.equal(streamed[name].gradients[member], grad), member
+
+
+def test_correction_cycles_stream_too_and_match_the_in_memory_ones(llama, windows, monkeypatch):
+    from zsfw.compression import statistics
+
+    whole_model_passes = []
+    collect = statistics.collect
+    monkeypatch.setattr("zsfw.compression.driver.collect",
+                        lambda *a, **k: whole_model_passes.append(1) or collect(*a, **k))
+    corrected = {"name": "projected_gradient", "cycles": 2}
+    memory, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32", corrector=corrected,
+                                                                gradient_samples=4), windows)
+    assert whole_model_passes
+    whole_model_passes.clear()
+    streamed, s_report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32", corrector=corrected,
+                                                                    gradient_samples=4,
+                                                                    execution={"driver": "streamed"}), windows)
+    assert not whole_model_passes  # every gradient came from the layer sweeps
+    assert s_report.correction_losses == report.correction_losses
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=windows).logits, memory(input_ids=windows).logits)

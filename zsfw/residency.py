@@ -77,7 +77,6 @@ class LazyWeights(Resident):
         self.prefixes = layer_prefixes(model)
         self.holders = [0] * len(self.layers)
         self.model_class = type(model).__name__
-        self._open: dict[str, object] = {}
         self._checked: set[str] = set()
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -86,9 +85,8 @@ class LazyWeights(Resident):
         if file is None:
             raise ModelLoadError(f"{self.model_class} cannot be loaded lazily from {str(self.folder)!r}: "
                                  f"its checkpoint has no tensor {key!r}; use execution.weights 'resident'")
-        if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, framework="pt", device="cpu")
-        t = self._open[file].get_tensor(key)
+        with safe_open(self.folder / file, framework="pt", device="cpu") as f:  # unmapped after:
+            t = f.get_tensor(key)  # the file's pages do not stay in this process's memory
         if t.is_floating_point():
             t = t.to(self.dtype)
             if key not in self._checked:
@@ -239,9 +237,9 @@ def lazy_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     for name, module in model.named_modules():
         if id(module) in inside:
             continue
-        module.to_empty(device="cpu", recurse=False)
-        if module._non_persistent_buffers_set:
-            model._init_weights(module)  # computed buffers (rotary frequencies), as transformers does
+        if module._non_persistent_buffers_set:  # computed buffers (rotary frequencies): as transformers does
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
         _load(module, name, weights, tied)
     model.tie_weights()
     model.name_or_path = model.config._name_or_path = str(folder)

@@ -126,7 +126,8 @@ class CheckpointWriter:
         layers = layer_prefixes(model)
         rest = {k: v for k, v in model.state_dict().items() if not _under(k, layers)}
         self._add(_units(model, {n for n in _compressed(model) if not _under(n, layers)}, rest))
-        self._flush()
+        if self.pending or not self.parts:
+            self._flush()
         files = self._name_shards()
         model.config.save_pretrained(self.tmp)
         mark_config_file(self.tmp / "config.json")

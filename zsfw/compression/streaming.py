@@ -278,8 +278,8 @@ class Boundaries:
 
 
 class LayerStreamedDriver(InMemoryDriver):
-    """The two-sweep, layer-by-layer pass (see the module docstring); gradients for the
-    corrector and soft allocation still come from a whole-model pass."""
+    """The two-sweep, layer-by-layer pass (see the module docstring), for the statistics and for
+    the gradients the corrector and model-aware allocators ask for."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, calibration: CalibrationConfig,
                  offload: str = "memory") -> None:
@@ -288,6 +288,17 @@ class LayerStreamedDriver(InMemoryDriver):
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> _StreamedPass:
         return _StreamedPass(self, targets, moments, gradients)
+
+    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]:
+        """The loss and ∂L/∂W over the gradient windows: one forward and one backward sweep."""
+        n = gradient_windows(self.windows, self.calibration.gradient_samples, True)
+        calibration = self.calibration.model_copy(update={"samples": n, "gradient_samples": None})
+        sweep = LayerStreamedDriver(self.model, self.windows[:n], calibration, self.offload)
+        found: dict[str, torch.Tensor] = {}
+        passed = sweep.statistics(targets, False, True)
+        for group in passed:
+            found.update(group.gradients)
+        return passed.loss, found
 
 
 def driver_for(execution: ExecutionConfig, model: nn.Module, windows: torch.Tensor,
