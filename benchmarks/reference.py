@@ -65,9 +65,10 @@ def run_one(method: str, text: Path) -> dict:
             model, report = zsfw.compress(model, recipe, windows.calibration,
                                           output_dir=Path(out) / "model" if lazy else None)
             cell.update(compress_seconds=time.perf_counter() - start, phases=report.timings,
-                        peak_rss_mb=peak_rss_mb(), kept=report.total_bytes / report.reference_bytes,
-                        calibration_loss=report.calibration_loss,
-                        ranks={l.name: None if l.dense else l.rank for l in report.layers})
+                        peak_rss_mb=peak_rss_mb(), calibration_loss=report.calibration_loss)
+            if report.layers:  # not a helper process under torchrun
+                cell.update(kept=report.total_bytes / report.reference_bytes,
+                            ranks={l.name: None if l.dense else l.rank for l in report.layers})
             if torch.distributed.is_initialized():  # every process's peak, then only process 0 measures
                 peaks = [None] * torch.distributed.get_world_size()
                 torch.distributed.all_gather_object(peaks, peak_rss_mb())

@@ -11,6 +11,8 @@ time, so the whole model is never in memory at once.
 
 from __future__ import annotations
 
+import json
+import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import ContextManager, Iterable, Iterator
@@ -21,6 +23,12 @@ from torch import nn
 
 from zsfw.checkpoint.files import checkpoint_files
 from zsfw.errors import CheckpointError, ModelLoadError, NonFiniteError
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+"""safetensors dtype names."""
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformers model (the classes it lists in ``_no_split_modules``)."""
@@ -78,6 +86,7 @@ class LazyWeights(Resident):
         self.holders = [0] * len(self.layers)
         self.model_class = type(model).__name__
         self._checked: set[str] = set()
+        self._headers: dict[str, tuple[int, dict]] = {}  # file -> (data start, JSON header)
 
     def tensor(self, key: str) -> torch.Tensor:
         """One checkpoint tensor, floating point ones in the model's dtype and checked finite once."""
@@ -85,15 +94,39 @@ class LazyWeights(Resident):
         if file is None:
             raise ModelLoadError(f"{self.model_class} cannot be loaded lazily from {str(self.folder)!r}: "
                                  f"its checkpoint has no tensor {key!r}; use execution.weights 'resident'")
-        with safe_open(self.folder / file, framework="pt", device="cpu") as f:  # unmapped after:
-            t = f.get_tensor(key)  # the file's pages do not stay in this process's memory
+        t = self._read(file, key)
         if t.is_floating_point():
             t = t.to(self.dtype)
             if key not in self._checked:
-                if not torch.isfinite(t).all():
+                if not all(torch.isfinite(part).all() for part in t.reshape(-1).split(1 << 22)):
                     raise NonFiniteError(f"checkpoint tensor {key!r} holds NaN or Inf values; the model's "
                                          f"weights are broken (re-load or re-convert the checkpoint)")
                 self._checked.add(key)
+        return t
+
+    def _read(self, file: str, key: str) -> torch.Tensor:
+        """The tensor read straight into its own memory: no memory map whose pages would count as
+        this process's, no intermediate copy (``get_tensor`` peaks at about three times the
+        tensor). The safetensors layout: 8-byte header length, JSON header, data."""
+        path = self.folder / file
+        if sys.byteorder != "little":  # the files are little-endian
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return f.get_tensor(key)
+        if file not in self._headers:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                self._headers[file] = (8 + length, json.loads(f.read(length)))
+        start, header = self._headers[file]
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        if end - begin != t.numel() * t.element_size():
+            raise ModelLoadError(f"checkpoint tensor {key!r} in {file} has {end - begin} bytes for shape "
+                                 f"{entry['shape']} of {entry['dtype']}: the file is damaged")
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ModelLoadError(f"checkpoint file {file} ends inside tensor {key!r}: it is truncated")
         return t
 
     def _acquire(self, index: int) -> None:

@@ -39,7 +39,7 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
             bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
         S, note = None, ""
         if group.covariance is not None:
-            whitening = whitening_factor(group.covariance, damping)
+            whitening = whitening_factor(group.take_covariance(), damping)  # C freed once S is made
             S, note = whitening.S, whitening_note(whitening, damping)
             store.put_whitener(group.group, S)
             if note:

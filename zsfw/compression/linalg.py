@@ -31,17 +31,20 @@ def whitening_factor(C: torch.Tensor, damping: float = 1e-4, max_tries: int = 6)
     """Lower-triangular S with S Sᵀ = C + λ I, λ = damping × mean(diag C).
 
     On a failed Cholesky the damping grows tenfold per try; if that never succeeds, the
-    eigenvalues of C are clamped to λ and the result is factorized instead.
+    eigenvalues of C are clamped to λ and the result is factorized instead. At most three n×n
+    matrices are alive at once (C symmetrized, C + λI, S): a caller that hands over its only
+    reference to C frees it here.
     """
-    C = C.to(torch.float64)
-    C = (C + C.mT) / 2
-    n = C.shape[0]
+    sym = C.to(torch.float64) + C.mT
+    del C
+    C = sym.mul_(0.5)  # (C + Cᵀ)/2, exactly
     scale = C.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny).item()
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
     rel = damping
     for _ in range(max_tries):
-        lam = rel * scale
-        S, info = torch.linalg.cholesky_ex(C + lam * eye)
+        damped = C.clone()
+        damped.diagonal().add_(rel * scale)
+        S, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0:
             return Whitening(S, rel, "cholesky")
         rel = rel * 10 if rel > 0 else 1e-10

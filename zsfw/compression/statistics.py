@@ -36,6 +36,11 @@ class GroupStatistics:
     covariance: torch.Tensor | None  # C (in×in, float64); None when not whitening
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # member -> G (out×in)
 
+    def take_covariance(self) -> torch.Tensor | None:
+        """C, handed over: the group no longer holds it, so whoever takes it can free it."""
+        covariance, self.covariance = self.covariance, None
+        return covariance
+
 
 @dataclass
 class CalibrationStatistics:

@@ -217,6 +217,8 @@ class _StreamedPass(_InMemoryPass):
         boundaries.drop(i + 1)  # this boundary is done with
         for name in mine:
             self.targets[name].weight.requires_grad_(False)
+        if moments:
+            moments.scratch.clear()  # the XᵀX buffers: not needed while the groups are factorized
         return grads_in
 
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
