@@ -36,38 +36,42 @@ def checkpoint_folder() -> Path:
     return cache_dir() / "bench" / "llama-1.1b-random"
 
 
-def write_checkpoint(folder: Path, seed: int = 0, shard_bytes: int = 1024**3) -> None:
-    """A random-weight fp32 checkpoint of ``SHAPE``, one tensor in memory at a time."""
+def write_checkpoint(folder: Path, shape: dict | None = None, dtype: str = "float32", seed: int = 0,
+                     shard_bytes: int = 1024**3, device: str = "cpu") -> None:
+    """A random-weight Llama checkpoint of ``shape`` (default ``SHAPE``) in ``dtype``, one tensor
+    in memory at a time (drawn on ``device``)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     if (folder / "config.json").is_file():
         return
+    shape = shape or SHAPE
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".llama-", dir=folder.parent))
-    shapes = _shapes()
-    g = torch.Generator().manual_seed(seed)
+    shapes = _shapes(shape)
+    size_of = getattr(torch, dtype).itemsize
+    g = torch.Generator(device).manual_seed(seed)
     shards: list[dict[str, tuple]] = [{}]
     size = 0
-    for key, shape in shapes.items():
-        nbytes = 4 * shape.numel()
+    for key, tensor_shape in shapes.items():
+        nbytes = size_of * tensor_shape.numel()
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][key] = shape
+        shards[-1][key] = tensor_shape
         size += nbytes
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: torch.ones(s) if "norm" in k else torch.randn(s, generator=g) * 0.02
-                   for k, s in shard.items()}
+        tensors = {k: (torch.ones(s) if "norm" in k else torch.randn(s, generator=g, device=device) * 0.02
+                       ).to(getattr(torch, dtype)).cpu() for k, s in shard.items()}
         save_file(tensors, tmp / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 4 * sum(s.numel() for s in shapes.values())}, "weight_map": weight_map}))
-    LlamaConfig(**SHAPE).save_pretrained(tmp)
+        {"metadata": {"total_size": size_of * sum(s.numel() for s in shapes.values())}, "weight_map": weight_map}))
+    LlamaConfig(**shape, dtype=dtype).save_pretrained(tmp)
     tmp.rename(folder)
 
 
@@ -100,12 +104,14 @@ def run_one(folder: Path, samples: int, length: int, out: Path) -> dict:
             "written_mb": sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20}
 
 
-def _shapes() -> dict:
+def _shapes(shape: dict | None = None) -> dict:
+    """Tensor name → shape of a Llama of ``shape`` (default ``SHAPE``)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     with torch.device("meta"):
-        return {k: v.shape for k, v in AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE)).state_dict().items()}
+        config = LlamaConfig(**(shape or SHAPE))
+        return {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
 
 
 def main() -> None:

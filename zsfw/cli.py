@@ -16,6 +16,7 @@ def _compress(args: argparse.Namespace) -> int:
     from zsfw.models import load_model
     from zsfw.errors import RecipeError
     from zsfw.recipe import load_recipe
+    from zsfw.residency import compute_device, place
 
     recipe = load_recipe(args.recipe)  # a bad recipe or output folder fails before the model loads
     if args.output is not None:
@@ -33,7 +34,10 @@ def _compress(args: argparse.Namespace) -> int:
         print("zsfw: execution.weights 'lazy': no held-out measurement here (the model is never "
               "whole in memory); run `zsfw eval` on the output", file=sys.stderr)
         args.held_out = 0
-    model, tokenizer = load_model(args.model, lazy=lazy)
+    execution = recipe.modifier.execution
+    model, tokenizer = load_model(args.model, dtype=execution.dtype, lazy=lazy)
+    if execution.device is not None:  # before the held-out measurement, which runs there too
+        place(model, compute_device(execution.device))
     cal = recipe.modifier.calibration
     tokens = text_tokens(tokenizer, args.dataset or _news_text())
     windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)

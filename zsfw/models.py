@@ -14,8 +14,9 @@ DEFAULT_MODEL = "default"
 """Stands for the embedded default model, SmolLM2-135M-Instruct (see ``zsfw.sources``)."""
 
 
-def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, lazy: bool = False):
-    """(model, tokenizer) from a checkpoint folder, a ``.gguf`` file, a hub id or ``"default"``.
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, lazy: bool = False):
+    """(model, tokenizer) from a checkpoint folder, a ``.gguf`` file, a hub id or ``"default"``,
+    in ``dtype`` (a torch dtype, its name, or "auto": the checkpoint's own).
 
     ``lazy``: only what lies outside the decoder layers is loaded; the layers are read from the
     folder's safetensors one at a time as the streamed driver needs them (``zsfw.residency``).
@@ -44,6 +45,8 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     if lazy and not path.is_dir():
         raise ModelLoadError(f"only a checkpoint folder can be loaded lazily, not {str(source)!r}; "
                              f"use execution.weights 'resident'")
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     try:
         model = (lazy_model(path, dtype) if lazy else
                  AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs))

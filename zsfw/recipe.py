@@ -93,6 +93,29 @@ class ExecutionConfig(BaseModel):
                                 "one at a time (driver 'streamed'; the model is written to the "
                                 "output folder as its layers are compressed)")
 
+    device: str | None = Field(
+        None, description="where the layers compute: 'cpu', 'cuda' or 'cuda:N' (under torchrun "
+                          "'cuda' is each process's own GPU); unset: where the model already is "
+                          "(the CLI loads it on the CPU)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="the dtype the CLI loads the weights in (auto: the checkpoint's own); "
+                               "statistics accumulate in float32/float64 whatever it is")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        import torch
+
+        if value is None:
+            return value
+        try:
+            kind = torch.device(value).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device {value!r} is not 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
     @model_validator(mode="after")
     def _lazy_streams(self) -> "ExecutionConfig":
         if self.weights == "lazy" and self.driver != "streamed":

@@ -12,6 +12,7 @@ time, so the whole model is never in memory at once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from zsfw.checkpoint.files import checkpoint_files
-from zsfw.errors import CheckpointError, ModelLoadError, NonFiniteError
+from zsfw.errors import CheckpointError, ModelLoadError, NonFiniteError, RecipeError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -78,23 +79,26 @@ class LazyWeights(Resident):
 
     lazy = True
 
-    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
-        self.folder, self.dtype = folder, dtype
-        self.files = _tensor_files(folder)
+    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.folder, self.dtype, self.device = folder, dtype, device
+        self._headers = _headers(folder)  # file -> (data start, header bytes, header)
+        self.files = {key: file for file, (_, _, header) in self._headers.items()
+                      for key in header if key != "__metadata__"}
         self.layers = decoder_layers(model)
         self.prefixes = layer_prefixes(model)
         self.holders = [0] * len(self.layers)
         self.model_class = type(model).__name__
         self._checked: set[str] = set()
-        self._headers: dict[str, tuple[int, dict]] = {}  # file -> (data start, JSON header)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One checkpoint tensor, floating point ones in the model's dtype and checked finite once."""
+        """One checkpoint tensor on ``device``, floating point ones in the model's dtype and
+        checked finite once."""
         file = self.files.get(key)
         if file is None:
             raise ModelLoadError(f"{self.model_class} cannot be loaded lazily from {str(self.folder)!r}: "
                                  f"its checkpoint has no tensor {key!r}; use execution.weights 'resident'")
-        t = self._read(file, key)
+        t = self._read(file, key).to(self.device)
         if t.is_floating_point():
             t = t.to(self.dtype)
             if key not in self._checked:
@@ -112,11 +116,7 @@ class LazyWeights(Resident):
         if sys.byteorder != "little":  # the files are little-endian
             with safe_open(path, framework="pt", device="cpu") as f:
                 return f.get_tensor(key)
-        if file not in self._headers:
-            with open(path, "rb") as f:
-                length = int.from_bytes(f.read(8), "little")
-                self._headers[file] = (8 + length, json.loads(f.read(length)))
-        start, header = self._headers[file]
+        start, _, header = self._headers[file]
         entry = header[key]
         begin, end = entry["data_offsets"]
         t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
@@ -191,16 +191,15 @@ class LazyWeights(Resident):
         """Feed the checkpoint files' names, sizes, modification times and headers (reading every
         weight would take as long as a sweep) and the dtype the layers are read in to ``hasher``."""
         hasher.update(str(self.dtype).encode())
-        for file in sorted(set(self.files.values())):
-            path = self.folder / file
-            stat = path.stat()
+        for file in sorted(self._headers):
+            stat = (self.folder / file).stat()
             hasher.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            with open(path, "rb") as f:
-                hasher.update(f.read(int.from_bytes(f.read(8), "little")))
+            hasher.update(self._headers[file][1])
 
 
-def _tensor_files(folder: Path) -> dict[str, str]:
-    """Checkpoint tensor name → the safetensors file holding it."""
+def _headers(folder: Path) -> dict[str, tuple[int, bytes, dict]]:
+    """Each safetensors file of the checkpoint → (where its data starts, its JSON header as
+    bytes, parsed), read once."""
     try:
         files = checkpoint_files(folder)
     except CheckpointError as exc:
@@ -208,8 +207,14 @@ def _tensor_files(folder: Path) -> dict[str, str]:
                              f"execution.weights 'resident'") from None
     found = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            found.update(dict.fromkeys(f.keys(), path.name))
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            raw = f.read(length) if 0 < length <= 100 * 2**20 else b""
+        try:
+            found[path.name] = (8 + length, raw, json.loads(raw))
+        except ValueError:
+            raise ModelLoadError(f"checkpoint file {str(path)!r} has no readable safetensors header: "
+                                 f"the file is damaged") from None
     return found
 
 
@@ -253,12 +258,47 @@ def _empty(layer: nn.Module) -> None:
                 _set(module, holder, key, old, torch.empty(old.shape, dtype=old.dtype, device="meta"))
 
 
-def lazy_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def compute_device(name: str) -> torch.device:
+    """The device ``execution.device`` names, checked usable here; under torchrun a bare 'cuda'
+    is this process's own GPU (its LOCAL_RANK), made the current one."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= count:
+            raise RecipeError(f"execution.device is {name!r} but torch {torch.__version__} sees {count} "
+                              f"CUDA device(s) here (needed: cuda:{device.index}); use 'cpu'")
+        torch.cuda.set_device(device)
+    return device
+
+
+def place(model: nn.Module, device: torch.device) -> None:
+    """``model`` onto ``device``: all of it when resident; when loaded lazily, what is loaded
+    now, and the decoder layers are read onto ``device`` from then on."""
+    weights = residency(model)
+    if not weights.lazy:
+        model.to(device)
+        return
+    if any(weights.holders):
+        raise RuntimeError("a lazily loaded model cannot move while a layer is held")  # a pipeline bug
+    weights.device = device
+    inside = {id(m) for layer in weights.layers for m in layer.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            module._apply(lambda t: t.to(device), recurse=False)
+    model.tie_weights()
+
+
+def lazy_model(folder: Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """The causal LM in ``folder`` with its decoder layers left in the checkpoint (see the module
-    docstring); everything outside them is loaded now."""
+    docstring); everything outside them is loaded now, in ``dtype`` ("auto": the checkpoint's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weights = LazyWeights(model, folder, dtype)

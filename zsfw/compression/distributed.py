@@ -103,12 +103,11 @@ class _DistributedPass:
         length = d.windows.shape[1]
         load = [0.0] * world
         d.groups.clear()
-        total_tokens = total_grad = None
+        total_tokens = None
+        total_grad, local_grad = d.n_grad * (length - 1), d.inner.calibration.gradient_samples * (length - 1)
         for group in self.inner:
-            if total_tokens is None:  # the share's counts are known once its first group is out
+            if total_tokens is None:  # the share's token count is known once its first group is out
                 total_tokens = _summed(self.inner.tokens)
-                total_grad = d.n_grad * (length - 1)
-            local_grad = d.inner.calibration.gradient_samples * (length - 1)
             owner = min(range(world), key=load.__getitem__)
             load[owner] += sum(_cost(self.targets[m]) for m in group.members)
             d.groups.append((group.group, group.members, owner))
@@ -125,15 +124,21 @@ class _DistributedPass:
                     gradients[name] = summed.div_(total_grad)
             if rank == owner:
                 yield GroupStatistics(group.group, group.members, covariance, gradients)
-        loss = torch.tensor([self.inner.loss * self.inner.tokens, float(self.inner.tokens)], dtype=torch.float64)
+        loss = torch.tensor([self.inner.loss * self.inner.tokens, float(self.inner.tokens)], dtype=torch.float64,
+                            device=_wire())
         dist.all_reduce(loss)
         self.tokens, self.loss = int(loss[1].item()), (loss[0] / loss[1]).item()
 
 
 def _summed(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_wire())
     dist.all_reduce(t)
     return int(t.item())
+
+
+def _wire() -> torch.device:
+    """Where tensors must be to travel: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _cost(linear: nn.Linear) -> float:
@@ -143,8 +148,8 @@ def _cost(linear: nn.Linear) -> float:
 
 
 def _send(store: FactorStore, group: str, members: list[str]) -> None:
-    whitener = store.whitener(members[0], torch.device("cpu")) if store.whiteners else None
-    factors = {name: store.factors(name, torch.device("cpu")) for name in members}
+    whitener = store.whitener(members[0], _wire()) if store.whiteners else None
+    factors = {name: store.factors(name, _wire()) for name in members}
     dist.send_object_list([{"notes": {n: store.notes.get(n, "") for n in members},
                             "whitened": members[0] in store.whitener_of,
                             "S": None if whitener is None else (tuple(whitener.shape), whitener.dtype),
@@ -163,13 +168,14 @@ def _receive(store: FactorStore, group: str, members: list[str], owner: int) -> 
     info = message[0]
     if info["S"] is not None:
         shape, dtype = info["S"]
-        S = torch.empty(shape, dtype=dtype)
+        S = torch.empty(shape, dtype=dtype, device=_wire())
         dist.recv(S, src=owner)
         store.put_whitener(group, S)
     for name in members:
         layer: LayerScores = info["layers"][name]
         r = info["ranks"][name]
-        B, A = torch.empty(layer.out_features, r), torch.empty(r, layer.in_features)
+        B = torch.empty(layer.out_features, r, device=_wire())
+        A = torch.empty(r, layer.in_features, device=_wire())
         dist.recv(B, src=owner)
         dist.recv(A, src=owner)
         store.put_layer(layer, B, A, group if info["whitened"] else None, info["notes"][name])

@@ -37,7 +37,7 @@ from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import RecipeError
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
-from zsfw.residency import residency
+from zsfw.residency import compute_device, place, residency
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
     lazy = residency(model).lazy
     _check_execution(m, allocator, output_dir, lazy, statistics_cache)
+    if m.execution.device is not None:
+        place(model, compute_device(m.execution.device))
     report = Report(recipe=recipe.to_dict())
     with report.phase("calibration data"):
         windows = windows_for(model, dataset, tokenizer, m.calibration)

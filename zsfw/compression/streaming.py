@@ -105,6 +105,7 @@ class _StreamedPass(_InMemoryPass):
         n_grad = gradient_windows(d.windows, cal.gradient_samples, self.gradients)
         boundaries = Boundaries(d.offload, next(model.parameters()).device)
         moments = None
+        self.wide: dict[str, torch.Tensor] = {}  # 16-bit layers' G, summed in fp32
         with frozen(model):
             try:
                 calls = self._capture(layers, batches, boundaries)
@@ -214,6 +215,7 @@ class _StreamedPass(_InMemoryPass):
             x = boundaries.get(i, b).detach().requires_grad_(True)
             _hidden(layer(x, *args, **kwargs)).backward(grad)
             grads_in.append(x.grad)
+            self._widen(mine)
         boundaries.drop(i + 1)  # this boundary is done with
         for name in mine:
             self.targets[name].weight.requires_grad_(False)
@@ -221,11 +223,24 @@ class _StreamedPass(_InMemoryPass):
             moments.scratch.clear()  # the XᵀX buffers: not needed while the groups are factorized
         return grads_in
 
+    def _widen(self, names: list[str]) -> None:
+        """A 16-bit weight's gradient of this micro-batch added into an fp32 sum (``wide``), so
+        that G is summed in fp32 whatever the layer's dtype."""
+        for name in names:
+            weight = self.targets[name].weight
+            if weight.grad is not None and weight.dtype in (torch.float16, torch.bfloat16):
+                if name in self.wide:
+                    self.wide[name].add_(weight.grad)
+                else:
+                    self.wide[name] = weight.grad.float()
+                weight.grad = None
+
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
         gradients = {}
         for name in members:
             if self.gradients:
-                gradients[name] = checked_gradient(name, self.targets[name].weight.grad)
+                grad = self.wide.pop(name) if name in self.wide else self.targets[name].weight.grad
+                gradients[name] = checked_gradient(name, grad)
             self.targets[name].weight.grad = None
         covariance = moments.sums.pop(group).div_(moments.tokens) if moments else None
         return GroupStatistics(group, members, covariance, gradients)
@@ -244,7 +259,8 @@ def _owners(targets: dict[str, nn.Linear], layers: list[nn.Module]) -> dict[str,
 
 
 class Boundaries:
-    """Each boundary's hidden states per micro-batch, in memory or on disk (``offload``)."""
+    """Each boundary's hidden states per micro-batch, in host memory or on disk (``offload``),
+    handed back on the model's ``device``."""
 
     def __init__(self, offload: str, device: torch.device) -> None:
         self.device = device
@@ -256,13 +272,13 @@ class Boundaries:
 
     def put(self, i: int, b: int, hidden: torch.Tensor) -> None:
         if self.folder is None:
-            self._held[(i, b)] = hidden
+            self._held[(i, b)] = hidden.detach().cpu()  # the same tensor on a CPU model
         else:
             save_file({"hidden": hidden.detach().contiguous().cpu()}, self._path(i, b))
 
     def get(self, i: int, b: int) -> torch.Tensor:
         if self.folder is None:
-            return self._held[(i, b)]
+            return self._held[(i, b)].to(self.device)
         return load_file(self._path(i, b))["hidden"].to(self.device)
 
     def drop(self, i: int) -> None:

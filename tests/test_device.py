@@ -1,0 +1,148 @@
+"""Where compression computes (``execution.device``) and in what dtype: 16-bit layers, checks
+that name the bad value, and the CUDA path (those tests skip on a machine without a GPU)."""
+
+import copy
+
+import pytest
+import torch
+
+import zsfw
+from helpers import recipe
+from zsfw.compression.driver import InMemoryDriver
+from zsfw.compression.streaming import LayerStreamedDriver
+from zsfw.compression.targets import find_targets
+from zsfw.errors import ModelLoadError, RecipeError
+from zsfw.recipe import CalibrationConfig, load_recipe
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _stats(driver, model):
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    statistics = driver.statistics(targets, True, True)
+    return {g.group: g for g in statistics}, statistics.loss
+
+
+@pytest.fixture
+def llama_folder(llama, tmp_path):
+    folder = tmp_path / "llama"
+    llama.save_pretrained(folder)
+    return folder
+
+
+def test_device_names_are_checked_in_the_recipe_and_at_run_time(llama, windows, monkeypatch):
+    with pytest.raises(RecipeError, match="device 'tpu' is not 'cpu', 'cuda' or 'cuda:N'"):
+        load_recipe(recipe(execution={"device": "tpu"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match=r"execution.device is 'cuda:1' but torch .* sees 0 CUDA device"):
+        zsfw.compress(llama, recipe(execution={"device": "cuda:1"}), windows)
+
+
+def test_device_cpu_leaves_a_cpu_model_as_it_is(llama, windows):
+    before, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
+    after, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"device": "cpu"}), windows)
+    with torch.no_grad():
+        assert torch.equal(after(input_ids=windows).logits, before(input_ids=windows).logits)
+
+
+def test_a_bf16_model_streams_with_its_gradients_summed_in_fp32(llama, windows):
+    cal = CalibrationConfig(samples=8, sequence_length=32, gradient_samples=4, batch_size=2)
+    exact, _ = _stats(InMemoryDriver(llama, windows, cal), llama)
+    half = copy.deepcopy(llama).to(torch.bfloat16)
+    streamed, loss = _stats(LayerStreamedDriver(half, windows, cal), half)
+    assert set(streamed) == set(exact)
+    for name, group in exact.items():
+        other = streamed[name]
+        assert other.covariance.dtype == torch.float64
+        rel = (other.covariance - group.covariance).norm() / group.covariance.norm()
+        assert rel < 2e-2, (name, rel)  # the inputs differ by bf16 rounding, the sums do not add to it
+        for member, grad in group.gradients.items():
+            assert other.gradients[member].dtype == torch.float32, member
+            rel = (other.gradients[member] - grad).norm() / grad.norm()
+            assert rel < 0.1, (member, rel)
+
+
+def test_the_bf16_gradient_sum_is_the_fp32_sum_of_the_micro_batches(llama, windows, monkeypatch):
+    """Each micro-batch's bf16 gradient goes into the fp32 sum as it is; no bf16 running sum."""
+    from zsfw.compression import streaming
+
+    half = copy.deepcopy(llama).to(torch.bfloat16)
+    seen: dict[str, list[torch.Tensor]] = {}
+    widen = streaming._StreamedPass._widen
+
+    def spy(self, names):
+        for name in names:
+            seen.setdefault(name, []).append(self.targets[name].weight.grad.clone())
+        widen(self, names)
+    monkeypatch.setattr(streaming._StreamedPass, "_widen", spy)
+    cal = CalibrationConfig(samples=8, sequence_length=32, gradient_samples=8, batch_size=2)
+    streamed, _ = _stats(LayerStreamedDriver(half, windows, cal), half)
+    grads = {m: g for group in streamed.values() for m, g in group.gradients.items()}
+    for name, parts in seen.items():
+        assert len(parts) == 4 and all(p.dtype == torch.bfloat16 for p in parts)
+        expected = parts[0].float()
+        for p in parts[1:]:
+            expected += p
+        assert torch.equal(grads[name], expected), name
+
+
+def test_lazy_loading_in_the_checkpoint_dtype_writes_what_the_resident_model_writes(llama, tokenizer, tmp_path,
+                                                                                     windows):
+    from zsfw.models import load_model
+    from zsfw.residency import lazy_model, residency
+
+    llama.to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    tokenizer.save_pretrained(tmp_path / "half")
+    model = lazy_model(tmp_path / "half", "auto")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and residency(model).dtype == torch.bfloat16
+    streamed = {"driver": "streamed", "device": "cpu"}
+    _, report = zsfw.compress(model, recipe(ratio=0.6, execution={**streamed, "weights": "lazy"}), windows,
+                              output_dir=tmp_path / "lazy")
+    resident, _ = load_model(tmp_path / "half", dtype="auto")
+    assert resident.model.embed_tokens.weight.dtype == torch.bfloat16
+    _, expected = zsfw.compress(resident, recipe(ratio=0.6, execution=streamed), windows,
+                                output_dir=tmp_path / "resident")
+    assert [l.rank for l in report.layers] == [l.rank for l in expected.layers]
+    files = sorted(p.name for p in (tmp_path / "lazy").glob("*.safetensors"))
+    assert files and all((tmp_path / "lazy" / f).read_bytes() == (tmp_path / "resident" / f).read_bytes()
+                         for f in files)
+
+
+def test_a_damaged_checkpoint_header_is_one_line(llama_folder):
+    from zsfw.residency import lazy_model
+
+    path = llama_folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ModelLoadError, match="model.safetensors' has no readable safetensors header"):
+        lazy_model(llama_folder)
+
+
+@cuda
+def test_streamed_statistics_on_cuda_match_the_cpu(llama, windows):
+    cal = CalibrationConfig(samples=8, sequence_length=32, gradient_samples=4, batch_size=2)
+    on_cpu, loss = _stats(LayerStreamedDriver(llama, windows, cal), llama)
+    gpu = copy.deepcopy(llama).cuda()
+    on_gpu, g_loss = _stats(LayerStreamedDriver(gpu, windows, cal), gpu)
+    assert abs(g_loss - loss) < 1e-5 * abs(loss)
+    for name, group in on_cpu.items():
+        other = on_gpu[name]
+        assert other.covariance.is_cuda
+        assert torch.allclose(other.covariance.cpu(), group.covariance, rtol=1e-5, atol=1e-7), name
+        for member, grad in group.gradients.items():
+            assert torch.allclose(other.gradients[member].cpu(), grad, rtol=1e-4, atol=1e-6), member
+
+
+@cuda
+def test_lazy_compression_on_cuda_gives_the_cpu_ranks(llama_folder, windows, tmp_path):
+    from zsfw.residency import lazy_model
+
+    lazy = {"driver": "streamed", "weights": "lazy"}
+    _, on_cpu = zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, execution=lazy), windows,
+                              output_dir=tmp_path / "cpu")
+    _, on_gpu = zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, execution={**lazy, "device": "cuda"}),
+                              windows, output_dir=tmp_path / "gpu")
+    assert [l.rank for l in on_gpu.layers] == [l.rank for l in on_cpu.layers]
+    a, b = zsfw.load(tmp_path / "cpu"), zsfw.load(tmp_path / "gpu")
+    with torch.no_grad():
+        assert torch.allclose(a(input_ids=windows).logits, b(input_ids=windows).logits, rtol=1e-3, atol=1e-3)
