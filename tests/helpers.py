@@ -76,3 +76,16 @@ def stored_bytes(model, report) -> int:
     modules = dict(model.named_modules())
     return sum(t.numel() * t.element_size() for layer in report.layers
                for t in [*modules[layer.name].parameters(), *modules[layer.name].buffers()])
+
+
+def source_model(folder: str, execution: dict):
+    """The model saved in ``folder``, loaded as ``execution`` says (lazily or whole)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from zsfw.residency import lazy_model
+
+    if execution.get("weights") == "lazy":
+        return lazy_model(Path(folder))
+    return AutoModelForCausalLM.from_pretrained(folder).eval()

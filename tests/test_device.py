@@ -63,27 +63,35 @@ def test_a_bf16_model_streams_with_its_gradients_summed_in_fp32(llama, windows):
 
 
 def test_the_bf16_gradient_sum_is_the_fp32_sum_of_the_micro_batches(llama, windows, monkeypatch):
-    """Each micro-batch's bf16 gradient goes into the fp32 sum as it is; no bf16 running sum."""
+    """Each micro-batch's bf16 gradient goes into the fp32 sum as it is (no bf16 running sum),
+    and both drivers give the same C and G bit for bit."""
     from zsfw.compression import streaming
 
     half = copy.deepcopy(llama).to(torch.bfloat16)
     seen: dict[str, list[torch.Tensor]] = {}
-    widen = streaming._StreamedPass._widen
+    widen = streaming.widen
 
-    def spy(self, names):
+    def spy(targets, names, wide):
         for name in names:
-            seen.setdefault(name, []).append(self.targets[name].weight.grad.clone())
-        widen(self, names)
-    monkeypatch.setattr(streaming._StreamedPass, "_widen", spy)
+            seen.setdefault(name, []).append(targets[name].weight.grad.clone())
+        widen(targets, names, wide)
+    monkeypatch.setattr(streaming, "widen", spy)
     cal = CalibrationConfig(samples=8, sequence_length=32, gradient_samples=8, batch_size=2)
-    streamed, _ = _stats(LayerStreamedDriver(half, windows, cal), half)
+    streamed, loss = _stats(LayerStreamedDriver(half, windows, cal), half)
     grads = {m: g for group in streamed.values() for m, g in group.gradients.items()}
+    assert set(seen) == set(grads)
     for name, parts in seen.items():
         assert len(parts) == 4 and all(p.dtype == torch.bfloat16 for p in parts)
         expected = parts[0].float()
         for p in parts[1:]:
             expected += p
         assert torch.equal(grads[name], expected), name
+    memory, m_loss = _stats(InMemoryDriver(half, windows, cal), half)
+    assert m_loss == loss
+    for name, group in memory.items():
+        assert torch.equal(streamed[name].covariance, group.covariance), name
+        for member, grad in group.gradients.items():
+            assert grad.dtype == torch.float32 and torch.equal(streamed[name].gradients[member], grad), member
 
 
 def test_lazy_loading_in_the_checkpoint_dtype_writes_what_the_resident_model_writes(llama, tokenizer, tmp_path,

@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 import zsfw
-from helpers import patterned_windows, recipe, tiny_llama, train_briefly
+from helpers import patterned_windows, recipe, source_model, tiny_llama, train_briefly
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import torch, zsfw
-from helpers import patterned_windows, recipe, tiny_llama, train_briefly
+from helpers import patterned_windows, recipe, source_model
 
 windows = patterned_windows()
-model = train_briefly(tiny_llama(), windows)
+model = source_model({source!r}, {execution!r})
 _, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution={execution!r}), windows,
                           output_dir={out!r})
 if torch.distributed.get_rank() == 0:
@@ -34,7 +34,7 @@ def _torchrun(tmp_path: Path, execution: dict) -> dict:
     script = tmp_path / "run.py"
     result = tmp_path / "result.json"
     script.write_text(SCRIPT.format(tests=str(HERE), execution=execution, out=str(tmp_path / "two"),
-                                    result=str(result)))
+                                    result=str(result), source=str(tmp_path / "source")))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -42,11 +42,13 @@ def _torchrun(tmp_path: Path, execution: dict) -> dict:
     return json.loads(result.read_text())
 
 
-@pytest.mark.parametrize("execution", [{"driver": "memory"}, {"driver": "streamed"}])
+@pytest.mark.parametrize("execution", [{"driver": "memory"}, {"driver": "streamed"},
+                                       {"driver": "streamed", "weights": "lazy"}])
 def test_two_processes_give_what_one_gives(execution, tmp_path):
-    two = _torchrun(tmp_path, execution)
     windows = patterned_windows()
-    model = train_briefly(tiny_llama(), windows)
+    train_briefly(tiny_llama(), windows).save_pretrained(tmp_path / "source")
+    two = _torchrun(tmp_path, execution)
+    model = source_model(str(tmp_path / "source"), execution)
     _, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution=execution), windows,
                               output_dir=tmp_path / "one")
     assert two["ranks"] == [l.rank for l in report.layers]

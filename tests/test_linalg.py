@@ -56,3 +56,20 @@ def test_damping_is_raised_or_eigenvalues_clamped_for_singular_covariance():
     assert w.relative_damping > 0 or w.method == "eigh-clamped"
     assert torch.isfinite(w.S).all()
     assert (w.S.diagonal() > 0).all()
+
+
+def test_whitening_is_the_cholesky_of_the_symmetrized_damped_covariance_bit_for_bit():
+    X, _, C = _data()
+    C = C + 1e-13 * torch.randn(C.shape, generator=torch.Generator().manual_seed(1), dtype=C.dtype)  # not symmetric
+    given = C.clone()
+    sym = (C + C.mT) / 2
+    lam = 1e-3 * sym.diagonal().mean().item()
+    assert torch.equal(whitening_factor(C, 1e-3).S, torch.linalg.cholesky(sym + lam * torch.eye(12, dtype=C.dtype)))
+    assert torch.equal(C, given)  # the caller's C is left as it was
+    singular = X[:5].T @ X[:5] / 5
+    singular -= 1e-6 * singular.diagonal().mean() * torch.eye(12, dtype=C.dtype)  # indefinite
+    w = whitening_factor(singular, 1e-9)  # fails at 1e-9 … 1e-6: each try starts from C again
+    assert w.method == "cholesky" and abs(w.relative_damping - 1e-5) < 1e-12
+    sym = (singular + singular.mT) / 2
+    lam = w.relative_damping * sym.diagonal().mean().item()
+    assert torch.equal(w.S, torch.linalg.cholesky(sym + lam * torch.eye(12, dtype=C.dtype)))

@@ -31,23 +31,24 @@ def whitening_factor(C: torch.Tensor, damping: float = 1e-4, max_tries: int = 6)
     """Lower-triangular S with S Sᵀ = C + λ I, λ = damping × mean(diag C).
 
     On a failed Cholesky the damping grows tenfold per try; if that never succeeds, the
-    eigenvalues of C are clamped to λ and the result is factorized instead. At most three n×n
-    matrices are alive at once (C symmetrized, C + λI, S): a caller that hands over its only
-    reference to C frees it here.
+    eigenvalues of C are clamped to λ and the result is factorized instead. At most two n×n
+    matrices are alive at once (C symmetrized and damped in place, S): a caller that hands over
+    its only reference to C frees it here.
     """
     sym = C.to(torch.float64) + C.mT
     del C
     C = sym.mul_(0.5)  # (C + Cᵀ)/2, exactly
-    scale = C.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny).item()
+    diagonal = C.diagonal().clone()
+    scale = diagonal.mean().clamp_min(torch.finfo(torch.float64).tiny).item()
     rel = damping
     for _ in range(max_tries):
-        damped = C.clone()
-        damped.diagonal().add_(rel * scale)
-        S, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        C.diagonal().copy_(diagonal).add_(rel * scale)  # C + λI, in place
+        S, info = torch.linalg.cholesky_ex(C)
         if info.item() == 0:
             return Whitening(S, rel, "cholesky")
+        del S
         rel = rel * 10 if rel > 0 else 1e-10
+    C.diagonal().copy_(diagonal)
     evals, evecs = torch.linalg.eigh(C)
     clamped = (evecs * evals.clamp_min(max(damping, 1e-8) * scale)) @ evecs.mT
     S = torch.linalg.cholesky((clamped + clamped.mT) / 2)

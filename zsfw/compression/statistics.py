@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,24 @@ def frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def widen(targets: dict[str, nn.Linear], names: Iterable[str], wide: dict[str, torch.Tensor]) -> None:
+    """Each 16-bit weight's gradient of the micro-batch just run added into its fp32 sum in
+    ``wide`` (and cleared), so that G is summed in fp32 whatever the layer's dtype."""
+    for name in names:
+        weight = targets[name].weight
+        if weight.grad is not None and weight.dtype in (torch.float16, torch.bfloat16):
+            if name in wide:
+                wide[name].add_(weight.grad)
+            else:
+                wide[name] = weight.grad.float()
+            weight.grad = None
+
+
+def summed_gradient(targets: dict[str, nn.Linear], name: str, wide: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A target's G: its fp32 sum from ``widen`` (handed over), or its weight's own gradient."""
+    return wide.pop(name) if name in wide else targets[name].weight.grad
+
+
 def checked_gradient(name: str, grad: torch.Tensor | None) -> torch.Tensor:
     """A target's accumulated gradient, or an error saying why it is unusable."""
     if grad is None:
@@ -229,6 +247,7 @@ def collect(
     stats = CalibrationStatistics()
     loss_sum, loss_tokens = 0.0, 0
     hooks = None
+    wide: dict[str, torch.Tensor] = {}  # 16-bit layers' G, summed in fp32
     with frozen(model):
         try:
             loss_of = loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss
@@ -253,13 +272,14 @@ def collect(
                             if hooks:
                                 hooks.active = False
                             (loss * (part.numel() - part.shape[0]) / grad_tokens).backward()
+                            widen(targets, targets, wide)
                             if hooks:
                                 hooks.active = True
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
                     loss_sum += loss.item() * (part.numel() - part.shape[0])
                     loss_tokens += part.numel() - part.shape[0]
-            grads = {name: m.weight.grad for name, m in targets.items()} if n_grad else {}
+            grads = {name: summed_gradient(targets, name, wide) for name in targets} if n_grad else {}
         finally:
             if hooks:
                 hooks.remove()

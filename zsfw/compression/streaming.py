@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from zsfw.compression import distributed
 from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass
 from zsfw.compression.statistics import (GroupStatistics, _InputMoments, checked_gradient, frozen,
-                                         gradient_windows, loss_function)
+                                         gradient_windows, loss_function, summed_gradient, widen)
 from zsfw.checkpoint.destination import work_folder
 from zsfw.compression.store import spill_root
 from zsfw.errors import CalibrationError, NonFiniteError
@@ -215,7 +215,7 @@ class _StreamedPass(_InMemoryPass):
             x = boundaries.get(i, b).detach().requires_grad_(True)
             _hidden(layer(x, *args, **kwargs)).backward(grad)
             grads_in.append(x.grad)
-            self._widen(mine)
+            widen(self.targets, mine, self.wide)
         boundaries.drop(i + 1)  # this boundary is done with
         for name in mine:
             self.targets[name].weight.requires_grad_(False)
@@ -223,24 +223,11 @@ class _StreamedPass(_InMemoryPass):
             moments.scratch.clear()  # the XᵀX buffers: not needed while the groups are factorized
         return grads_in
 
-    def _widen(self, names: list[str]) -> None:
-        """A 16-bit weight's gradient of this micro-batch added into an fp32 sum (``wide``), so
-        that G is summed in fp32 whatever the layer's dtype."""
-        for name in names:
-            weight = self.targets[name].weight
-            if weight.grad is not None and weight.dtype in (torch.float16, torch.bfloat16):
-                if name in self.wide:
-                    self.wide[name].add_(weight.grad)
-                else:
-                    self.wide[name] = weight.grad.float()
-                weight.grad = None
-
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
         gradients = {}
         for name in members:
             if self.gradients:
-                grad = self.wide.pop(name) if name in self.wide else self.targets[name].weight.grad
-                gradients[name] = checked_gradient(name, grad)
+                gradients[name] = checked_gradient(name, summed_gradient(self.targets, name, self.wide))
             self.targets[name].weight.grad = None
         covariance = moments.sums.pop(group).div_(moments.tokens) if moments else None
         return GroupStatistics(group, members, covariance, gradients)
