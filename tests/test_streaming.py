@@ -159,12 +159,20 @@ def test_lazy_weights_give_the_same_checkpoint_one_layer_at_a_time(llama, llama_
 
     monkeypatch.setattr(LazyWeights, "_acquire", counting_acquire)
     monkeypatch.setattr(LazyWeights, "_release", counting_release)
+    from zsfw.compression import factorize
+
+    outside_while_factorizing = []  # embedding, head: not in memory in the backward sweep
+    svd = factorize.whitened_svd
+    monkeypatch.setattr(factorize, "whitened_svd", lambda *a: outside_while_factorizing.append(
+        [lazy.model.embed_tokens.weight.is_meta, lazy.lm_head.weight.is_meta]) or svd(*a))
     streamed = {"driver": "streamed", "weights": "lazy"}
     lazy = lazy_model(llama_folder)
     assert all(p.is_meta for layer in lazy.model.layers for p in layer.parameters())
     _, report = zsfw.compress(lazy, recipe(ratio=0.6, execution=streamed, batch_size=2), windows,
                               output_dir=tmp_path / "lazy")
     assert most[0] == 1 and residency(lazy).holders == [0, 0]  # one layer in memory at a time, all let go
+    assert outside_while_factorizing and all(all(meta) for meta in outside_while_factorizing)
+    assert not lazy.model.embed_tokens.weight.is_meta and lazy.lm_head.weight is lazy.model.embed_tokens.weight
     _, resident = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"driver": "streamed"},
                                                               batch_size=2), windows, output_dir=tmp_path / "resident")
     assert [l.rank for l in report.layers] == [l.rank for l in resident.layers]

@@ -60,6 +60,11 @@ class Resident:
         """Whole-model forward passes work in the block (each layer held while it runs)."""
         return nullcontext()
 
+    def outside_released(self, model: nn.Module) -> ContextManager[None]:
+        """For the block, what lies outside the decoder layers is not in memory (a step that
+        runs the layers alone), and is back after it."""
+        return nullcontext()
+
     def parts(self, names: Iterable[str]) -> Iterator[tuple[str | None, list[str]]]:
         """The modules ``names`` in parts whose weights are in memory together, each held while
         the caller works on it: (decoder layer's name, or None for all at once; names in it)."""
@@ -181,6 +186,29 @@ class LazyWeights(Resident):
                 for i in reversed(running):
                     self._release(i)
 
+    def outside(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``model`` outside the decoder layers (embeddings, final norm, head)."""
+        inside = {id(m) for layer in self.layers for m in layer.modules()}
+        return [m for m in model.modules() if id(m) not in inside]
+
+    def load_outside(self, model: nn.Module) -> None:
+        """What lies outside the decoder layers read from the checkpoint (tied weights re-tied)."""
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        inside = {id(m) for layer in self.layers for m in layer.modules()}
+        for name, module in model.named_modules():
+            if id(module) not in inside:
+                _load(module, name, self, tied)
+        model.tie_weights()
+
+    @contextmanager
+    def outside_released(self, model: nn.Module) -> Iterator[None]:
+        for module in self.outside(model):
+            _empty(module, recurse=False)
+        try:
+            yield
+        finally:
+            self.load_outside(model)
+
     def parts(self, names: Iterable[str]) -> Iterator[tuple[str | None, list[str]]]:
         names = list(names)
         for i, prefix in enumerate(self.prefixes):
@@ -250,9 +278,10 @@ def _fill(layer: nn.Module, prefix: str, weights: LazyWeights) -> None:
                              f"restored from its checkpoint; use execution.weights 'resident'")
 
 
-def _empty(layer: nn.Module) -> None:
-    """Every tensor of ``layer`` back to ``meta`` (same shape and dtype, no memory)."""
-    for module in layer.modules():
+def _empty(layer: nn.Module, recurse: bool = True) -> None:
+    """Every persistent tensor of ``layer`` (and of its submodules) back to ``meta`` (same shape
+    and dtype, no memory)."""
+    for module in layer.modules() if recurse else [layer]:
         for holder, key, old in list(_direct_tensors(module)):
             if not old.is_meta:
                 _set(module, holder, key, old, torch.empty(old.shape, dtype=old.dtype, device="meta"))
@@ -283,10 +312,8 @@ def place(model: nn.Module, device: torch.device) -> None:
     if any(weights.holders):
         raise RuntimeError("a lazily loaded model cannot move while a layer is held")  # a pipeline bug
     weights.device = device
-    inside = {id(m) for layer in weights.layers for m in layer.modules()}
-    for module in model.modules():
-        if id(module) not in inside:
-            module._apply(lambda t: t.to(device), recurse=False)
+    for module in weights.outside(model):
+        module._apply(lambda t: t.to(device), recurse=False)
     model.tie_weights()
 
 
@@ -305,16 +332,11 @@ def lazy_model(folder: Path, dtype: torch.dtype | str = torch.float32) -> nn.Mod
     if not weights.layers:
         raise ModelLoadError(f"{type(model).__name__} lists no decoder layer class in _no_split_modules, "
                              f"so it cannot be loaded lazily; use execution.weights 'resident'")
-    inside = {id(m) for layer in weights.layers for m in layer.modules()}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    for name, module in model.named_modules():
-        if id(module) in inside:
-            continue
+    for module in weights.outside(model):
         if module._non_persistent_buffers_set:  # computed buffers (rotary frequencies): as transformers does
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)
-        _load(module, name, weights, tied)
-    model.tie_weights()
+    weights.load_outside(model)
     model.name_or_path = model.config._name_or_path = str(folder)
     model._zsfw_residency = weights
     return model.eval()

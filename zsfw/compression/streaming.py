@@ -117,7 +117,8 @@ class _StreamedPass(_InMemoryPass):
                 if self.moments:  # accumulated in the backward sweep's recomputation
                     moments = _InputMoments(self.targets, torch.float64)
                     moments.tokens = self.tokens
-                yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
+                with residency(model).outside_released(model):  # embeddings and head: not needed now
+                    yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
             finally:
                 if moments:
                     moments.remove()
