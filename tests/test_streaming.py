@@ -168,9 +168,11 @@ def test_lazy_weights_give_the_same_checkpoint_one_layer_at_a_time(llama, llama_
     streamed = {"driver": "streamed", "weights": "lazy"}
     lazy = lazy_model(llama_folder)
     assert all(p.is_meta for layer in lazy.model.layers for p in layer.parameters())
+    replaced = find_targets(lazy, ["Linear"], ["lm_head"])
     _, report = zsfw.compress(lazy, recipe(ratio=0.6, execution=streamed, batch_size=2), windows,
                               output_dir=tmp_path / "lazy")
     assert most[0] == 1 and residency(lazy).holders == [0, 0]  # one layer in memory at a time, all let go
+    assert all(t.is_meta for m in replaced.values() for t in m.parameters())  # nothing kept alive by them
     assert outside_while_factorizing and all(all(meta) for meta in outside_while_factorizing)
     assert not lazy.model.embed_tokens.weight.is_meta and lazy.lm_head.weight is lazy.model.embed_tokens.weight
     _, resident = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"driver": "streamed"},

@@ -60,6 +60,10 @@ class Resident:
         """Whole-model forward passes work in the block (each layer held while it runs)."""
         return nullcontext()
 
+    def retire(self, module: nn.Module) -> None:
+        """``module`` was taken out of a held layer (truncation replaced it): with lazy weights
+        its tensors go back to ``meta`` now, as the layer's will when it is let go."""
+
     def outside_released(self, model: nn.Module) -> ContextManager[None]:
         """For the block, what lies outside the decoder layers is not in memory (a step that
         runs the layers alone), and is back after it."""
@@ -185,6 +189,9 @@ class LazyWeights(Resident):
             finally:
                 for i in reversed(running):
                     self._release(i)
+
+    def retire(self, module: nn.Module) -> None:
+        _empty(module)
 
     def outside(self, model: nn.Module) -> list[nn.Module]:
         """The modules of ``model`` outside the decoder layers (embeddings, final norm, head)."""

@@ -41,17 +41,22 @@ def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPl
     (a ``zsfw.checkpoint.save.CheckpointWriter``) before its memory goes back.
     """
     bar = tqdm(total=len(targets), desc="truncate", unit="layer")
-    for prefix, names in residency(model).parts(targets):
+    weights = residency(model)
+    for prefix, names in weights.parts(targets):
         for name in names:
             linear = targets[name]
+            new = linear
             if plan.is_dense(name):
-                model.set_submodule(name, storage.dense_module(linear))
+                new = storage.dense_module(linear)
             else:
                 B, A = kept_factors(store, name, plan[name], linear.weight.device)
                 if correction is not None:
                     correction.install(name, B, A)
                 else:
-                    model.set_submodule(name, storage.lowrank_module(B, A, linear.bias))
+                    new = storage.lowrank_module(B, A, linear.bias)
+            if new is not linear:
+                model.set_submodule(name, new)
+                weights.retire(linear)  # its weights are not kept alive by ``targets``
             bar.update()
         if writer is not None and prefix is not None:
             writer.add_layer(model, prefix)
