@@ -179,8 +179,10 @@ def gradient_windows(windows: torch.Tensor, gradient_samples: int | None, gradie
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """The model in eval mode with no parameter requiring gradients for the block; every
-    parameter's ``requires_grad`` and ``grad`` and the training mode are restored after it."""
-    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    parameter's ``requires_grad`` and ``grad`` and the training mode are restored after it, by
+    name: no reference to a parameter is kept, so a lazily loaded model can let go of its tensors
+    inside the block (and those it re-reads get their flags back)."""
+    saved = {name: (p.requires_grad, p.grad) for name, p in model.named_parameters()}
     was_training = model.training
     model.eval()
     try:
@@ -188,9 +190,11 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(False)
         yield
     finally:
-        for p, (flag, grad) in saved.items():
-            p.requires_grad_(flag)
-            p.grad = grad
+        for name, p in model.named_parameters():
+            if name in saved:
+                flag, grad = saved[name]
+                p.requires_grad_(flag)
+                p.grad = grad
         model.train(was_training)
 
 
