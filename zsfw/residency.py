@@ -88,9 +88,9 @@ class LazyWeights(Resident):
 
     lazy = True
 
-    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype,
-                 device: torch.device = torch.device("cpu")) -> None:
-        self.folder, self.dtype, self.device = folder, dtype, device
+    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        self.device = torch.device("cpu")  # where layers are read to (``place`` moves it)
         self._headers = _headers(folder)  # file -> (data start, header bytes, header)
         self.files = {key: file for file, (_, _, header) in self._headers.items()
                       for key in header if key != "__metadata__"}
@@ -193,23 +193,22 @@ class LazyWeights(Resident):
     def retire(self, module: nn.Module) -> None:
         _empty(module)
 
-    def outside(self, model: nn.Module) -> list[nn.Module]:
-        """The modules of ``model`` outside the decoder layers (embeddings, final norm, head)."""
+    def outside(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each module of ``model`` outside the decoder layers (embeddings,
+        final norm, head)."""
         inside = {id(m) for layer in self.layers for m in layer.modules()}
-        return [m for m in model.modules() if id(m) not in inside]
+        return [(name, m) for name, m in model.named_modules() if id(m) not in inside]
 
     def load_outside(self, model: nn.Module) -> None:
         """What lies outside the decoder layers read from the checkpoint (tied weights re-tied)."""
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-        inside = {id(m) for layer in self.layers for m in layer.modules()}
-        for name, module in model.named_modules():
-            if id(module) not in inside:
-                _load(module, name, self, tied)
+        for name, module in self.outside(model):
+            _load(module, name, self, tied)
         model.tie_weights()
 
     @contextmanager
     def outside_released(self, model: nn.Module) -> Iterator[None]:
-        for module in self.outside(model):
+        for _, module in self.outside(model):
             _empty(module, recurse=False)
         try:
             yield
@@ -319,7 +318,7 @@ def place(model: nn.Module, device: torch.device) -> None:
     if any(weights.holders):
         raise RuntimeError("a lazily loaded model cannot move while a layer is held")  # a pipeline bug
     weights.device = device
-    for module in weights.outside(model):
+    for _, module in weights.outside(model):
         module._apply(lambda t: t.to(device), recurse=False)
     model.tie_weights()
 
@@ -339,7 +338,7 @@ def lazy_model(folder: Path, dtype: torch.dtype | str = torch.float32) -> nn.Mod
     if not weights.layers:
         raise ModelLoadError(f"{type(model).__name__} lists no decoder layer class in _no_split_modules, "
                              f"so it cannot be loaded lazily; use execution.weights 'resident'")
-    for module in weights.outside(model):
+    for _, module in weights.outside(model):
         if module._non_persistent_buffers_set:  # computed buffers (rotary frequencies): as transformers does
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)
