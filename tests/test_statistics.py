@@ -37,6 +37,17 @@ def test_covariance_and_gradient_are_exact(llama, windows):
     weight.grad = None
 
 
+def test_covariance_summed_in_row_blocks_equals_the_whole_product(llama, windows, monkeypatch):
+    from zsfw.compression import statistics
+
+    whole = collect(llama, _targets(llama), windows, gradients=False).covariances
+    monkeypatch.setattr(statistics, "SCRATCH_ELEMENTS", 7 * 64 + 5)  # 7 rows of 64, a short last block
+    blocked = collect(llama, _targets(llama), windows, gradients=False).covariances
+    assert whole.keys() == blocked.keys()
+    for group in whole:
+        torch.testing.assert_close(blocked[group], whole[group], rtol=1e-6, atol=1e-9)
+
+
 def test_checkpointed_layers_give_the_same_statistics(llama, windows):
     targets = _targets(llama)
     plain = collect(llama, targets, windows, gradient_samples=5, checkpoint_layers=False)

@@ -37,25 +37,38 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
     for group in groups:
         if bar is None:
             bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
-        S, note = None, ""
-        if group.covariance is not None:
-            whitening = whitening_factor(group.take_covariance(), damping)  # C freed once S is made
-            S, note = whitening.S, whitening_note(whitening, damping)
-            store.put_whitener(group.group, S)
-            if note:
-                log.warning("whitening of %s needed %s", group.members, note)
-        with weights.holding_names(group.members):
-            for name in group.members:
-                weight = targets[name].weight.detach()
-                U, sigma, Vh = whitened_svd(weight, S)
-                scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, group.gradients.pop(name, None)))
-                layer = LayerScores(name, weight.shape[0], weight.shape[1], targets[name].bias is not None,
-                                    sigma.cpu(), scores.to(torch.float64).cpu())
-                B, A = lowrank_factors(U, sigma, Vh, S, store.kept_rank(layer))
-                store.put_layer(layer, B, A, None if S is None else group.group, note)
-                bar.update()
+        _factorize_group(targets, group, scorer, damping, store, weights, bar)
     if bar is not None:
         bar.close()
+
+
+def _factorize_group(targets: dict[str, nn.Linear], group: GroupStatistics, scorer: Scorer, damping: float,
+                     store: FactorStore, weights: Resident, bar: tqdm) -> None:
+    """One group's whitening and its members' SVDs, scores and factors, into ``store``.
+
+    A function of its own so that its float64 temporaries (S, U, Vᵀ, factors: ~0.5 GB for a
+    5632-wide group) are gone when it returns: a streamed driver computes the next layer's
+    statistics while the loop above waits, and must not do so next to them.
+    """
+    S, note = None, ""
+    if group.covariance is not None:
+        whitening = whitening_factor(group.take_covariance(), damping)  # C freed once S is made
+        S, note = whitening.S, whitening_note(whitening, damping)
+        store.put_whitener(group.group, S)
+        if note:
+            log.warning("whitening of %s needed %s", group.members, note)
+    with weights.holding_names(group.members):
+        for name in group.members:
+            weight = targets[name].weight.detach()
+            U, sigma, Vh = whitened_svd(weight, S)
+            scores = scorer.score(LayerSpectrum(name, U, sigma, Vh, S, group.gradients.pop(name, None)))
+            layer = LayerScores(name, weight.shape[0], weight.shape[1], targets[name].bias is not None,
+                                sigma.cpu(), scores.to(torch.float64).cpu())
+            B, A = lowrank_factors(U, sigma, Vh, S, store.kept_rank(layer))
+            del U, Vh  # not next to the next member's SVD
+            store.put_layer(layer, B, A, None if S is None else group.group, note)
+            del B, A
+            bar.update()
 
 
 def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,

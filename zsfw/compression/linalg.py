@@ -85,17 +85,18 @@ def whitened_svd(W: torch.Tensor, S: torch.Tensor | None):
     inv = torch.where(tiny, torch.zeros_like(sigma), 1 / sigma.masked_fill(tiny, 1))
     sigma = sigma.masked_fill(tiny, 0)
     if tall:
-        return (A @ vecs) * inv, sigma, vecs.mT
-    return vecs, sigma, (vecs.mT @ A) * inv[:, None]
+        return (A @ vecs).mul_(inv), sigma, vecs.mT
+    return vecs, sigma, (vecs.mT @ A).mul_(inv[:, None])
 
 
 def first_order_scores(
     U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, G: torch.Tensor, S: torch.Tensor | None
 ) -> torch.Tensor:
     """ΔL_i = −σ_i u_iᵀ (G S⁻ᵀ) v_i: first-order loss change of setting σ_i to zero."""
-    G = G.to(torch.float64)
-    H = G if S is None else torch.linalg.solve_triangular(S.mT, G, upper=True, left=False)
-    return -sigma * ((U.mT @ H) * Vh).sum(dim=1)
+    H = G.to(torch.float64)
+    if S is not None:  # the float64 copy of G is freed as soon as H exists
+        H = torch.linalg.solve_triangular(S.mT, H, upper=True, left=False)
+    return -sigma * (U.mT @ H).mul_(Vh).sum(dim=1)
 
 
 def lowrank_factors(

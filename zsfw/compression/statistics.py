@@ -56,6 +56,10 @@ class CalibrationStatistics:
         return next(g for g, members in self.groups.items() if name in members)
 
 
+SCRATCH_ELEMENTS = 1 << 22
+"""Elements of the XᵀX row-block buffer (16 MB in fp32)."""
+
+
 class _InputMoments:
     """Forward pre-hooks that accumulate XᵀX once per distinct input tensor."""
 
@@ -93,15 +97,21 @@ class _InputMoments:
             x = x.float()
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"non-finite values in the input of {name!r}")
-        # XᵀX goes into one reused buffer per (width, dtype), then into the float64 sum: no
-        # per-batch temporaries, which the allocator would otherwise keep as fragmented heap
-        key = (x.shape[-1], x.dtype, x.device)
+        # XᵀX goes into one reused buffer per (width, dtype), a block of rows at a time, then into
+        # the float64 sum: no per-batch temporaries (the allocator would keep them as fragmented
+        # heap), and ~16 MB of buffer instead of n² (127 MB for a 5632-wide input). Each row
+        # block is the same dot products as the whole product (checked bit for bit on CPU).
+        n = x.shape[-1]
+        rows = max(1, min(n, SCRATCH_ELEMENTS // n))
+        key = (n, x.dtype, x.device)
         if key not in self.scratch:
-            self.scratch[key] = torch.empty(x.shape[-1], x.shape[-1], dtype=x.dtype, device=x.device)
-        xtx = torch.mm(x.T, x, out=self.scratch[key])
+            self.scratch[key] = torch.empty(rows, n, dtype=x.dtype, device=x.device)
         if name not in self.sums:
-            self.sums[name] = torch.zeros(xtx.shape, dtype=self.dtype, device=x.device)
-        self.sums[name] += xtx
+            self.sums[name] = torch.zeros(n, n, dtype=self.dtype, device=x.device)
+        total, scratch = self.sums[name], self.scratch[key]
+        for i in range(0, n, rows):
+            block = scratch[: min(rows, n - i)]
+            total[i:i + block.shape[0]] += torch.mm(x[:, i:i + block.shape[0]].T, x, out=block)
 
     def new_batch(self, tokens: int) -> None:
         self.seen.clear()
