@@ -32,17 +32,19 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REFERENCE_TEXT = REPO.parent / "shared" / "anchor" / "wiki.txt"
 REFERENCE_MD5 = "c259830c7bd518798290e140d45d27ea"  # SmolLM2-135M-Instruct's tokenizer
 CUT, CAL_LEN, CAL_N, EVAL_LEN, EVAL_N, SEED = 400_000, 512, 32, 2048, 8, 3
+VAL_N, VAL_SEED = 8, 4  # validation windows: zsfw's addition, not the authors' protocol
 CALIBRATION = {"samples": CAL_N, "sequence_length": CAL_LEN, "seed": 0, "max_tokens": CUT}
 """zsfw's own protocol as a recipe's calibration block: the windows ``zsfw_windows`` draws."""
 
 
 @dataclass
 class Windows:
-    """Calibration ids (windows × tokens) and evaluation ids (windows × tokens)."""
+    """Calibration, evaluation and validation ids (each windows × tokens)."""
 
     calibration: torch.Tensor
     evaluation: torch.Tensor
     md5: str
+    validation: torch.Tensor | None = None  # held out from the calibration region, for correctors
 
 
 def ids_md5(ids: torch.Tensor) -> str:
@@ -65,22 +67,33 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
     evaluation = torch.tensor([ids[w * EVAL_LEN:(w + 1) * EVAL_LEN] for w in range(full - EVAL_N, full)],
                               dtype=torch.long)
     md5 = ids_md5(calibration)
+    validation = torch.tensor([ids[s:s + CAL_LEN] for s in validation_starts(starts)], dtype=torch.long)
     if check_md5 and md5 != REFERENCE_MD5:
         raise SystemExit(f"calibration ids md5 {md5} != the reference {REFERENCE_MD5}: not the "
                          f"reference tokens (another text or tokenizer); no comparison possible")
-    return Windows(calibration, evaluation, md5)
+    return Windows(calibration, evaluation, md5, validation)
+
+
+def validation_starts(calibration_starts: list[int]) -> list[int]:
+    """``VAL_N`` starts of 512-token windows in the first 400K tokens that overlap no calibration
+    window nor each other (a seeded draw of the aligned chunks that miss them all): what a
+    corrector judges its steps on, never the evaluation windows."""
+    free = [c * CAL_LEN for c in range(CUT // CAL_LEN)
+            if all(c * CAL_LEN + CAL_LEN <= s or s + CAL_LEN <= c * CAL_LEN for s in calibration_starts)]
+    return sorted(random.Random(VAL_SEED).sample(free, VAL_N))
 
 
 def zsfw_windows(tokenizer, samples: int = CAL_N) -> Windows:
     """zsfw's own protocol on the Wikipedia text of ``zsfw.sources`` (``CALIBRATION``, with
     ``samples`` windows)."""
-    from zsfw.compression.calibration import load_texts, sample_windows, tokenize
+    from zsfw.compression.calibration import held_out_windows, load_texts, sample_windows, tokenize
     from zsfw.sources import wikipedia_text_path
 
     tokens = tokenize(tokenizer, load_texts(wikipedia_text_path()))
     calibration = sample_windows(tokens, samples, CAL_LEN, CALIBRATION["seed"], CUT)
     evaluation = tokens[CUT: CUT + EVAL_N * EVAL_LEN].view(EVAL_N, EVAL_LEN)
-    return Windows(calibration, evaluation, ids_md5(calibration))
+    validation = held_out_windows(tokens, VAL_N, samples, CAL_LEN, CALIBRATION["seed"], CUT)
+    return Windows(calibration, evaluation, ids_md5(calibration), validation)
 
 
 def news_windows(tokenizer) -> torch.Tensor:

@@ -26,14 +26,19 @@ HERE = Path(__file__).resolve().parent
 CELLS = HERE / ".reference-cells"
 RECIPES = {"uncompressed": None, "zero_sum": "zero_sum.yaml", "uniform": "uniform_svd_llm.yaml",
            "zero_sum_streamed": "zero_sum.yaml", "zero_sum_lazy": "zero_sum.yaml",
-           "zero_sum_2proc": "zero_sum.yaml"}
+           "zero_sum_2proc": "zero_sum.yaml", "zero_sum_corrected": "zero_sum_corrected.yaml",
+           "zero_sum_corrected_published": "zero_sum_corrected.yaml"}
 PROCESSES = {"zero_sum_2proc": 2}  # run under torchrun with this many processes
 EXECUTION = {"zero_sum_streamed": {"driver": "streamed"},  # when not the default
              "zero_sum_lazy": {"driver": "streamed", "weights": "lazy", "offload": "disk"}}
+RATIO = 0.8  # every row, whatever its recipe file says
+CORRECTOR = {"zero_sum_corrected_published": {"backtrack": 0, "keep_best": False}}  # options over the recipe's
 AUTHORS = {"uncompressed": "19.13", "zero_sum": "41.66 (gradient from 32 windows)",
            "uniform": "125.77", "zero_sum_streamed": "41.66 (gradient from 32 windows)",
            "zero_sum_lazy": "41.66 (gradient from 32 windows)",
-           "zero_sum_2proc": "41.66 (gradient from 32 windows)"}
+           "zero_sum_2proc": "41.66 (gradient from 32 windows)",
+           "zero_sum_corrected": "42.34 (3 stages, re-planning, gradient 1)",
+           "zero_sum_corrected_published": "42.34 (3 stages, re-planning, gradient 1)"}
 
 
 def run_one(method: str, text: Path) -> dict:
@@ -60,12 +65,18 @@ def run_one(method: str, text: Path) -> dict:
         recipe = zsfw.load_recipe(protocol.REPO / "recipes" / RECIPES[method])
         for key, value in EXECUTION.get(method, {}).items():
             setattr(recipe.modifier.execution, key, value)
+        recipe.modifier.ratio = RATIO
+        if method in CORRECTOR:
+            recipe.modifier.corrector.options.update(CORRECTOR[method])
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             model, report = zsfw.compress(model, recipe, windows.calibration,
-                                          output_dir=Path(out) / "model" if lazy else None)
+                                          output_dir=Path(out) / "model" if lazy else None,
+                                          validation=windows.validation)
             cell.update(compress_seconds=time.perf_counter() - start, phases=report.timings,
                         peak_rss_mb=peak_rss_mb(), calibration_loss=report.calibration_loss)
+            if report.correction_steps:
+                cell.update(correction_losses=report.correction_losses, correction_steps=report.correction_steps)
             if report.layers:  # not a helper process under torchrun
                 cell.update(kept=report.total_bytes / report.reference_bytes,
                             ranks={l.name: None if l.dense else l.rank for l in report.layers})

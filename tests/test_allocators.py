@@ -134,3 +134,19 @@ def test_impossible_budget_is_a_clear_error():
     layers = _layers()
     with pytest.raises(AllocationError, match="cannot be met"):
         plugins.create("allocator", "zero_sum").allocate(layers, _budget(layers, 0.1))
+
+
+def test_zero_sum_floor_keeps_a_share_of_the_uniform_rank_in_every_layer():
+    g = torch.Generator().manual_seed(2)
+    # one layer's components all look free to drop: without a floor it loses nearly everything
+    layers = [_layer(f"l{i}", (torch.randn(16, generator=g) * (0.01 if i == 0 else 1)).tolist(), 16, 16)
+              for i in range(4)]
+    budget = _budget(layers, 0.4)
+    free = plugins.create("allocator", "zero_sum").allocate(layers, budget)
+    floored = plugins.create("allocator", "zero_sum", {"floor": 0.5}).allocate(layers, budget)
+    floors = {l.name: -(-budget.uniform_rank(l) // 2) for l in layers}
+    assert free["l0"] < floors["l0"]  # the floor binds here
+    assert all(floored[name] >= k for name, k in floors.items())
+    assert budget.total(layers, floored) <= budget.limit
+    with pytest.raises(plugins.PluginError, match="floor"):
+        plugins.create("allocator", "zero_sum", {"floor": 1.5})

@@ -271,8 +271,13 @@ def test_correction_cycles_stream_too_and_match_the_in_memory_ones(llama, window
 
     whole_model_passes = []
     collect = statistics.collect
-    monkeypatch.setattr("zsfw.compression.driver.collect",
-                        lambda *a, **k: whole_model_passes.append(1) or collect(*a, **k))
+
+    def counted(*args, **kwargs):  # whole-model passes with a backward (validation is forward only)
+        if kwargs.get("gradients", True):
+            whole_model_passes.append(1)
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr("zsfw.compression.driver.collect", counted)
     corrected = {"name": "projected_gradient", "cycles": 2}
     memory, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32", corrector=corrected,
                                                                 gradient_samples=4), windows)

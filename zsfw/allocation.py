@@ -88,6 +88,19 @@ class ByteBudget:
     def total(self, layers: Sequence[LayerScores], ranks: Mapping[str, Allocation]) -> int:
         return sum(self.cost(l, rank_of(ranks[l.name])) for l in layers)
 
+    def uniform_rank(self, layer: LayerScores) -> int:
+        """The largest rank (≥ 1) at which the layer costs at most the budget's ratio of its
+        16-bit bytes: what a uniform allocation gives it."""
+        allowed = self.limit / self.original * self.reference_bytes(layer)
+        lo, hi = 1, layer.full_rank
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.cost(layer, mid) <= allowed:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
 
 class AllocationPlan(Mapping[str, Allocation]):
     """What every layer keeps, checked against the layers and priced by the budget.
@@ -167,10 +180,12 @@ class DropFrontier:
     components anywhere use ``drop(i, component)``; such a layer then keeps a set of indices.
     """
 
-    def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget, min_rank: int = 1) -> None:
+    def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget,
+                 min_rank: int | Sequence[int] = 1) -> None:
         self.layers = list(layers)
         self.budget = budget
-        self.min_rank = min_rank
+        self.floors = [max(1, min_rank)] * len(self.layers) if isinstance(min_rank, int) else [
+            max(1, min(k, l.full_rank)) for k, l in zip(min_rank, self.layers)]  # per layer
         self.ranks = [l.full_rank for l in self.layers]
         self.scores = [l.scores.tolist() for l in self.layers]
         self.spent = sum(budget.cost(l, k) for l, k in zip(self.layers, self.ranks))
@@ -181,7 +196,7 @@ class DropFrontier:
         return self.spent > self.budget.limit
 
     def can_drop(self, i: int) -> bool:
-        return self.ranks[i] > self.min_rank
+        return self.ranks[i] > self.floors[i]
 
     def next_score(self, i: int) -> float:
         """Score of layer i's smallest remaining component."""
@@ -206,8 +221,9 @@ class DropFrontier:
 
     def exhausted_error(self) -> AllocationError:
         return AllocationError(
-            f"byte budget {self.budget.limit} cannot be met: at rank {self.min_rank} in every "
-            f"layer the targets still cost {self.spent} bytes; raise the ratio")
+            f"byte budget {self.budget.limit} cannot be met: at the minimum rank of every layer "
+            f"({min(self.floors)}–{max(self.floors)}) the targets still cost {self.spent} bytes; "
+            f"raise the ratio or lower the rank floor")
 
     def result(self) -> AllocationPlan:
         return AllocationPlan(self.layers, self.budget, {

@@ -41,12 +41,15 @@ def _compress(args: argparse.Namespace) -> int:
     cal = recipe.modifier.calibration
     tokens = text_tokens(tokenizer, args.dataset or _news_text())
     windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
+    checks = cal.validation_samples if recipe.modifier.corrector else 0  # the corrector's windows
+    validation = (held_out_windows(tokens, checks, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
+                  if checks else None)
     held = (held_out_windows(tokens, args.held_out, cal.samples, cal.sequence_length, cal.seed,
-                             cal.max_tokens) if args.held_out else None)
+                             cal.max_tokens, skip=checks) if args.held_out else None)
     helper = distributed.launched() and distributed.rank() != 0  # under torchrun: process 0 reports
     before = None if held is None or helper else snapshot(model, tokenizer, held)
     _, report = compress(model, recipe, windows, output_dir=args.output, tokenizer=tokenizer,
-                         overwrite=args.overwrite, statistics_cache=args.statistics_cache)
+                         overwrite=args.overwrite, statistics_cache=args.statistics_cache, validation=validation)
     if helper:
         return 0
     after = None if held is None else snapshot(model, tokenizer, held)

@@ -147,6 +147,21 @@ class CorrectionProblem(Protocol):
         """Install the best rank-k (whitened) approximation of ``weight`` for layer ``name``."""
         ...
 
+    def validation_loss(self) -> float:
+        """Mean next-token loss of the current weights on held-out validation windows (forward
+        only; judge steps and keep the best state on this, not on the calibration loss)."""
+        ...
+
+    def snapshot(self) -> Any:
+        """The current state of every layer, for ``restore``."""
+        ...
+
+    def restore(self, snapshot: Any) -> None: ...
+
+    def record(self, **entry: Any) -> None:
+        """Note a measured step (e.g. cycle, scale, validation loss, accepted) for the report."""
+        ...
+
 
 class Corrector(Protocol):
     """Improves the truncated weights after allocation (e.g. truncate–correct–re-truncate)."""

@@ -68,6 +68,10 @@ class CalibrationConfig(BaseModel):
                            "time for less activation memory")
     max_tokens: int | None = Field(
         None, gt=1, description="draw windows only from the first max_tokens tokens of the text")
+    validation_samples: int = Field(
+        8, ge=0, description="held-out windows of the same text (forward only) on which a "
+                             "corrector judges its steps and keeps its best state; drawn only "
+                             "when a corrector is set")
 
     @model_validator(mode="after")
     def _gradient_within_samples(self) -> "CalibrationConfig":

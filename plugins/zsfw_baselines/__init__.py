@@ -35,19 +35,7 @@ class UniformAllocator:
     name: ClassVar[str] = "uniform"
 
     def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
-        ratio = budget.limit / budget.original
-        ranks = {}
-        for layer in layers:
-            reference = budget.reference_bytes(layer)
-            lo, hi = 1, layer.full_rank  # largest k with cost(k) <= ratio * reference
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if budget.cost(layer, mid) <= ratio * reference:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            ranks[layer.name] = lo
-        return AllocationPlan(layers, budget, ranks)
+        return AllocationPlan(layers, budget, {layer.name: budget.uniform_rank(layer) for layer in layers})
 
 
 class GreedyNegativeAllocator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from typing import ClassVar, Sequence
 
 import torch
@@ -29,13 +30,19 @@ class ZeroSumAllocator:
     Two min-heaps keyed by |ΔL| hold each layer's next droppable component, one for ΔL ≥ 0 and
     one for ΔL < 0. While the sum s of dropped ΔL is ≤ 0 the smallest non-negative one goes,
     otherwise the smallest negative one (either heap stands in when the other is empty), until
-    the byte budget is met.
+    the byte budget is met. With ``floor`` > 0 no layer goes below ceil(floor × the rank a
+    uniform allocation would give it).
     """
 
     name: ClassVar[str] = "zero_sum"
 
+    def __init__(self, floor: float = 0.0) -> None:
+        if not 0 <= floor <= 1:
+            raise ValueError(f"floor must be within [0, 1] (a fraction of the uniform rank), got {floor}")
+        self.floor = floor
+
     def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
-        frontier = DropFrontier(layers, budget)
+        frontier = DropFrontier(layers, budget, [math.ceil(self.floor * budget.uniform_rank(l)) for l in layers])
         heaps: dict[bool, list[tuple[float, int]]] = {True: [], False: []}  # key: ΔL >= 0
 
         def push(i: int) -> None:
@@ -58,33 +65,69 @@ class ZeroSumAllocator:
 
 
 class ProjectedGradientCorrector:
-    """Truncate–correct–re-truncate: W_k ← trunc_k(W_k + (⟨g,Δ⟩/⟨g,g⟩) g), Δ = W − W_k.
+    """Truncate–correct–re-truncate: W_k ← trunc_k(W_k + t·(⟨g,Δ⟩/⟨g,g⟩) g), Δ = W − W_k.
 
     Each cycle takes the gradient g of every layer from ONE forward/backward pass over the
-    gradient windows, then re-truncates every layer at its allocated rank.
+    gradient windows, then re-truncates every layer at its allocated rank. The step scale t
+    starts at 1 (the published step); with ``backtrack`` > 0 a step that does not lower the
+    validation loss is retried at t/2, t/4, … that many times, and when none helps the cycle is
+    undone and correction stops (the next gradient would be the same). With ``keep_best`` the
+    state with the lowest validation loss, the one-shot truncation included, is the result.
+    ``backtrack: 0, keep_best: false`` is the published method (every step taken).
     """
 
     name: ClassVar[str] = "projected_gradient"
 
-    def __init__(self, cycles: int = 1) -> None:
+    def __init__(self, cycles: int = 1, backtrack: int = 2, keep_best: bool = True) -> None:
         if cycles < 1:
             raise ValueError(f"cycles must be >= 1, got {cycles}")
-        self.cycles = cycles
+        if backtrack < 0:
+            raise ValueError(f"backtrack must be >= 0, got {backtrack}")
+        self.cycles, self.backtrack, self.keep_best = cycles, backtrack, keep_best
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         losses = []
-        for cycle in range(self.cycles):
+        current = problem.validation_loss()
+        best = (current, problem.snapshot())
+        for cycle in range(1, self.cycles + 1):
             loss, grads = problem.gradients()
             losses.append(loss)
-            for name in tqdm(problem.layers, desc=f"correction {cycle + 1}/{self.cycles}", unit="layer"):
-                g = grads.pop(name).to(torch.float64)
-                current = problem.weight(name).to(torch.float64)
-                gg = (g * g).sum()
-                if gg == 0:
-                    continue
-                step = (g * (problem.original(name).to(torch.float64) - current)).sum() / gg
-                problem.retruncate(name, current + step * g)
+            coefficients = self._coefficients(problem, grads)
+            start = problem.snapshot()
+            for attempt in range(self.backtrack + 1):
+                scale = 0.5 ** attempt
+                if attempt:
+                    problem.restore(start)
+                for name in tqdm(coefficients, desc=f"correction {cycle}/{self.cycles}", unit="layer"):
+                    step = grads[name].to(torch.float64).mul_(scale * coefficients[name])
+                    problem.retruncate(name, step.add_(problem.weight(name)))
+                value = problem.validation_loss()
+                accepted = value < current or not self.backtrack
+                problem.record(cycle=cycle, scale=scale, calibration_loss=loss, validation_loss=value,
+                               accepted=accepted)
+                if accepted:
+                    break
+            else:  # no scale lowered the validation loss: undo the cycle and stop
+                problem.restore(start)
+                break
+            current = value
+            if value < best[0]:
+                best = (value, problem.snapshot())
+        if self.keep_best and problem.validation_loss() > best[0]:
+            problem.restore(best[1])
         return losses
+
+    @staticmethod
+    def _coefficients(problem: CorrectionProblem, grads: dict[str, torch.Tensor]) -> dict[str, float]:
+        """⟨g, W − W_k⟩ / ⟨g, g⟩ per layer (layers with a zero gradient are left as they are)."""
+        out = {}
+        for name in problem.layers:
+            g = grads[name].to(torch.float64)
+            gg = (g * g).sum()
+            if gg > 0:
+                delta = problem.original(name).to(torch.float64) - problem.weight(name).to(torch.float64)
+                out[name] = ((g * delta).sum() / gg).item()
+        return out
 
 
 @zsfw.hookimpl

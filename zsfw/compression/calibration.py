@@ -120,11 +120,12 @@ def sample_windows(tokens: torch.Tensor, samples: int, sequence_length: int, see
 
 
 def held_out_windows(tokens: torch.Tensor, count: int, samples: int, sequence_length: int,
-                     seed: int = 0, max_tokens: int | None = None) -> torch.Tensor:
+                     seed: int = 0, max_tokens: int | None = None, skip: int = 0) -> torch.Tensor:
     """``count`` windows of the same text that ``sample_windows`` with these arguments never
-    picks: for evaluating what a compression calibrated on them lost."""
-    chunks, order = _shuffled_chunks(tokens, samples, sequence_length, seed, max_tokens, count)
-    return chunks[order[samples:samples + count]].clone()
+    picks, after ``skip`` others held out before them (validation windows, then windows for
+    measuring what a compression lost: disjoint sets)."""
+    chunks, order = _shuffled_chunks(tokens, samples, sequence_length, seed, max_tokens, skip + count)
+    return chunks[order[samples + skip:samples + skip + count]].clone()
 
 
 def text_tokens(tokenizer, source: DatasetLike) -> torch.Tensor:
@@ -137,20 +138,18 @@ def text_tokens(tokenizer, source: DatasetLike) -> torch.Tensor:
 
 def calibration_windows(tokenizer, source: DatasetLike, samples: int, sequence_length: int,
                         seed: int = 0, max_tokens: int | None = None) -> torch.Tensor:
-    """Load, tokenize and sample: the calibration batch the pipeline runs."""
+    """Load, tokenize and sample: the calibration batch of ``source``."""
     return sample_windows(text_tokens(tokenizer, source), samples, sequence_length, seed, max_tokens)
 
 
 def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, tokenizer: Any,
-                calibration: CalibrationConfig) -> torch.Tensor:
-    """The calibration windows of a ``compress`` call: ``dataset`` itself when it is a
-    (windows × tokens) tensor of ids, else drawn from its text as ``calibration`` says (with
-    ``tokenizer``, default: the model's own)."""
+                calibration: CalibrationConfig, validation: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows of a ``compress`` call and ``validation`` held-out windows of the
+    same text (None for none): ``dataset`` itself when it is a (windows × tokens) tensor of ids
+    (no validation windows: the caller gives them), else drawn from its text as ``calibration``
+    says (with ``tokenizer``, default: the model's own)."""
     if isinstance(dataset, torch.Tensor):
-        if dataset.dim() != 2 or dataset.dtype != torch.long:
-            raise CalibrationError(f"a tensor dataset must be (windows × tokens) int64 ids, got "
-                                   f"{tuple(dataset.shape)} {dataset.dtype}")
-        return dataset
+        return token_ids(dataset, "a tensor dataset"), None
     if dataset is None:
         raise CalibrationError("compress needs calibration data: a text file/folder, a "
                                "datasets.Dataset, an iterable of strings, or a tensor of token ids")
@@ -158,8 +157,19 @@ def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, to
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    return calibration_windows(tokenizer, dataset, calibration.samples, calibration.sequence_length,
-                               calibration.seed, calibration.max_tokens)
+    c = calibration
+    tokens = text_tokens(tokenizer, dataset)
+    windows = sample_windows(tokens, c.samples, c.sequence_length, c.seed, c.max_tokens)
+    held = held_out_windows(tokens, validation, c.samples, c.sequence_length, c.seed, c.max_tokens) if validation else None
+    return windows, held
+
+
+def token_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
+    """``ids`` when it is a (windows × tokens) int64 tensor, else an error naming ``what``."""
+    if ids.dim() != 2 or ids.dtype != torch.long:
+        raise CalibrationError(f"{what} must be (windows × tokens) int64 ids, got "
+                               f"{tuple(ids.shape)} {ids.dtype}")
+    return ids
 
 
 COVERAGE_FLOOR = 8

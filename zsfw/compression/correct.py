@@ -3,10 +3,16 @@ the low-rank layers are built in the storage format.
 
 During correction each low-rank layer is a dense weight equal to its rank-k product, which the
 corrector reads, steps and re-truncates at the plan's rank in the whitened norm; gradients come
-from the driver, one pass for all layers.
+from the driver, one pass for all layers. Steps are judged on validation windows: held-out
+windows of the calibration text, never the gradient windows' own loss and never evaluation
+text. Whatever the corrector does, the result is never worse there than the one-shot
+truncation: if the corrector's final state is, the one-shot factors come back.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,23 +23,32 @@ from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.store import FactorStore
 from zsfw.interfaces import Corrector, StorageFormat
 
+log = logging.getLogger(__name__)
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
 
 class Correction:
     """The truncated model as a corrector sees it (implements ``CorrectionProblem``)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-                 store: FactorStore, driver: Driver) -> None:
+                 store: FactorStore, driver: Driver, validation: torch.Tensor) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
+        self.validation = validation
         self.layers = plan.lowrank()
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.factors: Factors = {}
         self.originals: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, Any]] = []  # what the corrector measured, for the report
+        self._version = 0  # bumped by every install: the cached validation loss is of this state
+        self._measured: tuple[int, float] | None = None
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         weight = self.targets[name].weight
         self.originals.setdefault(name, weight.detach().clone())
-        self.factors[name] = (B.to(weight.dtype), A.to(weight.dtype))
-        with torch.no_grad():
-            weight.copy_(B @ A)
+        B, A = self.factors[name] = (B.to(weight.dtype), A.to(weight.dtype))
+        with torch.no_grad():  # the product of the factors as kept: a restored state is the same
+            torch.mm(B, A, out=weight)
+        self._version += 1
 
     def original(self, name: str) -> torch.Tensor:
         return self.originals[name]
@@ -48,10 +63,39 @@ class Correction:
         S = self.store.whitener(name, weight.device)
         self.install(name, *best_rank(weight, S, self.plan.rank(name)))
 
+    def validation_loss(self) -> float:
+        """Mean next-token loss of the current weights on the validation windows (measured once
+        per state)."""
+        if self._measured is None or self._measured[0] != self._version:
+            self._measured = (self._version, self.driver.loss(self.validation))
+        return self._measured[1]
+
+    def snapshot(self) -> Factors:
+        """The current factors of every layer (cheap: installs replace factors, never change them)."""
+        return dict(self.factors)
+
+    def restore(self, snapshot: Factors) -> None:
+        """Install the factors of an earlier ``snapshot``."""
+        for name, (B, A) in snapshot.items():
+            self.install(name, B, A)
+
+    def record(self, **entry: Any) -> None:
+        """Note one measured step (cycle, scale, losses, accepted) for the report."""
+        self.history.append(entry)
+
 
 def correct(corrector: Corrector, problem: Correction, storage: StorageFormat) -> list[float]:
-    """Run ``corrector``, then build the corrected low-rank modules; returns its losses."""
+    """Run ``corrector``, keep its result only if it is no worse than the one-shot truncation on
+    the validation windows, then build the low-rank modules; returns its calibration losses."""
+    one_shot, before = problem.snapshot(), problem.validation_loss()
     losses = corrector.correct(problem)
+    after = problem.validation_loss()
+    if after > before:
+        log.warning("correction raised the validation loss (%.4f -> %.4f): the one-shot factors are kept",
+                    before, after)
+        problem.restore(one_shot)
+    problem.record(result="kept" if after <= before else "reverted to one-shot", one_shot=before,
+                   final=min(after, before))
     for name, (B, A) in problem.factors.items():
         problem.model.set_submodule(name, storage.lowrank_module(B, A, problem.targets[name].bias))
     return losses

@@ -71,8 +71,10 @@ class DistributedDriver:
         return _DistributedPass(self, targets, moments, gradients)
 
     def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]:
-        raise CalibrationError("a corrector or a model-aware allocator does not run across several "
-                               "processes yet: run it in one process")
+        raise _one_process_only()
+
+    def loss(self, windows: torch.Tensor) -> float:
+        raise _one_process_only()
 
     def gathered(self, store: FactorStore) -> FactorStore | None:
         """Every process's factorizations in process 0's store (returned there; None elsewhere,
@@ -128,6 +130,11 @@ class _DistributedPass:
                             device=_wire())
         dist.all_reduce(loss)
         self.tokens, self.loss = int(loss[1].item()), (loss[0] / loss[1]).item()
+
+
+def _one_process_only() -> CalibrationError:
+    return CalibrationError("a corrector or a model-aware allocator does not run across several "
+                            "processes yet: run it in one process")
 
 
 def _summed(value: int) -> int:

@@ -8,6 +8,8 @@ ask a driver for
   into SVDs and scores at once and drops it), with the token count and loss after the last one;
 - ``gradients(targets)``: the loss and ∂L/∂W of the targets at their current weights over the
   gradient windows, in one pass (the corrector and model-aware allocators use it);
+- ``loss(windows)``: the mean next-token loss of other windows (a corrector's validation
+  windows) at the current weights, forward only;
 - ``gathered(store)``: the factor store with every layer's factorization, in the process that
   allocates, truncates and saves (None in the others).
 
@@ -44,6 +46,8 @@ class Driver(Protocol):
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
 
     def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]: ...
+
+    def loss(self, windows: torch.Tensor) -> float: ...
 
     def gathered(self, store: FactorStore) -> FactorStore | None: ...
 
@@ -86,6 +90,10 @@ class InMemoryDriver:
                         batch_size=cal.batch_size, moments=False,
                         checkpoint_layers=cal.checkpoint_layers, desc="gradient")
         return stats.loss, stats.gradients
+
+    def loss(self, windows: torch.Tensor) -> float:
+        return collect(self.model, {}, windows, batch_size=self.calibration.batch_size, moments=False,
+                       gradients=False, desc="validation").loss
 
     def gathered(self, store: FactorStore) -> FactorStore:
         """The factor store holding every layer (one process: the one it filled)."""

@@ -26,7 +26,7 @@ from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate
 from zsfw.compression.cache import open_cache
-from zsfw.compression.calibration import DatasetLike, coverage_warnings, windows_for
+from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
 from zsfw.compression.streaming import driver_for
@@ -44,11 +44,15 @@ log = logging.getLogger(__name__)
 
 def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike | torch.Tensor | None = None,
              output_dir: str | Path | None = None, tokenizer: Any = None, overwrite: bool = False,
-             statistics_cache: str | Path | None = None) -> tuple[nn.Module, Report]:
+             statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None
+             ) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
     With ``output_dir`` it is saved there (an existing folder only with ``overwrite``); with
     ``statistics_cache`` statistics and factorizations are reused when model, data and settings match.
+    A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
+    calibration text), by default ``calibration.validation_samples`` windows drawn from ``dataset``'s
+    text apart from the calibration windows.
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
@@ -65,8 +69,11 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         place(model, compute_device(m.execution.device))
     report = Report(recipe=recipe.to_dict())
     with report.phase("calibration data"):
-        windows = windows_for(model, dataset, tokenizer, m.calibration)
+        windows, drawn = windows_for(model, dataset, tokenizer, m.calibration,
+                                     m.calibration.validation_samples if corrector else 0)
         report.warnings += coverage_warnings(targets, windows)
+        if corrector:
+            validation = _validation(validation, drawn, windows, m, report)
     if m.stages:
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows)
@@ -84,12 +91,13 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan, m.storage.name))
         if lazy:  # its layers are saved as they are truncated
             writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
-        correction = corrector and Correction(model, targets, plan, store, driver)
+        correction = corrector and Correction(model, targets, plan, store, driver, validation)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, storage, correction, writer)
         if corrector:
             with report.phase("correct"):
                 report.correction_losses = correct(corrector, correction, storage)
+                report.correction_steps = correction.history
         report.record_plan(plan, store.notes)
     except BaseException:
         if writer is not None:
@@ -124,6 +132,20 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, output_dir: str | Pa
         if unsupported:
             raise RecipeError(f"{' and '.join(unsupported)} cannot be used across several processes yet; "
                               f"run without torchrun")
+
+
+def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows: torch.Tensor,
+                m: ZeroSumSVDModifier, report: Report) -> torch.Tensor:
+    """The windows a corrector judges its steps on: those given, else those drawn from the text,
+    else (a tensor dataset without ``validation``) the gradient windows, with a warning."""
+    if given is not None:
+        return token_ids(given, "validation")
+    if drawn is not None:
+        return drawn
+    report.warnings.append("no validation windows (a tensor dataset without validation=): the "
+                           "corrector judges its steps on its own gradient windows, which can overfit")
+    log.warning(report.warnings[-1])
+    return windows[: m.calibration.gradient_samples]
 
 
 def _records(plan: AllocationPlan, storage: str) -> dict[str, ModuleRecord]:

@@ -54,6 +54,7 @@ class Report:
     statistics_cached: bool = False  # the statistics came from a cache, not a calibration pass
     factors_cached: bool = False  # so did the whitened SVDs and scores
     correction_losses: list[float] = field(default_factory=list)
+    correction_steps: list[dict[str, Any]] = field(default_factory=list)  # what the corrector measured
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # phase -> peak so far
     files: dict[str, dict[str, int]] = field(default_factory=dict)  # saved file -> bytes, header_bytes
@@ -110,6 +111,17 @@ class Report:
                 self.add_time(name, time.perf_counter() - start)
             yield item
 
+    def _correction_lines(self) -> list[str]:
+        """The corrector's measured steps and its result, when there was one."""
+        steps = [s for s in self.correction_steps if "validation_loss" in s]
+        result = next((s for s in self.correction_steps if "result" in s), None)
+        if result is None:
+            return []
+        tried = ", ".join(f"{s['cycle']}×{s['scale']:g}: {s['validation_loss']:.4f}"
+                          f"{'' if s['accepted'] else ' (rejected)'}" for s in steps)
+        return [f"correction: validation loss {result['one_shot']:.4f} one-shot → {result['final']:.4f} "
+                f"({result['result']}){'; steps (cycle×scale) ' + tried if tried else ''}"]
+
     def to_dict(self) -> dict:
         out = asdict(self)
         for layer, row in zip(self.layers, out["layers"]):
@@ -149,6 +161,7 @@ class Report:
                     " (statistics from the cache)" if self.statistics_cached else "")
                  + (f", after correction cycles {['%.4f' % x for x in self.correction_losses]}"
                     if self.correction_losses else ""),
+                 *self._correction_lines(),
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
                  + f" (total {t['seconds']:.1f}s)",
                  f"peak RSS: {max(self.peak_rss_mb.values(), default=peak_rss_mb()):.0f} MB",

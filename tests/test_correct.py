@@ -1,0 +1,89 @@
+"""Correction judged on validation windows: step control, keep-best, never worse than one shot."""
+
+import copy
+
+import pytest
+import torch
+
+import zsfw
+from helpers import patterned_windows, recipe, word_docs
+from zsfw.compression.calibration import held_out_windows, sample_windows, tokenize, windows_for
+from zsfw.compression.correct import Correction
+from zsfw.compression.statistics import next_token_loss
+from zsfw.recipe import CalibrationConfig
+
+
+def _corrected(**options) -> dict:
+    return recipe(ratio=0.5, storage="fp32", corrector={"name": "projected_gradient", **options})
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def every_step_hurts(monkeypatch):
+    """The validation loss of any state other than the one-shot truncation is 1 nat worse."""
+    measured = Correction.validation_loss
+
+    def validation_loss(self):
+        first = self.__dict__.setdefault("first", {n: self.weight(n).clone() for n in self.layers})
+        moved = any(not torch.equal(self.weight(n), first[n]) for n in self.layers)
+        return measured(self) + (1.0 if moved else 0.0)
+
+    monkeypatch.setattr(Correction, "validation_loss", validation_loss)
+
+
+@pytest.mark.parametrize("options", [{"backtrack": 2}, {"backtrack": 0, "keep_best": True},
+                                     {"backtrack": 0, "keep_best": False}])
+def test_when_every_step_hurts_the_one_shot_state_comes_back(llama, windows, every_step_hurts, options):
+    validation = patterned_windows(4, seed=1)
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    corrected, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=3, **options), windows,
+                                      validation=validation)
+    assert _same_weights(corrected, one_shot)
+    steps = [s for s in report.correction_steps if "validation_loss" in s]
+    assert not any(s["accepted"] for s in steps) if options["backtrack"] else all(s["accepted"] for s in steps)
+    if options["backtrack"]:  # 1, 1/2, 1/4 tried and rejected, the cycle undone, no further cycle
+        assert [s["scale"] for s in steps] == [1.0, 0.5, 0.25]
+        assert len(report.correction_losses) == 1
+    else:  # every step taken; keep-best (or, without it, the pipeline) restores the one shot
+        assert len(steps) == 3
+    result = report.correction_steps[-1]
+    assert result["result"] == ("reverted to one-shot" if options == {"backtrack": 0, "keep_best": False} else "kept")
+    assert result["final"] == result["one_shot"]
+
+
+def test_accepted_steps_lower_the_measured_validation_loss(llama, windows):
+    validation = patterned_windows(4, seed=1)
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    corrected, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=2), windows,
+                                      validation=validation)
+    result = report.correction_steps[-1]
+    with torch.no_grad():
+        assert result["one_shot"] == pytest.approx(next_token_loss(one_shot, validation).item(), rel=1e-5)
+        assert result["final"] == pytest.approx(next_token_loss(corrected, validation).item(), rel=1e-5)
+    accepted = [s for s in report.correction_steps if s.get("accepted")]
+    assert accepted and result["final"] < result["one_shot"]
+    assert all(b["validation_loss"] < a["validation_loss"] for a, b in zip(accepted, accepted[1:]))
+    assert "correction: validation loss" in report.table()
+
+
+def test_without_validation_windows_a_tensor_dataset_is_judged_on_its_gradient_windows(llama, windows):
+    _, report = zsfw.compress(llama, _corrected(cycles=1), windows)
+    assert any("no validation windows" in w for w in report.warnings)
+
+
+def test_validation_windows_are_held_out_from_calibration_and_measurement(tokenizer, tmp_path):
+    tokens = tokenize(tokenizer, word_docs())
+    path = tmp_path / "cal.txt"
+    path.write_text("\n".join(word_docs()))
+    cal = CalibrationConfig(samples=6, sequence_length=32, validation_samples=4)
+    windows, validation = windows_for(None, path, tokenizer, cal, validation=4)
+    measured = held_out_windows(tokens, 5, 6, 32, skip=4)
+    assert torch.equal(windows, sample_windows(tokens, 6, 32))
+    rows = [{tuple(w.tolist()) for w in t} for t in (windows, validation, measured)]
+    assert [len(r) for r in rows] == [6, 4, 5]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    assert windows_for(None, path, tokenizer, cal)[1] is None  # none drawn unless asked for
