@@ -27,18 +27,21 @@ CELLS = HERE / ".reference-cells"
 RECIPES = {"uncompressed": None, "zero_sum": "zero_sum.yaml", "uniform": "uniform_svd_llm.yaml",
            "zero_sum_streamed": "zero_sum.yaml", "zero_sum_lazy": "zero_sum.yaml",
            "zero_sum_2proc": "zero_sum.yaml", "zero_sum_corrected": "zero_sum_corrected.yaml",
-           "zero_sum_corrected_published": "zero_sum_corrected.yaml"}
+           "zero_sum_corrected_published": "zero_sum_corrected.yaml",
+           "zero_sum_corrected_rotating": "zero_sum_corrected.yaml"}
 PROCESSES = {"zero_sum_2proc": 2}  # run under torchrun with this many processes
 EXECUTION = {"zero_sum_streamed": {"driver": "streamed"},  # when not the default
              "zero_sum_lazy": {"driver": "streamed", "weights": "lazy", "offload": "disk"}}
 RATIO = 0.8  # every row, whatever its recipe file says
-CORRECTOR = {"zero_sum_corrected_published": {"backtrack": 0, "keep_best": False}}  # options over the recipe's
+CORRECTOR = {"zero_sum_corrected_published": {"backtrack": 0, "keep_best": False},  # over the recipe's
+             "zero_sum_corrected_rotating": {"cycles": 6, "rotate": 4}}
 AUTHORS = {"uncompressed": "19.13", "zero_sum": "41.66 (gradient from 32 windows)",
            "uniform": "125.77", "zero_sum_streamed": "41.66 (gradient from 32 windows)",
            "zero_sum_lazy": "41.66 (gradient from 32 windows)",
            "zero_sum_2proc": "41.66 (gradient from 32 windows)",
            "zero_sum_corrected": "42.34 (3 stages, re-planning, gradient 1)",
-           "zero_sum_corrected_published": "42.34 (3 stages, re-planning, gradient 1)"}
+           "zero_sum_corrected_published": "42.34 (3 stages, re-planning, gradient 1)",
+           "zero_sum_corrected_rotating": "42.34 (3 stages, re-planning, gradient 1)"}
 
 
 def run_one(method: str, text: Path) -> dict:
@@ -99,7 +102,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), default=list(RECIPES),
                         help="methods to run (zero_sum_streamed: zero_sum with the layer-streamed driver; "
                              "zero_sum_lazy: streamed, lazily loaded weights, boundaries on disk; "
-                             "zero_sum_2proc: two processes under torchrun, one thread each)")
+                             "zero_sum_2proc: two processes under torchrun, one thread each; "
+                             "zero_sum_corrected: the corrected recipe; _published: every step taken, "
+                             "no keep-best; _rotating: 6 cycles over 4 rotating shares of the windows)")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one method, write its cell
     args = parser.parse_args()
     CELLS.mkdir(exist_ok=True)

@@ -87,3 +87,22 @@ def test_validation_windows_are_held_out_from_calibration_and_measurement(tokeni
     assert [len(r) for r in rows] == [6, 4, 5]
     assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
     assert windows_for(None, path, tokenizer, cal)[1] is None  # none drawn unless asked for
+
+
+def test_rotation_takes_each_cycle_gradient_from_the_next_disjoint_share(llama, windows, monkeypatch):
+    from zsfw.compression.driver import InMemoryDriver, gradient_share
+    from zsfw.errors import CalibrationError
+
+    shares = []
+    gradients = InMemoryDriver.gradients
+    monkeypatch.setattr(InMemoryDriver, "gradients",
+                        lambda self, targets, share=(0, 1): shares.append(share) or gradients(self, targets, share))
+    rotating = recipe(ratio=0.5, storage="fp32", gradient_samples=6,
+                      corrector={"name": "projected_gradient", "cycles": 3, "rotate": 2, "backtrack": 0})
+    zsfw.compress(llama, rotating, windows, validation=patterned_windows(4, seed=1))
+    assert shares == [(0, 2), (1, 2), (0, 2)]
+    cal = CalibrationConfig(samples=8, gradient_samples=6)
+    parts = [gradient_share(windows, cal, (i, 3)) for i in range(3)]
+    assert sorted(w.tolist() for p in parts for w in p) == sorted(w.tolist() for w in windows[:6])
+    with pytest.raises(CalibrationError, match="there are 6 gradient windows"):
+        gradient_share(windows, cal, (0, 7))

@@ -139,8 +139,10 @@ class CorrectionProblem(Protocol):
 
     def weight(self, name: str) -> torch.Tensor: ...
 
-    def gradients(self) -> tuple[float, dict[str, torch.Tensor]]:
-        """Calibration loss and ∂L/∂W of every layer: ONE forward/backward for all layers."""
+    def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
+        """Calibration loss and ∂L/∂W of every layer: ONE forward/backward for all layers, over
+        the gradient windows or, with ``share = (part, parts)``, that one of ``parts``
+        interleaved disjoint shares of them."""
         ...
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:

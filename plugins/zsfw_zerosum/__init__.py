@@ -71,26 +71,31 @@ class ProjectedGradientCorrector:
     gradient windows, then re-truncates every layer at its allocated rank. The step scale t
     starts at 1 (the published step); with ``backtrack`` > 0 a step that does not lower the
     validation loss is retried at t/2, t/4, … that many times, and when none helps the cycle is
-    undone and correction stops (the next gradient would be the same). With ``keep_best`` the
+    undone (and correction stops, unless windows rotate). With ``keep_best`` the
     state with the lowest validation loss, the one-shot truncation included, is the result.
-    ``backtrack: 0, keep_best: false`` is the published method (every step taken).
+    ``backtrack: 0, keep_best: false`` is the published method (every step taken). With
+    ``rotate`` = R > 1 cycle c takes its gradient from share c mod R of R interleaved, disjoint
+    shares of the gradient windows (R times cheaper, and no cycle fits the windows the previous
+    one stepped on).
     """
 
     name: ClassVar[str] = "projected_gradient"
 
-    def __init__(self, cycles: int = 1, backtrack: int = 2, keep_best: bool = True) -> None:
+    def __init__(self, cycles: int = 1, backtrack: int = 2, keep_best: bool = True, rotate: int = 1) -> None:
         if cycles < 1:
             raise ValueError(f"cycles must be >= 1, got {cycles}")
         if backtrack < 0:
             raise ValueError(f"backtrack must be >= 0, got {backtrack}")
-        self.cycles, self.backtrack, self.keep_best = cycles, backtrack, keep_best
+        if rotate < 1:
+            raise ValueError(f"rotate must be >= 1, got {rotate}")
+        self.cycles, self.backtrack, self.keep_best, self.rotate = cycles, backtrack, keep_best, rotate
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         losses = []
         current = problem.validation_loss()
         best = (current, problem.snapshot())
         for cycle in range(1, self.cycles + 1):
-            loss, grads = problem.gradients()
+            loss, grads = problem.gradients(((cycle - 1) % self.rotate, self.rotate))
             losses.append(loss)
             coefficients = self._coefficients(problem, grads)
             start = problem.snapshot()
@@ -99,7 +104,7 @@ class ProjectedGradientCorrector:
                 if attempt:
                     problem.restore(start)
                 for name in tqdm(coefficients, desc=f"correction {cycle}/{self.cycles}", unit="layer"):
-                    step = grads[name].to(torch.float64).mul_(scale * coefficients[name])
+                    step = grads[name].to(torch.float64, copy=True).mul_(scale * coefficients[name])
                     problem.retruncate(name, step.add_(problem.weight(name)))
                 value = problem.validation_loss()
                 accepted = value < current or not self.backtrack
@@ -107,9 +112,11 @@ class ProjectedGradientCorrector:
                                accepted=accepted)
                 if accepted:
                     break
-            else:  # no scale lowered the validation loss: undo the cycle and stop
+            else:  # no scale lowered the validation loss: undo the cycle; stop unless windows rotate
                 problem.restore(start)
-                break
+                if self.rotate == 1:  # the next gradient would be the same
+                    break
+                continue
             current = value
             if value < best[0]:
                 best = (value, problem.snapshot())

@@ -56,8 +56,8 @@ class Correction:
     def weight(self, name: str) -> torch.Tensor:
         return self.targets[name].weight.detach()
 
-    def gradients(self) -> tuple[float, dict[str, torch.Tensor]]:
-        return self.driver.gradients({n: self.targets[n] for n in self.layers})
+    def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
+        return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         S = self.store.whitener(name, weight.device)

@@ -70,7 +70,8 @@ class DistributedDriver:
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> "_DistributedPass":
         return _DistributedPass(self, targets, moments, gradients)
 
-    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]:
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
         raise _one_process_only()
 
     def loss(self, windows: torch.Tensor) -> float:

@@ -6,8 +6,9 @@ ask a driver for
 - ``statistics(targets, moments, gradients)``: the statistics of every input group, yielded one
   group at a time as soon as the group's C and G are complete (the factorize step turns each
   into SVDs and scores at once and drops it), with the token count and loss after the last one;
-- ``gradients(targets)``: the loss and ∂L/∂W of the targets at their current weights over the
-  gradient windows, in one pass (the corrector and model-aware allocators use it);
+- ``gradients(targets, share)``: the loss and ∂L/∂W of the targets at their current weights over
+  the gradient windows (or one of several interleaved shares of them), in one pass (the
+  corrector and model-aware allocators use it);
 - ``loss(windows)``: the mean next-token loss of other windows (a corrector's validation
   windows) at the current weights, forward only;
 - ``gathered(store)``: the factor store with every layer's factorization, in the process that
@@ -28,6 +29,7 @@ from torch import nn
 
 from zsfw.compression.statistics import GroupStatistics, collect
 from zsfw.compression.store import FactorStore
+from zsfw.errors import CalibrationError
 from zsfw.recipe import CalibrationConfig
 
 
@@ -45,11 +47,23 @@ class Driver(Protocol):
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
 
-    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]: ...
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
+                  ) -> tuple[float, dict[str, torch.Tensor]]: ...
 
     def loss(self, windows: torch.Tensor) -> float: ...
 
     def gathered(self, store: FactorStore) -> FactorStore | None: ...
+
+
+def gradient_share(windows: torch.Tensor, calibration: CalibrationConfig, share: tuple[int, int]) -> torch.Tensor:
+    """The gradient windows (the first ``gradient_samples``), or share ``part`` of ``parts``
+    interleaved, disjoint shares of them (``share = (part, parts)``)."""
+    part, parts = share
+    chosen = windows[: calibration.gradient_samples]
+    if not 0 <= part < parts <= chosen.shape[0]:
+        raise CalibrationError(f"gradient share {part} of {parts}: there are {chosen.shape[0]} gradient "
+                               f"windows; rotate over at most that many shares")
+    return chosen[part::parts]
 
 
 class _InMemoryPass:
@@ -84,9 +98,10 @@ class InMemoryDriver:
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass:
         return _InMemoryPass(self, targets, moments, gradients)
 
-    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]:
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
         cal = self.calibration
-        stats = collect(self.model, targets, self.windows[: cal.gradient_samples],
+        stats = collect(self.model, targets, gradient_share(self.windows, cal, share),
                         batch_size=cal.batch_size, moments=False,
                         checkpoint_layers=cal.checkpoint_layers, desc="gradient")
         return stats.loss, stats.gradients

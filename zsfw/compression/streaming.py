@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsfw.compression import distributed
-from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass
+from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, gradient_share
 from zsfw.compression.statistics import (GroupStatistics, _InputMoments, checked_gradient, frozen,
                                          gradient_windows, loss_function, summed_gradient, widen)
 from zsfw.checkpoint.destination import work_folder
@@ -295,11 +295,13 @@ class LayerStreamedDriver(InMemoryDriver):
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> _StreamedPass:
         return _StreamedPass(self, targets, moments, gradients)
 
-    def gradients(self, targets: dict[str, nn.Linear]) -> tuple[float, dict[str, torch.Tensor]]:
-        """The loss and ∂L/∂W over the gradient windows: one forward and one backward sweep."""
-        n = gradient_windows(self.windows, self.calibration.gradient_samples, True)
-        calibration = self.calibration.model_copy(update={"samples": n, "gradient_samples": None})
-        sweep = LayerStreamedDriver(self.model, self.windows[:n], calibration, self.offload)
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
+        """The loss and ∂L/∂W over the gradient windows (or a share of them): one forward and
+        one backward sweep."""
+        windows = gradient_share(self.windows, self.calibration, share)
+        calibration = self.calibration.model_copy(update={"samples": windows.shape[0], "gradient_samples": None})
+        sweep = LayerStreamedDriver(self.model, windows, calibration, self.offload)
         found: dict[str, torch.Tensor] = {}
         passed = sweep.statistics(targets, False, True)
         for group in passed:
