@@ -79,7 +79,8 @@ def run_one(method: str, text: Path) -> dict:
             cell.update(compress_seconds=time.perf_counter() - start, phases=report.timings,
                         peak_rss_mb=peak_rss_mb(), calibration_loss=report.calibration_loss)
             if report.correction_steps:
-                cell.update(correction_losses=report.correction_losses, correction_steps=report.correction_steps)
+                cell.update(correction_losses=report.correction_losses, correction_steps=report.correction_steps,
+                            correction_result=report.correction_result)
             if report.layers:  # not a helper process under torchrun
                 cell.update(kept=report.total_bytes / report.reference_bytes,
                             ranks={l.name: None if l.dense else l.rank for l in report.layers})

@@ -43,14 +43,14 @@ def test_when_every_step_hurts_the_one_shot_state_comes_back(llama, windows, eve
     corrected, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=3, **options), windows,
                                       validation=validation)
     assert _same_weights(corrected, one_shot)
-    steps = [s for s in report.correction_steps if "validation_loss" in s]
+    steps = report.correction_steps
     assert not any(s["accepted"] for s in steps) if options["backtrack"] else all(s["accepted"] for s in steps)
     if options["backtrack"]:  # 1, 1/2, 1/4 tried and rejected, the cycle undone, no further cycle
         assert [s["scale"] for s in steps] == [1.0, 0.5, 0.25]
         assert len(report.correction_losses) == 1
     else:  # every step taken; keep-best (or, without it, the pipeline) restores the one shot
         assert len(steps) == 3
-    result = report.correction_steps[-1]
+    result = report.correction_result
     assert result["result"] == ("reverted to one-shot" if options == {"backtrack": 0, "keep_best": False} else "kept")
     assert result["final"] == result["one_shot"]
 
@@ -60,11 +60,11 @@ def test_accepted_steps_lower_the_measured_validation_loss(llama, windows):
     one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
     corrected, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=2), windows,
                                       validation=validation)
-    result = report.correction_steps[-1]
+    result = report.correction_result
     with torch.no_grad():
         assert result["one_shot"] == pytest.approx(next_token_loss(one_shot, validation).item(), rel=1e-5)
         assert result["final"] == pytest.approx(next_token_loss(corrected, validation).item(), rel=1e-5)
-    accepted = [s for s in report.correction_steps if s.get("accepted")]
+    accepted = [s for s in report.correction_steps if s["accepted"]]
     assert accepted and result["final"] < result["one_shot"]
     assert all(b["validation_loss"] < a["validation_loss"] for a, b in zip(accepted, accepted[1:]))
     assert "correction: validation loss" in report.table()

@@ -41,7 +41,7 @@ def _compress(args: argparse.Namespace) -> int:
     cal = recipe.modifier.calibration
     tokens = text_tokens(tokenizer, args.dataset or _news_text())
     windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
-    checks = cal.validation_samples if recipe.modifier.corrector else 0  # the corrector's windows
+    checks = recipe.modifier.validation_windows
     validation = (held_out_windows(tokens, checks, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
                   if checks else None)
     held = (held_out_windows(tokens, args.held_out, cal.samples, cal.sequence_length, cal.seed,

@@ -144,6 +144,11 @@ class ZeroSumSVDModifier(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
+    @property
+    def validation_windows(self) -> int:
+        """How many validation windows a run draws: a corrector's, none without one."""
+        return self.calibration.validation_samples if self.corrector else 0
+
     @field_validator("targets", "ignore")
     @classmethod
     def _patterns(cls, values: list[str]) -> list[str]:

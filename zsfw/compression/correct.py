@@ -38,7 +38,8 @@ class Correction:
         self.layers = plan.lowrank()
         self.factors: Factors = {}
         self.originals: dict[str, torch.Tensor] = {}
-        self.history: list[dict[str, Any]] = []  # what the corrector measured, for the report
+        self.history: list[dict[str, Any]] = []  # the corrector's measured steps, for the report
+        self.result: dict[str, Any] = {}  # validation loss one-shot vs final, set by ``correct``
         self._version = 0  # bumped by every install: the cached validation loss is of this state
         self._measured: tuple[int, float] | None = None
 
@@ -94,8 +95,8 @@ def correct(corrector: Corrector, problem: Correction, storage: StorageFormat) -
         log.warning("correction raised the validation loss (%.4f -> %.4f): the one-shot factors are kept",
                     before, after)
         problem.restore(one_shot)
-    problem.record(result="kept" if after <= before else "reverted to one-shot", one_shot=before,
-                   final=min(after, before))
+    problem.result = {"result": "kept" if after <= before else "reverted to one-shot", "one_shot": before,
+                      "final": min(after, before)}
     for name, (B, A) in problem.factors.items():
         problem.model.set_submodule(name, storage.lowrank_module(B, A, problem.targets[name].bias))
     return losses

@@ -29,6 +29,7 @@ from zsfw.compression.cache import open_cache
 from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
+from zsfw.compression.driver import gradient_share
 from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
@@ -69,8 +70,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         place(model, compute_device(m.execution.device))
     report = Report(recipe=recipe.to_dict())
     with report.phase("calibration data"):
-        windows, drawn = windows_for(model, dataset, tokenizer, m.calibration,
-                                     m.calibration.validation_samples if corrector else 0)
+        windows, drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows)
         report.warnings += coverage_warnings(targets, windows)
         if corrector:
             validation = _validation(validation, drawn, windows, m, report)
@@ -97,7 +97,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         if corrector:
             with report.phase("correct"):
                 report.correction_losses = correct(corrector, correction, storage)
-                report.correction_steps = correction.history
+                report.correction_steps, report.correction_result = correction.history, correction.result
         report.record_plan(plan, store.notes)
     except BaseException:
         if writer is not None:
@@ -145,7 +145,7 @@ def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows:
     report.warnings.append("no validation windows (a tensor dataset without validation=): the "
                            "corrector judges its steps on its own gradient windows, which can overfit")
     log.warning(report.warnings[-1])
-    return windows[: m.calibration.gradient_samples]
+    return gradient_share(windows, m.calibration, (0, 1))
 
 
 def _records(plan: AllocationPlan, storage: str) -> dict[str, ModuleRecord]:

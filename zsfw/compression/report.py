@@ -55,6 +55,7 @@ class Report:
     factors_cached: bool = False  # so did the whitened SVDs and scores
     correction_losses: list[float] = field(default_factory=list)
     correction_steps: list[dict[str, Any]] = field(default_factory=list)  # what the corrector measured
+    correction_result: dict[str, Any] = field(default_factory=dict)  # validation loss one-shot → final
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # phase -> peak so far
     files: dict[str, dict[str, int]] = field(default_factory=dict)  # saved file -> bytes, header_bytes
@@ -113,12 +114,11 @@ class Report:
 
     def _correction_lines(self) -> list[str]:
         """The corrector's measured steps and its result, when there was one."""
-        steps = [s for s in self.correction_steps if "validation_loss" in s]
-        result = next((s for s in self.correction_steps if "result" in s), None)
-        if result is None:
+        result = self.correction_result
+        if not result:
             return []
         tried = ", ".join(f"{s['cycle']}×{s['scale']:g}: {s['validation_loss']:.4f}"
-                          f"{'' if s['accepted'] else ' (rejected)'}" for s in steps)
+                          f"{'' if s['accepted'] else ' (rejected)'}" for s in self.correction_steps)
         return [f"correction: validation loss {result['one_shot']:.4f} one-shot → {result['final']:.4f} "
                 f"({result['result']}){'; steps (cycle×scale) ' + tried if tried else ''}"]
 
