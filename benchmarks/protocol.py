@@ -53,8 +53,9 @@ def ids_md5(ids: torch.Tensor) -> str:
 
 
 def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
-                      check_md5: bool = True) -> Windows:
-    """The reference protocol's windows; refuses tokens whose md5 differs from the authors'."""
+                      check_md5: bool = True, validation_seed: int = VAL_SEED) -> Windows:
+    """The reference protocol's windows; refuses tokens whose md5 differs from the authors'.
+    ``validation_seed`` draws other validation windows (the calibration windows stay the authors')."""
     path = Path(text_path)
     if not path.is_file():
         raise SystemExit(f"reference text {str(path)!r} not found; pass --text PATH to the "
@@ -67,20 +68,20 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
     evaluation = torch.tensor([ids[w * EVAL_LEN:(w + 1) * EVAL_LEN] for w in range(full - EVAL_N, full)],
                               dtype=torch.long)
     md5 = ids_md5(calibration)
-    validation = torch.tensor([ids[s:s + CAL_LEN] for s in validation_starts(starts)], dtype=torch.long)
+    validation = torch.tensor([ids[s:s + CAL_LEN] for s in validation_starts(starts, validation_seed)], dtype=torch.long)
     if check_md5 and md5 != REFERENCE_MD5:
         raise SystemExit(f"calibration ids md5 {md5} != the reference {REFERENCE_MD5}: not the "
                          f"reference tokens (another text or tokenizer); no comparison possible")
     return Windows(calibration, evaluation, md5, validation)
 
 
-def validation_starts(calibration_starts: list[int]) -> list[int]:
+def validation_starts(calibration_starts: list[int], seed: int = VAL_SEED) -> list[int]:
     """``VAL_N`` starts of 512-token windows in the first 400K tokens that overlap no calibration
     window nor each other (a seeded draw of the aligned chunks that miss them all): what a
     corrector judges its steps on, never the evaluation windows."""
     free = [c * CAL_LEN for c in range(CUT // CAL_LEN)
             if all(c * CAL_LEN + CAL_LEN <= s or s + CAL_LEN <= c * CAL_LEN for s in calibration_starts)]
-    return sorted(random.Random(VAL_SEED).sample(free, VAL_N))
+    return sorted(random.Random(seed).sample(free, VAL_N))
 
 
 def zsfw_windows(tokenizer, samples: int = CAL_N) -> Windows:

@@ -106,3 +106,62 @@ def test_rotation_takes_each_cycle_gradient_from_the_next_disjoint_share(llama, 
     assert sorted(w.tolist() for p in parts for w in p) == sorted(w.tolist() for w in windows[:6])
     with pytest.raises(CalibrationError, match="there are 6 gradient windows"):
         gradient_share(windows, cal, (0, 7))
+
+
+def _refined(**options) -> dict:
+    return recipe(ratio=0.5, storage="fp32", corrector={"name": "refine", **options})
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_refinement_that_only_hurts_returns_the_one_shot_state(llama, windows, every_step_hurts, keep_best):
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    refined, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=4, validate_every=2, keep_best=keep_best),
+                                    windows, validation=patterned_windows(4, seed=1))
+    assert _same_weights(refined, one_shot)
+    assert [s["cycle"] for s in report.correction_steps] == [2, 4]
+    assert not any(s["accepted"] for s in report.correction_steps)
+    assert report.correction_result["result"] == ("kept" if keep_best else "reverted to one-shot")
+
+
+def test_refinement_trains_the_factors_at_the_planned_ranks_and_lowers_the_validation_loss(llama, windows):
+    validation = patterned_windows(4, seed=1)
+    one_shot, before = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    refined, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=6, lr=3e-3, validate_every=3), windows,
+                                    validation=validation)
+    assert [(l.name, l.rank) for l in report.layers] == [(l.name, l.rank) for l in before.layers]
+    def product(model, name):
+        module = model.get_submodule(name)
+        return module.B.weight @ module.A.weight
+
+    moved = [l.name for l in report.layers if not l.dense
+             and not torch.equal(product(refined, l.name), product(one_shot, l.name))]
+    assert moved
+    result = report.correction_result
+    with torch.no_grad():
+        assert result["final"] == pytest.approx(next_token_loss(refined, validation).item(), rel=1e-5)
+    assert result["final"] < result["one_shot"]
+    assert len(report.correction_losses) == 6
+
+
+def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_budget(llama, windows, monkeypatch):
+    shares = []
+    gradients = Correction.gradients
+    monkeypatch.setattr(Correction, "gradients", lambda self, share=(0, 1): shares.append(share) or gradients(self, share))
+    validation = patterned_windows(4, seed=1)
+    zsfw.compress(copy.deepcopy(llama), _refined(steps=5, windows_per_step=3, validate_every=10), windows,
+                  validation=validation)
+    parts = [part for part, _ in shares]
+    assert sorted(parts[0:2]) == sorted(parts[2:4]) == [0, 1] and parts[4] in (0, 1)  # each share once an epoch
+    assert {n for _, n in shares} == {2}  # 8 windows, 3 a step: 2 shares
+    shares.clear()
+    _, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=5, seconds=1e-9), windows, validation=validation)
+    assert len(shares) == 1 and [s["cycle"] for s in report.correction_steps] == [1]
+
+
+@pytest.mark.parametrize("options, message", [({"steps": 0}, "steps must be >= 1"), ({"lr": 0}, "lr must be > 0"),
+                                              ({"seconds": -1}, "seconds must be > 0")])
+def test_refinement_options_are_checked(options, message):
+    from zsfw import plugins
+
+    with pytest.raises(Exception, match=message):
+        plugins.create("corrector", "refine", options)

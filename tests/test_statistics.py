@@ -37,7 +37,8 @@ def test_covariance_and_gradient_are_exact(llama, windows):
     weight.grad = None
 
 
-def test_covariance_summed_in_row_blocks_equals_the_whole_product(llama, windows, monkeypatch):
+def test_covariance_summed_as_blocks_of_its_upper_triangle_is_the_whole_symmetric_product(llama, windows,
+                                                                                         monkeypatch):
     from zsfw.compression import statistics
 
     whole = collect(llama, _targets(llama), windows, gradients=False).covariances
@@ -46,6 +47,7 @@ def test_covariance_summed_in_row_blocks_equals_the_whole_product(llama, windows
     assert whole.keys() == blocked.keys()
     for group in whole:
         torch.testing.assert_close(blocked[group], whole[group], rtol=1e-6, atol=1e-9)
+        assert torch.equal(blocked[group], blocked[group].T) and torch.equal(whole[group], whole[group].T)
 
 
 def test_checkpointed_layers_give_the_same_statistics(llama, windows):

@@ -11,7 +11,7 @@ storage    byte cost of a layer, the module that holds it, and its empty skeleto
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -134,6 +134,8 @@ class CorrectionProblem(Protocol):
 
     layers: Sequence[str]  # the low-rank layers of the plan
     plan: AllocationPlan
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B, A), its weight is B @ A
+    gradient_windows: int  # how many windows ``gradients`` can share out
 
     def original(self, name: str) -> torch.Tensor: ...
 
@@ -143,6 +145,10 @@ class CorrectionProblem(Protocol):
         """Calibration loss and ∂L/∂W of every layer: ONE forward/backward for all layers, over
         the gradient windows or, with ``share = (part, parts)``, that one of ``parts``
         interleaved disjoint shares of them."""
+        ...
+
+    def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        """Make ``B @ A`` (rank k of the plan) layer ``name``'s weight."""
         ...
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:

@@ -32,9 +32,9 @@ class Correction:
     """The truncated model as a corrector sees it (implements ``CorrectionProblem``)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-                 store: FactorStore, driver: Driver, validation: torch.Tensor) -> None:
+                 store: FactorStore, driver: Driver, validation: torch.Tensor, gradient_windows: int) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
-        self.validation = validation
+        self.validation, self.gradient_windows = validation, gradient_windows
         self.layers = plan.lowrank()
         self.factors: Factors = {}
         self.originals: dict[str, torch.Tensor] = {}
@@ -44,6 +44,8 @@ class Correction:
         self._measured: tuple[int, float] | None = None
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        """Make ``B @ A`` layer ``name``'s weight; the factors are kept as given (cast to the
+        weight's dtype), so pass tensors nothing will change afterwards."""
         weight = self.targets[name].weight
         self.originals.setdefault(name, weight.detach().clone())
         B, A = self.factors[name] = (B.to(weight.dtype), A.to(weight.dtype))

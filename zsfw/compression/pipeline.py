@@ -91,7 +91,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan, m.storage.name))
         if lazy:  # its layers are saved as they are truncated
             writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
-        correction = corrector and Correction(model, targets, plan, store, driver, validation)
+        correction = corrector and Correction(model, targets, plan, store, driver, validation,
+                                                gradient_share(windows, m.calibration, (0, 1)).shape[0])
         with report.phase("truncate"):
             truncate(model, targets, plan, store, storage, correction, writer)
         if corrector:

@@ -117,10 +117,10 @@ class Report:
         result = self.correction_result
         if not result:
             return []
-        tried = ", ".join(f"{s['cycle']}×{s['scale']:g}: {s['validation_loss']:.4f}"
+        tried = ", ".join(f"{s['cycle']}{'×%g' % s['scale'] if 'scale' in s else ''}: {s['validation_loss']:.4f}"
                           f"{'' if s['accepted'] else ' (rejected)'}" for s in self.correction_steps)
         return [f"correction: validation loss {result['one_shot']:.4f} one-shot → {result['final']:.4f} "
-                f"({result['result']}){'; steps (cycle×scale) ' + tried if tried else ''}"]
+                f"({result['result']}){'; steps ' + tried if tried else ''}"]
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -230,7 +230,7 @@ class _StreamedPass(_InMemoryPass):
             if self.gradients:
                 gradients[name] = checked_gradient(name, summed_gradient(self.targets, name, self.wide))
             self.targets[name].weight.grad = None
-        covariance = moments.sums.pop(group).div_(moments.tokens) if moments else None
+        covariance = moments.covariance(group) if moments else None
         return GroupStatistics(group, members, covariance, gradients)
 
 

@@ -1,0 +1,77 @@
+"""Refinement: light training of the truncated factors with the model's own next-token loss."""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+import torch
+
+import zsfw
+from zsfw import CorrectionProblem
+
+
+class RefineCorrector:
+    """Adam on the factors (B, A) of every low-rank layer, at the plan's ranks.
+
+    Each step takes the loss and ∂L/∂W of one of P disjoint shares of the gradient windows
+    (``windows_per_step`` windows each; every share once per epoch, in an order drawn with
+    ``seed``) from the driver, like any corrector, and moves the factors
+    by ∂L/∂B = G Aᵀ, ∂L/∂A = Bᵀ G. The validation loss is measured every ``validate_every`` steps
+    and after the last one; with ``keep_best`` the best state measured, the one-shot truncation
+    included, is the result. Training stops after ``steps`` steps or, with ``seconds``, after
+    the first step that ends past that budget. Adam's moments take twice the factors' memory.
+    """
+
+    name: ClassVar[str] = "refine"
+
+    def __init__(self, steps: int = 64, lr: float = 1e-4, windows_per_step: int = 1,
+                 validate_every: int = 8, seconds: float | None = None, keep_best: bool = True,
+                 seed: int = 0) -> None:
+        for option, value in (("steps", steps), ("windows_per_step", windows_per_step),
+                              ("validate_every", validate_every)):
+            if value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"seconds must be > 0 (or null: no time budget), got {seconds}")
+        self.steps, self.lr, self.windows_per_step = steps, lr, windows_per_step
+        self.validate_every, self.seconds, self.keep_best, self.seed = validate_every, seconds, keep_best, seed
+
+    def correct(self, problem: CorrectionProblem) -> list[float]:
+        shares = max(1, problem.gradient_windows // self.windows_per_step)
+        params = {name: [t.detach().to(torch.float32, copy=True) for t in problem.factors[name]]
+                  for name in problem.layers}
+        optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=self.lr)
+        best = (problem.validation_loss(), problem.snapshot())
+        generator = torch.Generator().manual_seed(self.seed)
+        order = [int(i) for _ in range(-(-self.steps // shares)) for i in torch.randperm(shares, generator=generator)]
+        start, losses = time.perf_counter(), []
+        for step in range(1, self.steps + 1):
+            loss, grads = problem.gradients((order[step - 1], shares))
+            losses.append(loss)
+            for name, (B, A) in params.items():
+                G = grads.pop(name).to(torch.float32)
+                B.grad, A.grad = G @ A.T, B.T @ G
+            optimizer.step()
+            for name, (B, A) in params.items():
+                problem.install(name, B.clone(), A.clone())
+            out_of_time = self.seconds is not None and time.perf_counter() - start > self.seconds
+            last = step == self.steps or out_of_time
+            if step % self.validate_every == 0 or last:
+                value = problem.validation_loss()
+                problem.record(cycle=step, calibration_loss=sum(losses[-self.validate_every:]) /
+                               len(losses[-self.validate_every:]), validation_loss=value, accepted=value < best[0])
+                if value < best[0]:
+                    best = (value, problem.snapshot())
+            if last:
+                break
+        if self.keep_best and problem.validation_loss() > best[0]:
+            problem.restore(best[1])
+        return losses
+
+
+@zsfw.hookimpl
+def zsfw_register_correctors(register) -> None:
+    register(RefineCorrector)
