@@ -1,13 +1,13 @@
 """Correctors on the reference protocol, one configuration per process, from cached statistics.
 
-Each run compresses SmolLM2-135M-Instruct (fp32) with ``recipes/zero_sum.yaml`` at ``--ratio``
+Each run compresses SmolLM2-135M-Instruct (fp32) with ``recipes/zero_sum_oneshot.yaml`` at ``--ratio``
 on the authors' 32×512 calibration windows, runs ``--corrector`` (a JSON object: name and
 options) judged on 8 validation windows of the first 400K tokens drawn with ``--seed``, and
 measures PPL on the reference evaluation windows (last 8×2048 of wiki.txt) and on zsfw's news
 text (8×2048: a text nothing was chosen on). The one-shot statistics and factorizations come
 from ``--cache`` after the first run, so ``compress s`` counts the correction, not the
 calibration pass: the cell records both. Every run appends one JSON line to
-``benchmarks/correction-sweep.jsonl``; ``--table`` prints them as a markdown table.
+``benchmarks/correction-sweep.jsonl`` and rewrites the table of all of them in RESULTS.md.
 
     python benchmarks/correction_sweep.py --corrector '{"name": "refine", "lr": 1e-4}' --seed 4
 """
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import protocol
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 LOG = HERE / "correction-sweep.jsonl"
@@ -37,7 +38,7 @@ def run(ratio: float, corrector: dict | None, seed: int, cache: Path, text: Path
     return_large_frees_to_the_os()
     model, tokenizer = protocol.load_default_model()
     windows = protocol.reference_windows(tokenizer, text, validation_seed=seed)
-    recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum.yaml")
+    recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum_oneshot.yaml")
     recipe.modifier.ratio = ratio
     if corrector:
         recipe.modifier.corrector = PluginSpec.model_validate(corrector)
@@ -57,7 +58,13 @@ def run(ratio: float, corrector: dict | None, seed: int, cache: Path, text: Path
 
 
 def table(cells: list[dict]) -> str:
-    lines = ["| label | ratio | corrector | seed | wiki PPL | news PPL | val loss one-shot → final | correct s |",
+    lines = ["## Correctors on the reference protocol (`benchmarks/correction_sweep.py`)", "",
+             "One run a row, in the order run; each row's machine, commit and date are in "
+             "`benchmarks/correction-sweep.jsonl`. Seed: the validation windows' draw "
+             "(`protocol.validation_starts`); the corrector's own `seed` is in its options. "
+             "`correct s` includes the validation passes.", "",
+             f"Machine (last run): {cells[-1]['machine']}.", "",
+             "| label | ratio | corrector | seed | wiki PPL | news PPL | val loss one-shot → final | correct s |",
              "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         r = c["correction_result"] or {}
@@ -75,14 +82,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/zsfw-reference-cache"))
     parser.add_argument("--text", type=Path, default=protocol.DEFAULT_REFERENCE_TEXT)
     parser.add_argument("--label", default="")
-    parser.add_argument("--table", action="store_true", help="print the logged runs and exit")
     args = parser.parse_args()
-    if args.table:
-        print(table([json.loads(line) for line in LOG.read_text().splitlines()]))
-        return
     cell = run(args.ratio, args.corrector, args.seed, args.cache, args.text, args.label)
     with LOG.open("a") as f:
         f.write(json.dumps(cell) + "\n")
+    write_section("correction-sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))
     print(table([cell]))
 
 

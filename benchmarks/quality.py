@@ -42,10 +42,10 @@ METHODS = {  # name -> (recipe file, modifier overrides)
     "greedy_negative": ("greedy_negative.yaml", {}),
     "greedy_negative_topk": ("greedy_negative.yaml", {"allocator": {"name": "greedy_negative",
                                                                     "keep_top_k": True}}),
-    "zero_sum": ("zero_sum.yaml", {}),
-    "zero_sum_g1": ("zero_sum.yaml", {"calibration": {"gradient_samples": 1}}),
-    "zero_sum_c1": ("zero_sum.yaml", {"corrector": {"name": "projected_gradient", "cycles": 1}}),
-    "zero_sum_c5": ("zero_sum.yaml", {"corrector": {"name": "projected_gradient", "cycles": 5}}),
+    "zero_sum": ("zero_sum_oneshot.yaml", {}),
+    "zero_sum_g1": ("zero_sum_oneshot.yaml", {"calibration": {"gradient_samples": 1}}),
+    "zero_sum_c1": ("zero_sum_oneshot.yaml", {"corrector": {"name": "projected_gradient", "cycles": 1}}),
+    "zero_sum_c5": ("zero_sum_oneshot.yaml", {"corrector": {"name": "projected_gradient", "cycles": 5}}),
 }
 
 

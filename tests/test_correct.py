@@ -145,8 +145,9 @@ def test_refinement_trains_the_factors_at_the_planned_ranks_and_lowers_the_valid
 
 def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_budget(llama, windows, monkeypatch):
     shares = []
-    gradients = Correction.gradients
-    monkeypatch.setattr(Correction, "gradients", lambda self, share=(0, 1): shares.append(share) or gradients(self, share))
+    gradients = Correction.factor_gradients
+    monkeypatch.setattr(Correction, "factor_gradients",
+                        lambda self, share=(0, 1): shares.append(share) or gradients(self, share))
     validation = patterned_windows(4, seed=1)
     zsfw.compress(copy.deepcopy(llama), _refined(steps=5, windows_per_step=3, validate_every=10), windows,
                   validation=validation)
@@ -159,9 +160,56 @@ def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_bu
 
 
 @pytest.mark.parametrize("options, message", [({"steps": 0}, "steps must be >= 1"), ({"lr": 0}, "lr must be > 0"),
-                                              ({"seconds": -1}, "seconds must be > 0")])
+                                              ({"seconds": -1}, "seconds must be > 0"),
+                                              ({"schedule": "linear"}, "schedule must be one of")])
 def test_refinement_options_are_checked(options, message):
     from zsfw import plugins
 
     with pytest.raises(Exception, match=message):
         plugins.create("corrector", "refine", options)
+
+
+def test_factor_gradients_are_the_dense_gradient_through_the_product(llama, windows, monkeypatch):
+    from zsfw.compression import pipeline
+
+    checked = []
+
+    def correct(corrector, problem, storage):
+        loss, dense = problem.gradients((1, 2))
+        factored_loss, factored = problem.factor_gradients((1, 2))
+        assert factored_loss == pytest.approx(loss, rel=1e-6)
+        for name in problem.layers:
+            B, A = problem.factors[name]
+            G = dense[name].double()
+            dB, dA = factored[name]
+            torch.testing.assert_close(dB.double(), G @ A.double().T, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(dA.double(), B.double().T @ G, rtol=1e-4, atol=1e-7)
+            assert problem.model.get_submodule(name) is problem.targets[name]  # the dense layer is back
+            checked.append(name)
+        return []
+
+    monkeypatch.setattr(pipeline, "correct", correct)
+    zsfw.compress(llama, _refined(steps=1), windows, validation=patterned_windows(4, seed=1))
+    assert checked
+
+
+def test_refinement_with_the_streamed_driver_matches_the_in_memory_one(llama, windows):
+    validation = patterned_windows(4, seed=1)
+    runs = []
+    for driver in ("memory", "streamed"):
+        r = _refined(steps=3, lr=3e-3, validate_every=2)
+        r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": driver}
+        runs.append(zsfw.compress(copy.deepcopy(llama), r, windows, validation=validation))
+    (memory, a), (streamed, b) = runs
+    assert [s["validation_loss"] for s in a.correction_steps] == pytest.approx(
+        [s["validation_loss"] for s in b.correction_steps], rel=1e-5)
+    for (name, x), (_, y) in zip(memory.state_dict().items(), streamed.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cosine_schedule_runs_from_the_full_rate_to_zero():
+    from zsfw_refine import SCHEDULES
+
+    assert SCHEDULES["cosine"](0, 40) == 1.0 and SCHEDULES["cosine"](20, 40) == pytest.approx(0.5)
+    assert SCHEDULES["cosine"](40, 40) == pytest.approx(0.0, abs=1e-12)
+    assert SCHEDULES["constant"](39, 40) == 1.0

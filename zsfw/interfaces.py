@@ -151,6 +151,12 @@ class CorrectionProblem(Protocol):
         """Make ``B @ A`` (rank k of the plan) layer ``name``'s weight."""
         ...
 
+    def factor_gradients(self, share: tuple[int, int] = (0, 1)
+                         ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Calibration loss and (∂L/∂B, ∂L/∂A) of every layer's factors, like ``gradients``
+        but with the layers run as their factors (for correctors that train them)."""
+        ...
+
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         """Install the best rank-k (whitened) approximation of ``weight`` for layer ``name``."""
         ...

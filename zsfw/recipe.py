@@ -163,13 +163,23 @@ class ZeroSumSVDModifier(BaseModel):
         return values
 
 
+DEFAULT_CORRECTOR = {"name": "refine", "steps": 24, "lr": 1.0e-4, "validate_every": 12}
+"""The default recipe's corrector (``recipes/zero_sum.yaml``): a modifier without a ``corrector``
+key has none (one shot); the built-in default refines the factors for a bounded number of steps."""
+
+
+def default_modifier() -> ZeroSumSVDModifier:
+    """The default recipe's modifier: Zero-Sum SVD at ratio 0.8, then ``DEFAULT_CORRECTOR``."""
+    return ZeroSumSVDModifier(corrector=PluginSpec.model_validate(DEFAULT_CORRECTOR))
+
+
 class Recipe(BaseModel):
     """One stage holding one modifier (the llm-compressor layout)."""
 
     model_config = ConfigDict(extra="forbid")
     stage: str = "zero_sum_stage"
     group: str = "compression_modifiers"
-    modifier: ZeroSumSVDModifier = Field(default_factory=ZeroSumSVDModifier)
+    modifier: ZeroSumSVDModifier = Field(default_factory=default_modifier)
     source: str = Field("<python>", exclude=True)
 
     def to_dict(self) -> dict[str, Any]:

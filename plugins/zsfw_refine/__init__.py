@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import ClassVar
 
@@ -11,50 +12,60 @@ import zsfw
 from zsfw import CorrectionProblem
 
 
+SCHEDULES = {"constant": lambda done, steps: 1.0,
+             "cosine": lambda done, steps: 0.5 * (1 + math.cos(math.pi * done / steps))}
+"""The learning rate's factor after ``done`` of ``steps`` steps."""
+
+
 class RefineCorrector:
     """Adam on the factors (B, A) of every low-rank layer, at the plan's ranks.
 
-    Each step takes the loss and ∂L/∂W of one of P disjoint shares of the gradient windows
-    (``windows_per_step`` windows each; every share once per epoch, in an order drawn with
-    ``seed``) from the driver, like any corrector, and moves the factors
-    by ∂L/∂B = G Aᵀ, ∂L/∂A = Bᵀ G. The validation loss is measured every ``validate_every`` steps
+    Each step takes the loss and the factors' gradients over one of P disjoint shares of the
+    gradient windows (``windows_per_step`` windows each; every share once an epoch, in an order
+    drawn with ``seed``) from one pass of the driver with the layers run as their factors, and
+    moves the factors. The validation loss is measured every ``validate_every`` steps
     and after the last one; with ``keep_best`` the best state measured, the one-shot truncation
     included, is the result. Training stops after ``steps`` steps or, with ``seconds``, after
-    the first step that ends past that budget. Adam's moments take twice the factors' memory.
+    the first step that ends past that budget. ``schedule: cosine`` lowers the learning rate
+    from ``lr`` to 0 over ``steps``. Adam's moments take twice the factors' memory.
     """
 
     name: ClassVar[str] = "refine"
 
     def __init__(self, steps: int = 64, lr: float = 1e-4, windows_per_step: int = 1,
                  validate_every: int = 8, seconds: float | None = None, keep_best: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, schedule: str = "constant") -> None:
         for option, value in (("steps", steps), ("windows_per_step", windows_per_step),
                               ("validate_every", validate_every)):
             if value < 1:
                 raise ValueError(f"{option} must be >= 1, got {value}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
         if seconds is not None and not seconds > 0:
             raise ValueError(f"seconds must be > 0 (or null: no time budget), got {seconds}")
         self.steps, self.lr, self.windows_per_step = steps, lr, windows_per_step
         self.validate_every, self.seconds, self.keep_best, self.seed = validate_every, seconds, keep_best, seed
+        self.schedule = schedule
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         shares = max(1, problem.gradient_windows // self.windows_per_step)
         params = {name: [t.detach().to(torch.float32, copy=True) for t in problem.factors[name]]
                   for name in problem.layers}
         optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: SCHEDULES[self.schedule](done, self.steps))
         best = (problem.validation_loss(), problem.snapshot())
         generator = torch.Generator().manual_seed(self.seed)
         order = [int(i) for _ in range(-(-self.steps // shares)) for i in torch.randperm(shares, generator=generator)]
         start, losses = time.perf_counter(), []
         for step in range(1, self.steps + 1):
-            loss, grads = problem.gradients((order[step - 1], shares))
+            loss, grads = problem.factor_gradients((order[step - 1], shares))
             losses.append(loss)
             for name, (B, A) in params.items():
-                G = grads.pop(name).to(torch.float32)
-                B.grad, A.grad = G @ A.T, B.T @ G
+                B.grad, A.grad = (g.to(torch.float32) for g in grads.pop(name))
             optimizer.step()
+            scheduler.step()
             for name, (B, A) in params.items():
                 problem.install(name, B.clone(), A.clone())
             out_of_time = self.seconds is not None and time.perf_counter() - start > self.seconds

@@ -22,6 +22,7 @@ from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.store import FactorStore
 from zsfw.interfaces import Corrector, StorageFormat
+from zsfw.modules import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,22 @@ class Correction:
 
     def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
         return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
+
+    def factor_gradients(self, share: tuple[int, int] = (0, 1)
+                         ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The loss and (∂L/∂B, ∂L/∂A) of every layer's current factors, from one pass with the
+        layers run as their factors (cheaper than the dense weights and their gradients)."""
+        factored = {name: LowRankLinear.from_factors(*self.factors[name], self.targets[name].bias,
+                                                     self.targets[name].weight.dtype) for name in self.layers}
+        for name, module in factored.items():
+            self.model.set_submodule(name, module)
+        try:
+            loss, grads = self.driver.gradients({f"{name}.{part}": getattr(module, part)
+                                                 for name, module in factored.items() for part in "BA"}, share)
+        finally:
+            for name in factored:
+                self.model.set_submodule(name, self.targets[name])
+        return loss, {name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored}
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         S = self.store.whitener(name, weight.device)

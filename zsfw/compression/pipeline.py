@@ -126,13 +126,13 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, output_dir: str | Pa
         needs = [n for n in needs if n]
         if needs:
             raise RecipeError(f"a lazily loaded model needs {', '.join(needs)}; or load it with "
-                              f"execution.weights 'resident'")
+                              f"execution.weights 'resident' (recipes/zero_sum_oneshot.yaml has no corrector)")
     if distributed.launched():
         unsupported = [what for what, used in (("a corrector", m.corrector), ("a statistics cache", statistics_cache),
                                                (f"allocator {m.allocator.name!r}", model_aware)) if used]
         if unsupported:
             raise RecipeError(f"{' and '.join(unsupported)} cannot be used across several processes yet; "
-                              f"run without torchrun")
+                              f"run without torchrun (recipes/zero_sum_oneshot.yaml has no corrector)")
 
 
 def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows: torch.Tensor,
