@@ -71,9 +71,9 @@ class RefineCorrector:
             out_of_time = self.seconds is not None and time.perf_counter() - start > self.seconds
             last = step == self.steps or out_of_time
             if step % self.validate_every == 0 or last:
-                value = problem.validation_loss()
-                problem.record(cycle=step, calibration_loss=sum(losses[-self.validate_every:]) /
-                               len(losses[-self.validate_every:]), validation_loss=value, accepted=value < best[0])
+                value, recent = problem.validation_loss(), losses[-self.validate_every:]
+                problem.record(cycle=step, calibration_loss=sum(recent) / len(recent), validation_loss=value,
+                               accepted=value < best[0])
                 if value < best[0]:
                     best = (value, problem.snapshot())
             if last:
