@@ -30,7 +30,9 @@ RECIPES = {"uncompressed": None, "zero_sum": "zero_sum_oneshot.yaml", "uniform":
            "zero_sum_2proc": "zero_sum_oneshot.yaml", "default": "zero_sum.yaml",
            "zero_sum_refined": "zero_sum_refined.yaml", "zero_sum_corrected": "zero_sum_corrected.yaml",
            "zero_sum_corrected_published": "zero_sum_corrected.yaml",
-           "zero_sum_corrected_rotating": "zero_sum_corrected.yaml"}
+           "zero_sum_corrected_rotating": "zero_sum_corrected.yaml",
+           "zero_sum_replanned": "zero_sum_replanned.yaml", "zero_sum_pivga": "zero_sum_pivga.yaml",
+           "fermigrad": "fermigrad.yaml"}
 PROCESSES = {"zero_sum_2proc": 2}  # run under torchrun with this many processes
 EXECUTION = {"zero_sum_streamed": {"driver": "streamed"},  # when not the default
              "zero_sum_lazy": {"driver": "streamed", "weights": "lazy", "offload": "disk"}}
@@ -45,7 +47,10 @@ AUTHORS = {"uncompressed": "19.13", "zero_sum": "41.66 (gradient from 32 windows
            "zero_sum_refined": "41.66 (one shot; their correction: 42.34)",
            "zero_sum_corrected": "42.34 (3 stages, re-planning, gradient 1)",
            "zero_sum_corrected_published": "42.34 (3 stages, re-planning, gradient 1)",
-           "zero_sum_corrected_rotating": "42.34 (3 stages, re-planning, gradient 1)"}
+           "zero_sum_corrected_rotating": "42.34 (3 stages, re-planning, gradient 1)",
+           "zero_sum_replanned": "42.34 (3 stages, re-planning, gradient 1)",
+           "zero_sum_pivga": "41.66 (one shot, bf16 factors; their correction: 42.34)",
+           "fermigrad": "41.66 (zero_sum one shot; FermiGrad: no code)"}
 
 
 def run_one(method: str, text: Path) -> dict:
@@ -110,7 +115,9 @@ def main() -> None:
                              "zero_sum_2proc: two processes under torchrun, one thread each; "
                              "default: recipes/zero_sum.yaml (one shot + refinement); zero_sum_refined: "
                              "the longer refinement; zero_sum_corrected: the corrected recipe; _published: every step taken, "
-                             "no keep-best; _rotating: 6 cycles over 4 rotating shares of the windows)")
+                             "no keep-best; _rotating: 6 cycles over 4 rotating shares of the windows; "
+                             "zero_sum_replanned: re-planning between cycles; zero_sum_pivga: the default "
+                             "stored as PivGa; fermigrad: FermiGrad's allocation, one shot)")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one method, write its cell
     args = parser.parse_args()
     CELLS.mkdir(exist_ok=True)
@@ -136,7 +143,8 @@ def _table(cells: list[dict]) -> str:
              "",
              f"Command: `python benchmarks/reference.py`. Machine: {protocol.machine_line()}.",
              f"Tokens: `shared/anchor` (calibration ids md5 {cells[0]['md5']}), SmolLM2-135M-Instruct "
-             "fp32, shipped recipes at ratio 0.8 (bf16 factors), PPL on the last 8×2048 tokens.",
+             "fp32, shipped recipes at ratio 0.8 (bf16 factors; zero_sum_pivga: PivGa factors in bf16 at the "
+             "same bytes), PPL on the last 8×2048 tokens.",
              "",
              "| method | wiki PPL | authors' code | compress s | peak RSS MB | kept bytes |",
              "|---|---|---|---|---|---|"]

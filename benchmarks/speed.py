@@ -19,6 +19,7 @@ its section) and the compiled speedups beside their limits to ``speed.png``.
     python benchmarks/speed.py --quick         # fp32, ratio 0.6, bf16 factors, 2 rounds
     python benchmarks/speed.py --profile --ratios 0.6 --formats bf16 --dtypes float32
                                                # where compiled decoding spends its time
+    python benchmarks/speed.py --ratios 0.8 --formats bf16 pivga --dtypes float32 --section speed-pivga
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ def _weight_bytes(model) -> int:
     from torch import nn
 
     from zsfw_packed import PackedLowRankLinear
+    from zsfw_pivga import PivGaLinear
 
     total = 0
     for module in model.modules():
         if isinstance(module, PackedLowRankLinear):
             tensors = [module.A, module.B, module.bias]  # the unpacked factors the forward reads
+        elif isinstance(module, PivGaLinear):
+            tensors = [module.B, module.T, module.bias, module.pivots]
         elif isinstance(module, nn.Linear):
             tensors = [module.weight, module.bias]
         else:
@@ -102,6 +106,7 @@ def _macs_per_token(model, seq: int) -> int:
     from torch import nn
 
     from zsfw_packed import PackedLowRankLinear
+    from zsfw_pivga import PivGaLinear
 
     macs = 0
     for module in model.modules():
@@ -109,6 +114,8 @@ def _macs_per_token(model, seq: int) -> int:
             macs += module.in_features * module.out_features
         elif isinstance(module, PackedLowRankLinear):  # no nn.Linear inside
             macs += module.rank * (module.in_features + module.out_features)
+        elif isinstance(module, PivGaLinear):  # T on the non-pivot inputs, then B
+            macs += module.rank * (module.in_features - module.rank + module.out_features)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     macs += c.num_hidden_layers * 2 * c.num_attention_heads * head_dim * seq // 2  # QKᵀ and PV, causal mean
@@ -130,6 +137,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", help="default: float32 bfloat16 (quick: float32)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile 32 compiled decode steps of each variant")
+    parser.add_argument("--section", help="the RESULTS.md section (and plot name) to write; "
+                                          "default: speed (quick: speed-quick)")
     args = parser.parse_args()
     import logging
 
@@ -221,7 +230,7 @@ def main() -> None:
             if d is not None:
                 v.decode.append(d)
         print(f"round {r + 1}/{rounds} done", flush=True)
-    _write(variants, rounds, args.quick)
+    _write(variants, rounds, args.quick, args.section)
 
 
 def _profile(fn, tokens: int, top: int = 8) -> list[tuple[str, float, float]]:
@@ -268,7 +277,7 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
-def _write(variants: list[Variant], rounds: int, quick: bool) -> None:
+def _write(variants: list[Variant], rounds: int, quick: bool, section: str | None) -> None:
     by_label = {v.label: v for v in variants}
     lines = [f"## Issue 5: speed of SmolLM2-135M, dense vs zsfw ({datetime.date.today().isoformat()}"
              f"{', quick' if quick else ''})\n",
@@ -293,9 +302,10 @@ def _write(variants: list[Variant], rounds: int, quick: bool) -> None:
             measured, limit = _speedup(v, ref, phase)
             row += [f"{measured:.2f}", f"{limit:.2f}", f"{100 * measured / limit:.0f}%"]
         lines.append("| " + " | ".join(row) + " |")
-    plot = HERE / ("speed-quick.png" if quick else "speed.png")
+    section = section or ("speed-quick" if quick else "speed")
+    plot = HERE / f"{section}.png"
     lines.append(f"\nPlot: `benchmarks/{plot.name}`.")
-    write_section("speed-quick" if quick else "speed", "\n".join(lines))
+    write_section(section, "\n".join(lines))
     _plot([v for v in variants if v.mode == "compiled" and not v.label.startswith("dense")],
           by_label, plot)
     print("\n".join(lines))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zsfw
-from helpers import patterned_windows, recipe, word_docs
+from helpers import patterned_windows, recipe, stored_bytes, word_docs
 from zsfw.compression.calibration import held_out_windows, sample_windows, tokenize, windows_for
 from zsfw.compression.correct import Correction
 from zsfw.compression.statistics import next_token_loss
@@ -28,8 +28,8 @@ def every_step_hurts(monkeypatch):
     measured = Correction.validation_loss
 
     def validation_loss(self):
-        first = self.__dict__.setdefault("first", {n: self.weight(n).clone() for n in self.layers})
-        moved = any(not torch.equal(self.weight(n), first[n]) for n in self.layers)
+        first = self.__dict__.setdefault("first", {n: t.weight.detach().clone() for n, t in self.targets.items()})
+        moved = any(not torch.equal(t.weight, first[n]) for n, t in self.targets.items())
         return measured(self) + (1.0 if moved else 0.0)
 
     monkeypatch.setattr(Correction, "validation_loss", validation_loss)
@@ -106,6 +106,53 @@ def test_rotation_takes_each_cycle_gradient_from_the_next_disjoint_share(llama, 
     assert sorted(w.tolist() for p in parts for w in p) == sorted(w.tolist() for w in windows[:6])
     with pytest.raises(CalibrationError, match="there are 6 gradient windows"):
         gradient_share(windows, cal, (0, 7))
+
+
+def _ranks(model) -> dict:
+    return {n: r["rank"] for n, r in model.config.quantization_config.modules.items()}
+
+
+def test_replanning_that_only_hurts_returns_the_one_shot_plan_and_weights(llama, windows, every_step_hurts):
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    replanned, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=2, backtrack=0, replan=True),
+                                      windows, validation=patterned_windows(4, seed=1))
+    assert _same_weights(replanned, one_shot) and _ranks(replanned) == _ranks(one_shot)
+    assert len(report.correction_steps) == 2 and report.correction_result["final"] == report.correction_result["one_shot"]
+
+
+def test_replanning_reallocates_on_the_corrected_model_and_gives_dense_layers_the_teacher_weights(
+        llama, windows, monkeypatch):
+    from zsfw.compression import factorize
+
+    passes = []
+    factor_store = factorize.factor_store
+    monkeypatch.setattr("zsfw.compression.pipeline.factor_store",
+                        lambda *a, **k: passes.append(a[0]) or factor_store(*a, **k))
+    # every new state measures better than the last, so the last re-plan is the result
+    monkeypatch.setattr(Correction, "validation_loss", lambda self: -float(self._version))
+    teacher = {n: m.weight.detach().clone() for n, m in llama.named_modules() if n.endswith("_proj")}
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    passes.clear()
+    replanned, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=2, backtrack=0, replan=True),
+                                      windows, validation=patterned_windows(4, seed=1))
+    assert len(passes) == 3  # the one-shot pass, then one per cycle
+    ranks = _ranks(replanned)
+    assert ranks != _ranks(one_shot)  # the corrected model's scores give another allocation
+    modules = dict(replanned.named_modules())
+    for name, rank in ranks.items():  # the records, the report and the modules agree
+        assert getattr(modules[name], "rank", None) == rank
+        if rank is None:
+            assert torch.equal(modules[name].weight, teacher[name])
+    assert {l.name: None if l.dense else l.rank for l in report.layers} == ranks
+    assert stored_bytes(replanned, report) == report.total_bytes <= report.budget_bytes
+
+
+def test_replanning_can_be_asked_for_in_a_recipe_and_is_checked():
+    from zsfw.errors import PluginError
+
+    assert zsfw.plugins.create("corrector", "projected_gradient", {"replan": True}).replan
+    with pytest.raises(PluginError, match="replan"):
+        zsfw.plugins.create("corrector", "projected_gradient", {"replan": "yes please"})
 
 
 def _refined(**options) -> dict:

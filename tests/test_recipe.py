@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -73,11 +75,21 @@ def test_targets_that_match_nothing_or_non_linear_are_errors(llama):
     assert "lm_head" not in find_targets(llama, ["Linear"], [])  # tied output embedding
 
 
-def test_shipped_recipes_validate():
-    from pathlib import Path
+SHIPPED = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
-    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-    assert len(recipes) >= 5
-    for path in recipes:
+
+def test_shipped_recipes_validate():
+    assert len(SHIPPED) >= 5
+    for path in SHIPPED:
         load_recipe(path)
     assert load_recipe(Path(__file__).parent.parent / "recipes" / "zero_sum.yaml").modifier == load_recipe(None).modifier
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_recipe_compresses_the_tiny_model(path, llama, windows):
+    from helpers import patterned_windows, stored_bytes
+
+    recipe = load_recipe(path)
+    recipe.modifier.calibration = recipe.modifier.calibration.model_copy(update={"samples": 8, "sequence_length": 32})
+    model, report = zsfw.compress(llama, recipe, windows, validation=patterned_windows(4, seed=1))
+    assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes

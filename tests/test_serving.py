@@ -13,7 +13,7 @@ import zsfw
 from zsfw.checkpoint.destination import current_umask
 from helpers import recipe
 
-FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed"]
+FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed", "pivga"]
 COMPILED_TOLERANCE = 1e-4  # relative logit error, compiled vs eager (inductor fuses and reorders)
 # int8 dynamic activations: a reordered max can move an activation's rounding by one int8 step
 DYNAMIC_ACTIVATION_TOLERANCE = 1e-2
@@ -87,7 +87,7 @@ def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
         generate(llama, tokenizer, " ".join(["w1"] * 20), max_new_tokens=2, buckets=(8, 16))
 
 
-@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("storage", ["bf16", "int8", "pivga"])
 def test_pt2_package_runs_without_zsfw_and_gives_the_same_logits(qwen2, windows, tokenizer, storage, tmp_path):
     from zsfw.serve.export import export
 

@@ -13,7 +13,7 @@ from zsfw.allocation import useful_rank
 from zsfw.compression.store import FactorStore
 
 
-@pytest.mark.parametrize("storage", ["bf16", "fp32", "int8", "packed"])
+@pytest.mark.parametrize("storage", ["bf16", "fp32", "int8", "packed", "pivga"])
 @pytest.mark.parametrize("shape", [(32, 64, False), (64, 32, True), (48, 48, False), (5, 3, True)])
 def test_useful_rank_is_the_highest_rank_below_the_dense_cost(storage, shape):
     fmt = plugins.create("storage", storage, {})

@@ -142,6 +142,8 @@ def _plugins(args: argparse.Namespace) -> int:
         print(f"{kind}s:")
         for name, c in sorted(components.items()):
             print(f"  {name:<20} {c.plugin:<20} {c.distribution} {c.version}".rstrip())
+            if c.cls.__doc__:
+                print(f"      {c.cls.__doc__.strip().splitlines()[0]}")
     return 0
 
 

@@ -98,12 +98,20 @@ class AllocationProblem(Protocol):
 
     layers: Sequence[LayerScores]
     budget: ByteBudget
+    gradient_windows: int  # how many windows ``soft_gradients`` can share out
 
-    def soft_gradients(self, occupations: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    def soft_gradients(self, occupations: dict[str, torch.Tensor], share: tuple[int, int] = (0, 1)
+                       ) -> tuple[float, dict[str, torch.Tensor]]:
         """Calibration loss of the model whose layer ``l`` has weight B_l diag(f_l) A_l (B_l =
         U Σ^½, A_l = Σ^½ Vᵀ S⁻¹, the whitened SVD: f = 1 is the original layer, a 0/1 f a
-        truncation) and ∂loss/∂f_l per layer, from ONE forward/backward pass. Layers absent from
-        ``occupations`` keep their original weights. The model is left as it was."""
+        truncation) and ∂loss/∂f_l per layer, from ONE forward/backward pass over the gradient
+        windows, or share ``part`` of ``parts`` interleaved disjoint shares of them. Layers absent
+        from ``occupations`` keep their original weights. The model is left as it was."""
+        ...
+
+    def validation_loss(self, occupations: dict[str, torch.Tensor]) -> float:
+        """Next-token loss of the same soft model on the validation windows (forward only): what
+        to choose a state on, not the calibration loss."""
         ...
 
 
@@ -159,6 +167,13 @@ class CorrectionProblem(Protocol):
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         """Install the best rank-k (whitened) approximation of ``weight`` for layer ``name``."""
+        ...
+
+    def replan(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make ``weights`` the dense weights of the plan's low-rank layers (the other targets keep
+        their original weights), re-run statistics, factorization, scores and allocation at the
+        recipe's ratio on that model, and install the new plan's truncation (``plan``, ``layers``
+        and ``factors`` change; ``snapshot``/``restore`` include the plan)."""
         ...
 
     def validation_loss(self) -> float:

@@ -146,8 +146,12 @@ class ZeroSumSVDModifier(BaseModel):
 
     @property
     def validation_windows(self) -> int:
-        """How many validation windows a run draws: a corrector's, none without one."""
-        return self.calibration.validation_samples if self.corrector else 0
+        """How many validation windows a run draws: those a corrector or a model-aware allocator
+        judges its steps on, none for a run that has neither."""
+        from zsfw import plugins
+
+        model_aware = getattr(plugins.component("allocator", self.allocator.name).cls, "needs_model", False)
+        return self.calibration.validation_samples if self.corrector or model_aware else 0
 
     @field_validator("targets", "ignore")
     @classmethod

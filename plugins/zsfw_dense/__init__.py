@@ -47,16 +47,22 @@ class DenseFactors:
 
 
 class Float32Factors(DenseFactors):
+    """fp32 factors: k·(out+in) elements of 4 bytes."""
+
     name = "fp32"
     dtype = torch.float32
 
 
 class BFloat16Factors(DenseFactors):
+    """bf16 factors: k·(out+in) elements of 2 bytes (the papers' 16-bit setting)."""
+
     name = "bf16"
     dtype = torch.bfloat16
 
 
 class Float16Factors(DenseFactors):
+    """fp16 factors: k·(out+in) elements of 2 bytes."""
+
     name = "fp16"
     dtype = torch.float16
 

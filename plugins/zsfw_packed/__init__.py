@@ -114,6 +114,8 @@ class PackedLowRankLinear(nn.Module):
 
 
 class PackedFactors:
+    """Packed ("remap"): int8 factor blocks sharing 16-bit words, k·max(out, in) words a layer."""
+
     name: ClassVar[str] = "packed"
 
     def lowrank_bytes(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:

@@ -76,19 +76,25 @@ class ProjectedGradientCorrector:
     ``backtrack: 0, keep_best: false`` is the published method (every step taken). With
     ``rotate`` = R > 1 cycle c takes its gradient from share c mod R of R interleaved, disjoint
     shares of the gradient windows (R times cheaper, and no cycle fits the windows the previous
-    one stepped on).
+    one stepped on). With ``replan`` a cycle does what the authors' code does between cycles:
+    the stepped weights stay dense, and statistics, scores and the allocation of every rank are
+    redone on that model (a full calibration pass a step tried) before truncating.
     """
 
     name: ClassVar[str] = "projected_gradient"
 
-    def __init__(self, cycles: int = 1, backtrack: int = 2, keep_best: bool = True, rotate: int = 1) -> None:
+    def __init__(self, cycles: int = 1, backtrack: int = 2, keep_best: bool = True, rotate: int = 1,
+                 replan: bool = False) -> None:
         if cycles < 1:
             raise ValueError(f"cycles must be >= 1, got {cycles}")
         if backtrack < 0:
             raise ValueError(f"backtrack must be >= 0, got {backtrack}")
         if rotate < 1:
             raise ValueError(f"rotate must be >= 1, got {rotate}")
+        if not isinstance(replan, bool):
+            raise ValueError(f"replan must be true or false, got {replan!r}")
         self.cycles, self.backtrack, self.keep_best, self.rotate = cycles, backtrack, keep_best, rotate
+        self.replan = replan
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         losses = []
@@ -103,9 +109,14 @@ class ProjectedGradientCorrector:
                 scale = 0.5 ** attempt
                 if attempt:
                     problem.restore(start)
+                stepped = {}
                 for name in tqdm(coefficients, desc=f"correction {cycle}/{self.cycles}", unit="layer"):
                     step = grads[name].to(torch.float64, copy=True).mul_(scale * coefficients[name])
-                    problem.retruncate(name, step.add_(problem.weight(name)))
+                    stepped[name] = step.add_(problem.weight(name))
+                    if not self.replan:
+                        problem.retruncate(name, stepped.pop(name))
+                if self.replan:  # a layer without a step stays at its truncation
+                    problem.replan({name: stepped.get(name, problem.weight(name)) for name in problem.layers})
                 value = problem.validation_loss()
                 accepted = value < current or not self.backtrack
                 problem.record(cycle=cycle, scale=scale, calibration_loss=loss, validation_loss=value,

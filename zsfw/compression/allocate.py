@@ -8,7 +8,8 @@ an invalid plan is an error naming the allocator before anything is truncated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import torch
@@ -25,9 +26,10 @@ class SoftTruncation:
     """The ``AllocationProblem`` of the in-pipeline model: layers, budget and soft gradients."""
 
     def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget, store: FactorStore,
-                 targets: dict[str, nn.Linear], driver: Driver) -> None:
+                 targets: dict[str, nn.Linear], driver: Driver, validation: torch.Tensor | None = None) -> None:
         self.layers, self.budget = list(layers), budget
-        self.store, self.targets, self.driver = store, targets, driver
+        self.store, self.targets, self.driver, self.validation = store, targets, driver, validation
+        self.gradient_windows = driver.gradient_windows
 
     def _factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """B_full = U Σ^½ and A_full = Σ^½ Vᵀ S⁻¹ (float64): every component of the layer (a
@@ -35,7 +37,25 @@ class SoftTruncation:
         B, A = self.store.factors(name, device)
         return B.to(torch.float64), A.to(torch.float64)
 
-    def soft_gradients(self, occupations: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    def soft_gradients(self, occupations: dict[str, torch.Tensor], share: tuple[int, int] = (0, 1)
+                       ) -> tuple[float, dict[str, torch.Tensor]]:
+        with self._soft(occupations):
+            loss, grads = self.driver.gradients({n: self.targets[n] for n in occupations}, share)
+        out = {}
+        for name in occupations:  # ∂L/∂f_i = b_iᵀ G a_i, G = ∂L/∂W at the soft weight
+            B, A = self._factors(name, grads[name].device)
+            out[name] = ((B.mT @ grads.pop(name).to(torch.float64)) * A).sum(dim=1).cpu()
+        return loss, out
+
+    def validation_loss(self, occupations: dict[str, torch.Tensor]) -> float:
+        if self.validation is None:
+            raise RuntimeError("this allocation problem has no validation windows")  # a pipeline bug
+        with self._soft(occupations):
+            return self.driver.loss(self.validation)
+
+    @contextmanager
+    def _soft(self, occupations: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The layers of ``occupations`` at their soft weights B diag(f) A, restored after."""
         originals = {}
         try:
             for name, f in occupations.items():
@@ -44,12 +64,7 @@ class SoftTruncation:
                 originals[name] = weight.detach().clone()
                 with torch.no_grad():
                     weight.copy_((B * f.to(B)) @ A)
-            loss, grads = self.driver.gradients({n: self.targets[n] for n in occupations})
-            out = {}
-            for name in occupations:  # ∂L/∂f_i = b_iᵀ G a_i, G = ∂L/∂W at the soft weight
-                B, A = self._factors(name, grads[name].device)
-                out[name] = ((B.mT @ grads.pop(name).to(torch.float64)) * A).sum(dim=1).cpu()
-            return loss, out
+            yield
         finally:
             with torch.no_grad():
                 for name, weight in originals.items():
@@ -57,14 +72,16 @@ class SoftTruncation:
 
 
 def allocate(allocator: Any, name: str, ratio: float, storage: StorageFormat, store: FactorStore,
-             targets: dict[str, nn.Linear], driver: Driver) -> AllocationPlan:
+             targets: dict[str, nn.Linear], driver: Driver, validation: torch.Tensor | None = None
+             ) -> AllocationPlan:
     """Run ``allocator`` (registered as ``name``) on the stored layers, in target order, under the
-    budget of ``ratio`` priced by ``storage``; returns its plan, checked."""
+    budget of ``ratio`` priced by ``storage``; returns its plan, checked. A model-aware
+    allocator judges its states on the ``validation`` windows."""
     layers = [store.layers[target] for target in targets]
     budget = ByteBudget(layers, ratio, storage)
     try:
         if getattr(allocator, "needs_model", False):
-            result = allocator.allocate(SoftTruncation(layers, budget, store, targets, driver))
+            result = allocator.allocate(SoftTruncation(layers, budget, store, targets, driver, validation))
         else:
             result = allocator.allocate(layers, budget)
         if not isinstance(result, (AllocationPlan, Mapping)):

@@ -7,12 +7,17 @@ from the driver, one pass for all layers. Steps are judged on validation windows
 windows of the calibration text, never the gradient windows' own loss and never evaluation
 text. Whatever the corrector does, the result is never worse there than the one-shot
 truncation: if the corrector's final state is, the one-shot factors come back.
+
+A corrector may also re-plan (``replan``): re-profile and re-factorize the corrected model,
+re-score, re-allocate every rank from scratch at the recipe's ratio and truncate, as the Zero-Sum
+SVD authors do between cycles. The plan is then part of the state that snapshots keep, and a
+layer the new plan keeps dense gets the original (teacher) weights back.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,24 +26,30 @@ from zsfw.allocation import AllocationPlan
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.store import FactorStore
+from zsfw.compression.truncate import kept_factors
 from zsfw.interfaces import Corrector, StorageFormat
 from zsfw.modules import LowRankLinear
 
 log = logging.getLogger(__name__)
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
+"""Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
 
 class Correction:
     """The truncated model as a corrector sees it (implements ``CorrectionProblem``)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-                 store: FactorStore, driver: Driver, validation: torch.Tensor, gradient_windows: int) -> None:
+                 store: FactorStore, driver: Driver, validation: torch.Tensor, gradient_windows: int,
+                 storage: StorageFormat | None = None, planner: Planner | None = None) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
         self.validation, self.gradient_windows = validation, gradient_windows
+        self.storage, self.planner = storage, planner
         self.layers = plan.lowrank()
         self.factors: Factors = {}
         self.originals: dict[str, torch.Tensor] = {}
+        self.stores: list[FactorStore] = []  # those re-plans made, closed by ``close``
         self.history: list[dict[str, Any]] = []  # the corrector's measured steps, for the report
         self.result: dict[str, Any] = {}  # validation loss one-shot vs final, set by ``correct``
         self._version = 0  # bumped by every install: the cached validation loss is of this state
@@ -90,14 +101,53 @@ class Correction:
             self._measured = (self._version, self.driver.loss(self.validation))
         return self._measured[1]
 
-    def snapshot(self) -> Factors:
-        """The current factors of every layer (cheap: installs replace factors, never change them)."""
-        return dict(self.factors)
+    def replan(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make ``weights`` the dense weights of the plan's low-rank layers (every other target
+        keeps its original weights), then re-profile, re-factorize, re-score, re-allocate at the
+        recipe's ratio and install the new plan's truncation."""
+        if self.planner is None:
+            raise RuntimeError("this correction was built without a planner")  # a pipeline bug
+        for name, linear in self.targets.items():
+            self.model.set_submodule(name, linear)  # the statistics hooks are on these modules
+            with torch.no_grad():
+                linear.weight.copy_(weights[name] if name in weights else self.originals.get(name, linear.weight))
+        store, plan = self.planner()
+        self.stores.append(store)
+        self._adopt(plan, store)
+        for name in self.layers:
+            self.install(name, *kept_factors(store, name, plan[name], self.targets[name].weight.device))
 
-    def restore(self, snapshot: Factors) -> None:
-        """Install the factors of an earlier ``snapshot``."""
-        for name, (B, A) in snapshot.items():
+    def _adopt(self, plan: AllocationPlan, store: FactorStore) -> None:
+        """Make ``plan`` current: its dense layers get their original weights in the storage
+        format's dense module, its low-rank layers their dense ``nn.Linear`` (factors to install)."""
+        for name, linear in self.targets.items():
+            if plan.is_dense(name):
+                if name in self.originals:
+                    with torch.no_grad():
+                        linear.weight.copy_(self.originals[name])
+                self.model.set_submodule(name, self.storage.dense_module(linear))
+            else:
+                self.model.set_submodule(name, linear)
+        self.plan, self.store, self.layers, self.factors = plan, store, plan.lowrank(), {}
+        self._version += 1
+
+    def snapshot(self) -> tuple[AllocationPlan, FactorStore, Factors]:
+        """The current plan and the factors of every layer (cheap: installs replace factors,
+        never change them)."""
+        return self.plan, self.store, dict(self.factors)
+
+    def restore(self, snapshot: tuple[AllocationPlan, FactorStore, Factors]) -> None:
+        """Go back to an earlier ``snapshot``: its plan (when a re-plan changed it) and factors."""
+        plan, store, factors = snapshot
+        if plan is not self.plan:
+            self._adopt(plan, store)
+        for name, (B, A) in factors.items():
             self.install(name, B, A)
+
+    def close(self) -> None:
+        """Remove the factor stores re-plans made."""
+        for store in self.stores:
+            store.close()
 
     def record(self, **entry: Any) -> None:
         """Note one measured step (cycle, scale, losses, accepted) for the report."""
@@ -108,14 +158,17 @@ def correct(corrector: Corrector, problem: Correction, storage: StorageFormat) -
     """Run ``corrector``, keep its result only if it is no worse than the one-shot truncation on
     the validation windows, then build the low-rank modules; returns its calibration losses."""
     one_shot, before = problem.snapshot(), problem.validation_loss()
-    losses = corrector.correct(problem)
-    after = problem.validation_loss()
-    if after > before:
-        log.warning("correction raised the validation loss (%.4f -> %.4f): the one-shot factors are kept",
-                    before, after)
-        problem.restore(one_shot)
-    problem.result = {"result": "kept" if after <= before else "reverted to one-shot", "one_shot": before,
-                      "final": min(after, before)}
-    for name, (B, A) in problem.factors.items():
-        problem.model.set_submodule(name, storage.lowrank_module(B, A, problem.targets[name].bias))
+    try:
+        losses = corrector.correct(problem)
+        after = problem.validation_loss()
+        if after > before:
+            log.warning("correction raised the validation loss (%.4f -> %.4f): the one-shot factors are kept",
+                        before, after)
+            problem.restore(one_shot)
+        problem.result = {"result": "kept" if after <= before else "reverted to one-shot", "one_shot": before,
+                          "final": min(after, before)}
+        for name, (B, A) in problem.factors.items():
+            problem.model.set_submodule(name, storage.lowrank_module(B, A, problem.targets[name].bias))
+    finally:
+        problem.close()
     return losses

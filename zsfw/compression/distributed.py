@@ -65,6 +65,7 @@ class DistributedDriver:
 
     def __init__(self, inner, windows: torch.Tensor, n_grad: int) -> None:
         self.inner, self.windows, self.n_grad = inner, windows, n_grad
+        self.gradient_windows = n_grad
         self.groups: list[tuple[str, list[str], int]] = []  # every group, its members and owner
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> "_DistributedPass":

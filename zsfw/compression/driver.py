@@ -45,6 +45,8 @@ class StatisticsPass(Protocol):
 class Driver(Protocol):
     """What the pipeline asks of whoever runs the model."""
 
+    gradient_windows: int  # how many windows ``gradients`` can share out
+
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
 
     def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
@@ -94,6 +96,7 @@ class InMemoryDriver:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, calibration: CalibrationConfig) -> None:
         self.model, self.windows, self.calibration = model, windows, calibration
+        self.gradient_windows = gradient_share(windows, calibration, (0, 1)).shape[0]
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass:
         return _InMemoryPass(self, targets, moments, gradients)

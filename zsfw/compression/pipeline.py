@@ -34,6 +34,7 @@ from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
 from zsfw.compression.stages import run_stages
+from zsfw.compression.store import FactorStore
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import RecipeError
@@ -72,7 +73,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     with report.phase("calibration data"):
         windows, drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows)
         report.warnings += coverage_warnings(targets, windows)
-        if corrector:
+        if m.validation_windows:
             validation = _validation(validation, drawn, windows, m, report)
     if m.stages:
         with report.phase("stages"):
@@ -87,19 +88,31 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     try:
         report.calibration_tokens, report.calibration_loss = store.tokens, store.loss
         with report.phase("allocate"):
-            plan = allocate(allocator, m.allocator.name, m.ratio, storage, store, targets, driver)
+            plan = allocate(allocator, m.allocator.name, m.ratio, storage, store, targets, driver, validation)
+            report.allocation = dict(getattr(allocator, "summary", {}))
         model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan, m.storage.name))
         if lazy:  # its layers are saved as they are truncated
             writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
+
+        def replan() -> tuple[FactorStore, AllocationPlan]:  # what a re-planning corrector runs
+            again = factor_store(model, targets, windows, m, scorer, driver, None, Report(recipe={}), storage)
+            return again, allocate(allocator, m.allocator.name, m.ratio, storage, again, targets, driver,
+                                   validation)
+
         correction = corrector and Correction(model, targets, plan, store, driver, validation,
-                                                gradient_share(windows, m.calibration, (0, 1)).shape[0])
+                                                driver.gradient_windows, storage, replan)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, storage, correction, writer)
+        notes = store.notes
         if corrector:
             with report.phase("correct"):
                 report.correction_losses = correct(corrector, correction, storage)
                 report.correction_steps, report.correction_result = correction.history, correction.result
-        report.record_plan(plan, store.notes)
+            if correction.plan is not plan:  # re-planned: the ranks (and the records) are new
+                plan, notes = correction.plan, correction.store.notes
+                model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(),
+                                                                    _records(plan, m.storage.name))
+        report.record_plan(plan, notes)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -137,7 +150,7 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, output_dir: str | Pa
 
 def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows: torch.Tensor,
                 m: ZeroSumSVDModifier, report: Report) -> torch.Tensor:
-    """The windows a corrector judges its steps on: those given, else those drawn from the text,
+    """The windows a corrector (or a model-aware allocator) judges its steps on: those given, else those drawn from the text,
     else (a tensor dataset without ``validation``) the gradient windows, with a warning."""
     if given is not None:
         return token_ids(given, "validation")

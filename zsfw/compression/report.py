@@ -53,6 +53,7 @@ class Report:
     calibration_loss: float = float("nan")
     statistics_cached: bool = False  # the statistics came from a cache, not a calibration pass
     factors_cached: bool = False  # so did the whitened SVDs and scores
+    allocation: dict[str, Any] = field(default_factory=dict)  # what a model-aware allocator measured
     correction_losses: list[float] = field(default_factory=list)
     correction_steps: list[dict[str, Any]] = field(default_factory=list)  # what the corrector measured
     correction_result: dict[str, Any] = field(default_factory=dict)  # validation loss one-shot → final
@@ -161,6 +162,8 @@ class Report:
                     " (statistics from the cache)" if self.statistics_cached else "")
                  + (f", after correction cycles {['%.4f' % x for x in self.correction_losses]}"
                     if self.correction_losses else ""),
+                 *(["allocation: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in self.allocation.items())] if self.allocation else []),
                  *self._correction_lines(),
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
                  + f" (total {t['seconds']:.1f}s)",

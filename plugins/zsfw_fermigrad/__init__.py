@@ -1,0 +1,161 @@
+"""FermiGrad: ranks from gradient descent on Fermi-function occupations (arXiv 2512.03062).
+
+A reconstruction from the paper's abstract ("relaxing the discrete singular-value truncation into
+a continuous optimization using the Fermi function", "globally optimal layer-wise ranks"); its
+method text and code are not public. Dobi-SVD's differentiable truncation is the closest
+published relative.
+
+Each layer l gets a chemical potential μ_l in rank units; component i (0-based, by descending σ)
+is occupied with f_{l,i} = 1 / (1 + exp((i + ½ − μ_l) / T_l)), so μ_l = k keeps k components
+when T → 0. The soft model has weight B_l diag(f_l) A_l (the whitened SVD's factors). Its soft
+bytes Σ_l Σ_i f_{l,i} c_l(i), with c_l(i) the format's marginal cost of component i (the cost
+that takes the layer to dense at its break-even, and 0 past it), are held at the budget after
+every step by one common shift of all μ_l (bisection): no penalty weight to tune. One
+forward/backward of the soft model gives ∂loss/∂f (``AllocationProblem.soft_gradients``), hence
+∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l; Adam moves μ (its step in units of
+``lr`` × the layer's full rank). T anneals geometrically from ``temperature`` × full rank to
+``final_temperature``. Every ``validate_every`` steps the soft model's validation loss is
+measured and the best state kept; the hard ranks are then read off (k_l = #{f > ½}) and
+repaired to the exact budget by dropping, one at a time, the frontier component whose
+first-order score is smallest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+import zsfw
+from zsfw import AllocationPlan, DropFrontier
+
+INITIAL = ("zero_sum", "uniform")
+
+
+class FermiGradAllocator:
+    """FermiGrad: Adam on per-layer Fermi occupations at a held budget (reconstructed from arXiv 2512.03062's abstract)."""
+
+    name: ClassVar[str] = "fermigrad"
+    needs_model: ClassVar[bool] = True
+
+    def __init__(self, steps: int = 32, lr: float = 0.01, temperature: float = 0.05,
+                 final_temperature: float = 0.5, windows_per_step: int = 1, validate_every: int = 8,
+                 initial: str = "zero_sum", seed: int = 0) -> None:
+        checks = [(steps >= 0, f"steps must be >= 0, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
+                  (temperature > 0, f"temperature must be > 0 (a fraction of the full rank), got {temperature}"),
+                  (final_temperature > 0, f"final_temperature must be > 0 (in rank units), got {final_temperature}"),
+                  (windows_per_step >= 1, f"windows_per_step must be >= 1, got {windows_per_step}"),
+                  (validate_every >= 1, f"validate_every must be >= 1, got {validate_every}"),
+                  (initial in INITIAL, f"initial must be one of {list(INITIAL)}, got {initial!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.steps, self.lr, self.temperature, self.final_temperature = steps, lr, temperature, final_temperature
+        self.windows_per_step, self.validate_every, self.initial, self.seed = (windows_per_step, validate_every,
+                                                                               initial, seed)
+        self.history: list[dict] = []  # per validated step: step, mean T, calibration and validation loss
+        self.summary: dict = {}  # what the report shows: steps, best step, soft and hard validation loss
+
+    def allocate(self, problem) -> AllocationPlan:
+        layers, budget = list(problem.layers), problem.budget
+        full = torch.tensor([l.full_rank for l in layers], dtype=torch.float64)
+        marginal = [torch.tensor([budget.cost(l, i + 1) - budget.cost(l, i) for i in range(l.full_rank)],
+                                 dtype=torch.float64) for l in layers]
+        mu = torch.tensor(self._initial(layers, budget), dtype=torch.float64)
+        start_T = self.temperature * full
+        T = start_T.clone()
+        mu = hold_budget(mu, T, marginal, budget.limit, full)
+        if self.steps == 0:
+            return self._read_off(layers, budget, mu)
+        parts = max(1, problem.gradient_windows // self.windows_per_step)
+        order = torch.randperm(parts, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        adam_m, adam_v = torch.zeros_like(mu), torch.zeros_like(mu)
+        best = (math.inf, mu.clone(), 0)
+        for step in range(1, self.steps + 1):
+            progress = (step - 1) / max(1, self.steps - 1)
+            T = start_T * (self.final_temperature / start_T) ** progress
+            loss, g = potential_gradient(problem, layers, mu, T, full, (order[(step - 1) % parts], parts))
+            adam_m.mul_(0.9).add_(g, alpha=0.1)
+            adam_v.mul_(0.999).addcmul_(g, g, value=0.001)
+            update = (adam_m / (1 - 0.9 ** step)) / ((adam_v / (1 - 0.999 ** step)).sqrt() + 1e-12)
+            mu = hold_budget(mu - self.lr * full * update, T, marginal, budget.limit, full)
+            if step % self.validate_every == 0 or step == self.steps:
+                value = problem.validation_loss(self._named(layers, occupations(mu, T, full)))
+                self.history.append({"step": step, "calibration_loss": loss, "validation_loss": value,
+                                     "temperature": float(T.mean())})
+                if value < best[0]:
+                    best = (value, mu.clone(), step)
+        plan = self._read_off(layers, budget, best[1])
+        hard = {l.name: (torch.arange(l.full_rank) < plan.rank(l.name)).to(torch.float64) for l in layers}
+        hard_loss = problem.validation_loss(hard)
+        self.summary = {"steps": self.steps, "best_step": best[2], "soft_validation_loss": best[0],
+                        "hard_validation_loss": hard_loss, "hard_minus_soft": hard_loss - best[0]}
+        return plan
+
+    def _initial(self, layers, budget) -> list[int]:
+        """The starting ranks: zero_sum's plan or the uniform rank (dense layers at full rank)."""
+        if self.initial == "uniform":
+            return [budget.uniform_rank(l) for l in layers]
+        plan = zsfw.plugins.create("allocator", "zero_sum").allocate(layers, budget)
+        return [plan.rank(l.name) for l in layers]
+
+    @staticmethod
+    def _named(layers, f: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {l.name: fi for l, fi in zip(layers, f)}
+
+    @staticmethod
+    def _read_off(layers, budget, mu: torch.Tensor) -> AllocationPlan:
+        """k_l = round(μ_l) (the components with f > ½ once T → 0), then the components with the
+        smallest first-order scores dropped until the plan fits the budget."""
+        frontier = DropFrontier(layers, budget)
+        for i, (layer, m) in enumerate(zip(layers, mu.tolist())):
+            keep = min(layer.full_rank, max(1, round(m)))
+            while frontier.ranks[i] > keep:
+                frontier.drop(i)
+        while frontier.over_budget():
+            candidates = [i for i in range(len(layers)) if frontier.can_drop(i)]
+            if not candidates:
+                raise frontier.exhausted_error()
+            frontier.drop(min(candidates, key=frontier.next_score))
+        return frontier.result()
+
+
+def potential_gradient(problem, layers, mu: torch.Tensor, T: torch.Tensor, full: torch.Tensor,
+                       share: tuple[int, int] = (0, 1)) -> tuple[float, torch.Tensor]:
+    """The soft model's calibration loss and ∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l,
+    from one forward/backward pass (over one ``share`` of the gradient windows)."""
+    f = occupations(mu, T, full)
+    loss, grads = problem.soft_gradients({l.name: fi for l, fi in zip(layers, f)}, share)
+    return loss, torch.stack([(grads[l.name] * fi * (1 - fi)).sum() / t for l, fi, t in zip(layers, f, T)])
+
+
+def occupations(mu: torch.Tensor, T: torch.Tensor, full: torch.Tensor) -> list[torch.Tensor]:
+    """f_{l,i} = 1 / (1 + exp((i + ½ − μ_l) / T_l)) for i < full rank of each layer."""
+    return [torch.sigmoid((m - 0.5 - torch.arange(int(r), dtype=torch.float64)) / t)
+            for m, t, r in zip(mu, T, full)]
+
+
+def soft_bytes(mu: torch.Tensor, T: torch.Tensor, marginal: list[torch.Tensor], full: torch.Tensor) -> float:
+    """Σ_l Σ_i f_{l,i} c_l(i): the budget's cost of the soft occupations."""
+    return float(sum((f * c).sum() for f, c in zip(occupations(mu, T, full), marginal)))
+
+
+def hold_budget(mu: torch.Tensor, T: torch.Tensor, marginal: list[torch.Tensor], limit: int,
+                full: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+    """μ + ν (each clamped to [0, full rank]) with the one shift ν that makes the soft bytes equal
+    ``limit``, found by bisection (soft bytes grow with ν)."""
+    shifted = lambda nu: (mu + nu).clamp(torch.zeros_like(full), full)
+    low, high = -float(full.max()) - 1, float(full.max()) + 1
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if soft_bytes(shifted(middle), T, marginal, full) > limit:
+            high = middle
+        else:
+            low = middle
+    return shifted(low)
+
+
+@zsfw.hookimpl
+def zsfw_register_allocators(register) -> None:
+    register(FermiGradAllocator)

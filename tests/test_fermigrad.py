@@ -1,0 +1,113 @@
+"""FermiGrad: the μ gradient against finite differences, the budget held by bisection, the
+zero-step read-off, and a short run on a tiny model judged on validation windows."""
+
+import copy
+
+import pytest
+import torch
+
+import zsfw
+from helpers import patterned_windows, recipe, stored_bytes
+from zsfw import plugins
+from zsfw_fermigrad import FermiGradAllocator, hold_budget, occupations, potential_gradient, soft_bytes
+
+
+class ProbeFermi:
+    """Model-aware: measures ∂loss/∂μ analytically and by central differences at one soft point,
+    then hands over to FermiGrad with zero steps."""
+
+    name = "probe_fermi"
+    needs_model = True
+    seen: dict = {}
+
+    def allocate(self, problem):
+        layers = list(problem.layers)
+        full = torch.tensor([l.full_rank for l in layers], dtype=torch.float64)
+        mu, T = 0.6 * full, torch.full_like(full, 2.0)
+        _, analytic = potential_gradient(problem, layers, mu, T, full)
+        i, h = int(analytic.abs().argmax()), 1e-2
+        up, down = mu.clone(), mu.clone()
+        up[i] += h
+        down[i] -= h
+        numeric = (potential_gradient(problem, layers, up, T, full)[0]
+                   - potential_gradient(problem, layers, down, T, full)[0]) / (2 * h)
+        ProbeFermi.seen = {"analytic": analytic[i].item(), "numeric": numeric}
+        return FermiGradAllocator(steps=0).allocate(problem)
+
+
+class Plugin:
+    @zsfw.hookimpl
+    def zsfw_register_allocators(self, register):
+        register(ProbeFermi)
+
+
+@pytest.fixture
+def probe():
+    plugins.register_plugin(Plugin(), name="probe_fermi")
+    yield
+    plugins.unregister_plugin("probe_fermi")
+
+
+def test_the_potential_gradient_matches_a_finite_difference(probe, llama, windows):
+    zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.7, allocator="probe_fermi", samples=4), windows[:4])
+    seen = ProbeFermi.seen
+    assert seen["analytic"] != 0 and seen["numeric"] == pytest.approx(seen["analytic"], rel=2e-2)
+
+
+def test_the_common_shift_holds_the_soft_budget_to_one_component():
+    g = torch.Generator().manual_seed(0)
+    full = torch.tensor([40.0, 64.0, 24.0, 100.0], dtype=torch.float64)
+    marginal = [torch.rand(int(r), generator=g, dtype=torch.float64) * 10 + 1 for r in full]
+    mu = torch.tensor([10.0, 50.0, 3.0, 70.0], dtype=torch.float64)
+    for T in (torch.full_like(full, 0.5), full / 20):
+        for limit in (300, 700, 1100):  # all four layers whole cost ≈ 1340
+            held = hold_budget(mu, T, marginal, limit, full)
+            assert abs(soft_bytes(held, T, marginal, full) - limit) <= max(float(c.max()) for c in marginal)
+            free = (held > 0) & (held < full)  # one common shift, but for the layers clamped at 0 or full
+            shifts = (held - mu)[free]
+            assert free.any() and torch.allclose(shifts, shifts[0].expand_as(shifts))
+
+
+def test_occupations_are_a_step_at_zero_temperature():
+    f = occupations(torch.tensor([3.0], dtype=torch.float64), torch.tensor([1e-6], dtype=torch.float64),
+                    torch.tensor([6.0], dtype=torch.float64))[0]
+    assert torch.equal(f, torch.tensor([1.0, 1, 1, 0, 0, 0], dtype=torch.float64))
+
+
+def test_zero_steps_at_zero_temperature_return_the_initial_allocation(llama, windows):
+    validation = patterned_windows(4, seed=1)
+    _, zero_sum = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
+    fermi = {"name": "fermigrad", "steps": 0, "temperature": 1e-9, "final_temperature": 1e-9}
+    _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, allocator=fermi), windows,
+                              validation=validation)
+    assert [(l.name, l.rank) for l in report.layers] == [(l.name, l.rank) for l in zero_sum.layers]
+
+
+def test_a_short_run_keeps_the_budget_and_measures_its_states_on_validation_windows(llama, windows, monkeypatch):
+    from zsfw.compression.allocate import SoftTruncation
+
+    judged = []
+    measured = SoftTruncation.validation_loss
+    monkeypatch.setattr(SoftTruncation, "validation_loss",
+                        lambda self, f: judged.append(self.validation) or measured(self, f))
+    validation = patterned_windows(4, seed=1)
+    allocator = {"name": "fermigrad", "steps": 4, "validate_every": 2, "lr": 0.05}
+    model, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, allocator=allocator), windows,
+                                  validation=validation)
+    assert len(judged) == 3 and all(torch.equal(v, validation) for v in judged)  # steps 2 and 4, the read-off
+    summary = report.allocation
+    assert summary["best_step"] in (2, 4) and summary["hard_minus_soft"] == pytest.approx(
+        summary["hard_validation_loss"] - summary["soft_validation_loss"])
+    assert "allocation: steps 4" in report.table()
+    assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes
+    assert report.total_bytes > 0.95 * report.budget_bytes  # the read-off spends the budget
+
+
+@pytest.mark.parametrize("options, message", [({"steps": -1}, "steps must be >= 0"),
+                                              ({"initial": "sigma"}, "initial must be one of"),
+                                              ({"temperature": 0}, "temperature must be > 0")])
+def test_options_are_checked(options, message):
+    from zsfw.errors import PluginError
+
+    with pytest.raises(PluginError, match=message):
+        plugins.create("allocator", "fermigrad", options)

@@ -1,0 +1,111 @@
+"""The pivga storage format: exact gauge fixing, bounded coefficients, bf16 error, bytes, options."""
+
+import pytest
+import torch
+
+import zsfw
+from zsfw.checkpoint.save import module_tensors
+from zsfw.errors import PluginError
+from zsfw_pivga import MAXVOL_TOLERANCE, PivGaLinear, gauge_fix
+
+
+def _factors(m, n, k, seed=0, decay=3.0):
+    """Random float64 factors whose spectrum spans ``decay`` decades (like whitened SVD factors)."""
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(m, k, dtype=torch.float64, generator=g)
+    A = torch.randn(k, n, dtype=torch.float64, generator=g) * torch.logspace(0, -decay, k, dtype=torch.float64)[:, None]
+    return B, A
+
+
+def _dense(module, n):
+    """The out×in weight a layer computes (float64 input: every product exact to float64)."""
+    return module(torch.eye(n, dtype=torch.float64)).T
+
+
+@pytest.mark.parametrize("shape", [(48, 32, 12), (32, 48, 12), (40, 40, 39), (30, 50, 30), (64, 16, 1)])
+def test_gauge_fixed_factors_reproduce_the_weight_exactly_in_float64(shape):
+    m, n, k = shape
+    B, A = _factors(m, n, k)
+    J, B_J, T = gauge_fix(B, A)
+    assert J.shape == (k,) and torch.equal(J, J.sort().values) and J.unique().numel() == k
+    assert B_J.shape == (m, k) and T.shape == (k, n - k)
+    assert T.abs().max() <= 1 + MAXVOL_TOLERANCE + 1e-12  # maxvol: every coefficient bounded
+    assert torch.allclose(B_J, (B @ A)[:, J], rtol=0, atol=1e-12)  # B' = the weight's own columns
+    module = PivGaLinear.from_factors(B, A, None, torch.float64)
+    W = B @ A
+    assert ((_dense(module, n) - W).norm() / W.norm()).item() < 1e-12
+
+
+def test_a_rank_deficient_factor_is_still_exact():
+    B, A = _factors(40, 30, 10)
+    A[3] = 0  # a kept component with σ = 0: A_J of the raw factor would be singular
+    A[7] = A[2]
+    module = PivGaLinear.from_factors(B, A, None, torch.float64)
+    W = B @ A
+    assert ((_dense(module, 30) - W).norm() / W.norm()).item() < 1e-12
+    assert module.T.abs().max() <= 1 + MAXVOL_TOLERANCE + 1e-12
+
+
+@pytest.mark.parametrize("shape", [(576, 1536, 400), (1536, 576, 500), (96, 96, 80)])
+def test_bf16_error_is_of_the_order_of_rounding_plain_bf16_factors(shape):
+    m, n, k = shape
+    B, A = _factors(m, n, k, seed=1)
+    W = B @ A
+    pivga = zsfw.plugins.create("storage", "pivga").lowrank_module(B, A, None)
+    plain = B.bfloat16().double() @ A.bfloat16().double()
+    error = ((_dense(pivga, n) - W).norm() / W.norm()).item()
+    plain_error = ((plain - W).norm() / W.norm()).item()
+    assert error < 1.5 * plain_error and error < 2 ** -7, (error, plain_error)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(48, 32, 12), (32, 48, 20), (40, 40, 39)])
+def test_predicted_bytes_are_the_stored_bytes_and_the_keys_are_stable(shape, bias):
+    m, n, k = shape
+    fmt = zsfw.plugins.create("storage", "pivga", {"dtype": "fp16"})
+    B, A = _factors(m, n, k)
+    module = fmt.lowrank_module(B, A, torch.randn(m, dtype=torch.float64) if bias else None)
+    tensors, _ = module_tensors("layer", module)
+    assert sum(t.nbytes for t in tensors.values()) == fmt.lowrank_bytes(m, n, k, bias)
+    assert fmt.lowrank_bytes(m, n, k, bias) == 2 * (k * (m + n) - k * k + (m if bias else 0)) + 2 * k
+    assert {key.split(".", 1)[1] for key in tensors} == {"pivots", "B", "T", *(["bias"] if bias else [])}
+    assert tensors["layer.B"].dtype == torch.float16 and tensors["layer.pivots"].dtype == torch.int16
+    skeleton = fmt.skeleton(m, n, k, bias)
+    assert {name: t.shape for name, t in skeleton.state_dict().items()} == \
+           {key.split(".", 1)[1]: t.shape for key, t in tensors.items()}
+
+
+def test_wide_inputs_use_int32_pivots_and_cost_them():
+    fmt = zsfw.plugins.create("storage", "pivga")
+    narrow, wide = fmt.skeleton(8, 32767, 4, False), fmt.skeleton(8, 32768, 4, False)
+    assert narrow.pivots.dtype == torch.int16 and wide.pivots.dtype == torch.int32
+    assert fmt.lowrank_bytes(8, 32768, 4, False) - 2 * (4 * (8 + 32768) - 16) == 4 * 4
+
+
+def test_pivga_keeps_more_rank_than_bf16_at_the_same_bytes():
+    from zsfw.allocation import useful_rank
+
+    pivga, bf16 = (zsfw.plugins.create("storage", name) for name in ("pivga", "bf16"))
+    for m, n, more in ((576, 576, 1.35), (1536, 576, 1.2), (576, 1536, 1.2)):
+        # break-even: bf16 at mn/(m+n); pivga where (m − k)(n − k) = k (one 2-byte index a rank)
+        assert useful_rank(bf16, m, n, False) < m * n / (m + n) <= useful_rank(bf16, m, n, False) + 1
+        assert useful_rank(pivga, m, n, False) == max(k for k in range(min(m, n)) if (m - k) * (n - k) > k)
+        assert useful_rank(pivga, m, n, False) > 0.95 * min(m, n)
+        k = int(0.8 * m * n / (m + n))  # ratio 0.8 of a layer as bf16 factors
+        same_bytes = max(r for r in range(1, min(m, n)) if pivga.lowrank_bytes(m, n, r, False)
+                         <= bf16.lowrank_bytes(m, n, k, False))
+        assert same_bytes > more * k  # ≈ 38% more rank for a square layer at ratio 0.8
+
+
+def test_a_reloaded_module_computes_the_same_outputs():
+    B, A = _factors(24, 40, 10)
+    module = PivGaLinear.from_factors(B, A, torch.randn(24, dtype=torch.float64), torch.bfloat16)
+    clone = zsfw.plugins.create("storage", "pivga").skeleton(24, 40, 10, True)
+    clone.load_state_dict(module.state_dict(), assign=True)
+    x = torch.randn(3, 5, 40)
+    assert torch.equal(clone(x), module(x))
+
+
+def test_a_bad_dtype_option_is_one_line_naming_the_choices():
+    with pytest.raises(PluginError, match=r"pivga.*dtype must be one of \['bf16', 'fp16'\], got 'int4'"):
+        zsfw.plugins.create("storage", "pivga", {"dtype": "int4"})
