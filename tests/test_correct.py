@@ -75,18 +75,20 @@ def test_without_validation_windows_a_tensor_dataset_is_judged_on_its_gradient_w
     assert any("no validation windows" in w for w in report.warnings)
 
 
-def test_validation_windows_are_held_out_from_calibration_and_measurement(tokenizer, tmp_path):
+def test_validation_and_training_windows_are_held_out_from_calibration_and_measurement(tokenizer, tmp_path):
     tokens = tokenize(tokenizer, word_docs())
     path = tmp_path / "cal.txt"
     path.write_text("\n".join(word_docs()))
     cal = CalibrationConfig(samples=6, sequence_length=32, validation_samples=4)
-    windows, validation = windows_for(None, path, tokenizer, cal, validation=4)
-    measured = held_out_windows(tokens, 5, 6, 32, skip=4)
-    assert torch.equal(windows, sample_windows(tokens, 6, 32))
-    rows = [{tuple(w.tolist()) for w in t} for t in (windows, validation, measured)]
-    assert [len(r) for r in rows] == [6, 4, 5]
-    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
-    assert windows_for(None, path, tokenizer, cal)[1] is None  # none drawn unless asked for
+    drawn = windows_for(None, path, tokenizer, cal, validation=4, training=3)
+    measured = held_out_windows(tokens, 5, 6, 32, skip=7)
+    assert torch.equal(drawn.calibration, sample_windows(tokens, 6, 32))
+    sets = (drawn.calibration, drawn.validation, drawn.training, measured)
+    rows = [{tuple(w.tolist()) for w in t} for t in sets]
+    assert [len(r) for r in rows] == [6, 4, 3, 5]
+    assert all(not (a & b) for i, a in enumerate(rows) for b in rows[i + 1:])  # pairwise disjoint
+    none = windows_for(None, path, tokenizer, cal)
+    assert none.validation is None and none.training is None  # none drawn unless asked for
 
 
 def test_rotation_takes_each_cycle_gradient_from_the_next_disjoint_share(llama, windows, monkeypatch):

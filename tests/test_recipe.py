@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import zsfw
@@ -87,9 +88,12 @@ def test_shipped_recipes_validate():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_recipe_compresses_the_tiny_model(path, llama, windows):
-    from helpers import patterned_windows, stored_bytes
+    from helpers import patterned_windows
 
     recipe = load_recipe(path)
     recipe.modifier.calibration = recipe.modifier.calibration.model_copy(update={"samples": 8, "sequence_length": 32})
-    model, report = zsfw.compress(llama, recipe, windows, validation=patterned_windows(4, seed=1))
-    assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes
+    model, report = zsfw.compress(llama, recipe, windows, validation=patterned_windows(4, seed=1),
+                                  training=patterned_windows(4, seed=2))
+    assert 0 < report.total_bytes <= report.budget_bytes  # (bytes as written: tests/test_checkpoint.py)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=windows[:2]).logits).all()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _compress(args: argparse.Namespace) -> int:
     from zsfw.compression import distributed
-    from zsfw.compression.calibration import held_out_windows, sample_windows, text_tokens
+    from zsfw.compression.calibration import drawn_windows, text_tokens
     from zsfw.compression.pipeline import compress
     from zsfw.eval.gains import snapshot, summary
     from zsfw.models import load_model
@@ -38,18 +38,15 @@ def _compress(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=execution.dtype, lazy=lazy)
     if execution.device is not None:  # before the held-out measurement, which runs there too
         place(model, compute_device(execution.device))
-    cal = recipe.modifier.calibration
-    tokens = text_tokens(tokenizer, args.dataset or _news_text())
-    windows = sample_windows(tokens, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
-    checks = recipe.modifier.validation_windows
-    validation = (held_out_windows(tokens, checks, cal.samples, cal.sequence_length, cal.seed, cal.max_tokens)
-                  if checks else None)
-    held = (held_out_windows(tokens, args.held_out, cal.samples, cal.sequence_length, cal.seed,
-                             cal.max_tokens, skip=checks) if args.held_out else None)
+    m = recipe.modifier
+    drawn = drawn_windows(text_tokens(tokenizer, args.dataset or _news_text()), m.calibration,
+                          m.validation_windows, m.training_windows, args.held_out)
+    held = drawn.measurement
     helper = distributed.launched() and distributed.rank() != 0  # under torchrun: process 0 reports
     before = None if held is None or helper else snapshot(model, tokenizer, held)
-    _, report = compress(model, recipe, windows, output_dir=args.output, tokenizer=tokenizer,
-                         overwrite=args.overwrite, statistics_cache=args.statistics_cache, validation=validation)
+    _, report = compress(model, recipe, drawn.calibration, output_dir=args.output, tokenizer=tokenizer,
+                         overwrite=args.overwrite, statistics_cache=args.statistics_cache,
+                         validation=drawn.validation, training=drawn.training)
     if helper:
         return 0
     after = None if held is None else snapshot(model, tokenizer, held)

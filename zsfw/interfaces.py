@@ -133,7 +133,9 @@ class Stage(Protocol):
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor) -> dict[str, Any]:
         """Change ``model`` in place, using the calibration ``windows`` if needed; returns a
-        summary (JSON-able) that the report records under the stage's name."""
+        summary (JSON-able) that the report records under the stage's name. A stage that sets
+        ``needs_training = True`` is called with ``training=`` too: windows of the same text
+        held out from calibration and validation, to learn from."""
         ...
 
 

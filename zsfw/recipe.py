@@ -72,6 +72,10 @@ class CalibrationConfig(BaseModel):
         8, ge=0, description="held-out windows of the same text (forward only) on which a "
                              "corrector judges its steps and keeps its best state; drawn only "
                              "when a corrector is set")
+    training_samples: int = Field(
+        8, gt=0, description="held-out windows of the same text, apart from the calibration and "
+                             "validation ones, that a training stage (prehab) learns from; drawn "
+                             "only when such a stage is set")
 
     @model_validator(mode="after")
     def _gradient_within_samples(self) -> "CalibrationConfig":
@@ -152,6 +156,15 @@ class ZeroSumSVDModifier(BaseModel):
 
         model_aware = getattr(plugins.component("allocator", self.allocator.name).cls, "needs_model", False)
         return self.calibration.validation_samples if self.corrector or model_aware else 0
+
+    @property
+    def training_windows(self) -> int:
+        """How many training windows a run draws: ``training_samples`` when a stage trains on
+        them (declares ``needs_training``), else none."""
+        from zsfw import plugins
+
+        training = any(getattr(plugins.component("stage", s.name).cls, "needs_training", False) for s in self.stages)
+        return self.calibration.training_samples if training else 0
 
     @field_validator("targets", "ignore")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -142,14 +143,38 @@ def calibration_windows(tokenizer, source: DatasetLike, samples: int, sequence_l
     return sample_windows(text_tokens(tokenizer, source), samples, sequence_length, seed, max_tokens)
 
 
+@dataclass
+class Windows:
+    """The disjoint window sets of one text: calibration, then held out: validation (a
+    corrector's), training (a training stage's) and measurement (what a compression lost)."""
+
+    calibration: torch.Tensor
+    validation: torch.Tensor | None = None
+    training: torch.Tensor | None = None
+    measurement: torch.Tensor | None = None
+
+
+def drawn_windows(tokens: torch.Tensor, calibration: CalibrationConfig, validation: int = 0, training: int = 0,
+                  measurement: int = 0) -> Windows:
+    """Calibration windows and that many of each held-out set (None for none), all disjoint."""
+    c = calibration
+
+    def held(count: int, skip: int) -> torch.Tensor | None:
+        return held_out_windows(tokens, count, c.samples, c.sequence_length, c.seed, c.max_tokens,
+                                skip) if count else None
+
+    return Windows(sample_windows(tokens, c.samples, c.sequence_length, c.seed, c.max_tokens),
+                   held(validation, 0), held(training, validation), held(measurement, validation + training))
+
+
 def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, tokenizer: Any,
-                calibration: CalibrationConfig, validation: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The calibration windows of a ``compress`` call and ``validation`` held-out windows of the
-    same text (None for none): ``dataset`` itself when it is a (windows × tokens) tensor of ids
-    (no validation windows: the caller gives them), else drawn from its text as ``calibration``
-    says (with ``tokenizer``, default: the model's own)."""
+                calibration: CalibrationConfig, validation: int = 0, training: int = 0) -> Windows:
+    """The calibration windows of a ``compress`` call and ``validation`` and ``training``
+    held-out windows of the same text: ``dataset`` itself when it is a (windows × tokens) tensor
+    of ids (no held-out windows: the caller gives them), else drawn from its text as
+    ``calibration`` says (with ``tokenizer``, default: the model's own)."""
     if isinstance(dataset, torch.Tensor):
-        return token_ids(dataset, "a tensor dataset"), None
+        return Windows(token_ids(dataset, "a tensor dataset"))
     if dataset is None:
         raise CalibrationError("compress needs calibration data: a text file/folder, a "
                                "datasets.Dataset, an iterable of strings, or a tensor of token ids")
@@ -157,11 +182,7 @@ def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, to
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    c = calibration
-    tokens = text_tokens(tokenizer, dataset)
-    windows = sample_windows(tokens, c.samples, c.sequence_length, c.seed, c.max_tokens)
-    held = held_out_windows(tokens, validation, c.samples, c.sequence_length, c.seed, c.max_tokens) if validation else None
-    return windows, held
+    return drawn_windows(text_tokens(tokenizer, dataset), calibration, validation, training)
 
 
 def token_ids(ids: torch.Tensor, what: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ from zsfw.compression.stages import run_stages
 from zsfw.compression.store import FactorStore
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
-from zsfw.errors import RecipeError
+from zsfw.errors import CalibrationError, RecipeError
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
 from zsfw.residency import compute_device, place, residency
 
@@ -46,15 +46,16 @@ log = logging.getLogger(__name__)
 
 def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike | torch.Tensor | None = None,
              output_dir: str | Path | None = None, tokenizer: Any = None, overwrite: bool = False,
-             statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None
-             ) -> tuple[nn.Module, Report]:
+             statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None,
+             training: torch.Tensor | None = None) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
     With ``output_dir`` it is saved there (an existing folder only with ``overwrite``); with
     ``statistics_cache`` statistics and factorizations are reused when model, data and settings match.
     A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
     calibration text), by default ``calibration.validation_samples`` windows drawn from ``dataset``'s
-    text apart from the calibration windows.
+    text apart from the calibration windows. A training stage (prehab) learns from ``training``
+    windows, by default ``calibration.training_samples`` drawn apart from both.
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
@@ -71,13 +72,16 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         place(model, compute_device(m.execution.device))
     report = Report(recipe=recipe.to_dict())
     with report.phase("calibration data"):
-        windows, drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows)
+        drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows, m.training_windows)
+        windows = drawn.calibration
         report.warnings += coverage_warnings(targets, windows)
         if m.validation_windows:
-            validation = _validation(validation, drawn, windows, m, report)
+            validation = _validation(validation, drawn.validation, windows, m, report)
+        if m.training_windows:
+            training = _training(training, drawn.training, m)
     if m.stages:
         with report.phase("stages"):
-            report.stages = run_stages(m.stages, model, targets, windows)
+            report.stages = run_stages(m.stages, model, targets, windows, training)
     driver = driver_for(m.execution, model, windows, m.calibration)
     every_component = getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
     store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache),
@@ -160,6 +164,16 @@ def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows:
                            "corrector judges its steps on its own gradient windows, which can overfit")
     log.warning(report.warnings[-1])
     return gradient_share(windows, m.calibration, (0, 1))
+
+
+def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier) -> torch.Tensor:
+    """The windows a training stage learns from: those given, else those drawn from the text."""
+    if given is not None:
+        return token_ids(given, "training")
+    if drawn is not None:
+        return drawn
+    raise CalibrationError(f"stages {[s.name for s in m.stages]} train on windows held out from calibration: "
+                           f"with a tensor dataset pass training= (windows × tokens), or calibrate on text")
 
 
 def _records(plan: AllocationPlan, storage: str) -> dict[str, ModuleRecord]:

@@ -1,0 +1,170 @@
+"""Low-Rank Prehab (Qin et al., arXiv 2512.01980): a few training steps that make the targets
+easier to truncate, before the statistics pass.
+
+Reconstructed from the authors' BERT/ViT code and the abstract (their LLaMA path is a stub; this
+is not their code for causal LMs). Each target's weight is reparametrised in its whitened
+coordinates, W = (W S + Δ) S⁻¹ with S Sᵀ = C (C from the calibration windows), and only the Δ are
+trained, with Adam, on
+
+    next-token loss on the training windows + λ_t · mean over targets of rank(W S + Δ)
+
+where ``rank`` is a surrogate: the stable rank ‖M‖_F² / ‖M‖_2² (‖M‖_2 by power iteration,
+warm-started across steps), or with ``surrogate: tail`` the share of M's energy beyond the rank
+the target keeps at ``ratio`` as bf16 factors (what truncation pays; the stable rank can also
+fall by raising σ₁). λ_t rises from ``lambda_init`` to ``lambda_max`` over the first ``warmup``
+steps. The training windows are held out from the calibration and validation windows. At the
+end Δ is folded into the weights (in float64); the pipeline's statistics pass then runs on the
+prehabbed model (the published code reuses the stale whitening: not here).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+import zsfw
+from zsfw.compression.linalg import whitening_factor
+from zsfw.compression.statistics import collect, next_token_loss
+
+SURROGATES = ("stable_rank", "tail")
+
+
+class _Whitened(nn.Module):
+    """The parametrization W ↦ W + Δ S⁻¹ (Δ trained, S fixed lower-triangular)."""
+
+    def __init__(self, S: torch.Tensor, out_features: int) -> None:
+        super().__init__()
+        self.register_buffer("S", S)
+        self.delta = nn.Parameter(torch.zeros(out_features, S.shape[0], dtype=S.dtype, device=S.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        shift = torch.linalg.solve_triangular(self.S, self.delta, upper=False, left=False)
+        return weight + shift.to(weight.dtype)
+
+
+@contextmanager
+def reparametrized(targets: dict[str, nn.Linear], whiteners: dict[str, torch.Tensor]
+                   ) -> Iterator[dict[str, nn.Parameter]]:
+    """Each target's weight as W + Δ S⁻¹ with a trainable Δ = 0 (the model is unchanged until Δ
+    moves); yields the Δ by target. On exit Δ S⁻¹ is folded into the weights in float64 and the
+    parametrizations are removed."""
+    whitened = {}
+    try:
+        for name, linear in targets.items():  # Δ in float64 for a float64 model, else fp32
+            S = whiteners[name].to(torch.promote_types(linear.weight.dtype, torch.float32))
+            whitened[name] = _Whitened(S, linear.out_features)
+            parametrize.register_parametrization(linear, "weight", whitened[name], unsafe=True)
+        yield {name: w.delta for name, w in whitened.items()}
+    finally:
+        for name, w in whitened.items():
+            linear = targets[name]
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                S, delta = w.S.to(torch.float64), w.delta.detach().to(torch.float64)
+                shift = torch.linalg.solve_triangular(S, delta, upper=False, left=False)
+                linear.weight.copy_(linear.weight.to(torch.float64) + shift)
+
+
+class PrehabStage:
+    """Low-Rank Prehab: train the targets toward low rank before compression (reconstructed from the authors' BERT/ViT code)."""
+
+    name: ClassVar[str] = "prehab"
+    needs_training: ClassVar[bool] = True
+
+    def __init__(self, steps: int = 32, lr: float = 2e-5, lambda_init: float = 0.0, lambda_max: float = 1e-3,
+                 warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float = 1e-4,
+                 power_iterations: int = 2, seed: int = 0) -> None:
+        checks = [(steps >= 1, f"steps must be >= 1, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
+                  (0 <= lambda_init <= lambda_max, f"need 0 <= lambda_init <= lambda_max, got {lambda_init}, "
+                                                   f"{lambda_max}"),
+                  (warmup >= 0, f"warmup must be >= 0, got {warmup}"),
+                  (surrogate in SURROGATES, f"surrogate must be one of {list(SURROGATES)}, got {surrogate!r}"),
+                  (0 < ratio <= 1, f"ratio must be in (0, 1], got {ratio}"),
+                  (damping > 0, f"damping must be > 0, got {damping}"),
+                  (power_iterations >= 1, f"power_iterations must be >= 1, got {power_iterations}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.steps, self.lr, self.lambda_init, self.lambda_max = steps, lr, lambda_init, lambda_max
+        self.warmup, self.surrogate, self.ratio, self.damping = warmup, surrogate, ratio, damping
+        self.power_iterations, self.seed = power_iterations, seed
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+              training: torch.Tensor) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        probe = windows[:8].to(device)
+        before = _dense_loss(model, probe)
+        whiteners = self._whiteners(model, targets, windows)
+        weighted = {name: targets[name].weight.detach().to(whiteners[name]) @ whiteners[name] for name in targets}
+        generator = torch.Generator().manual_seed(self.seed)
+        vectors = {name: torch.randn(w.shape[1], generator=generator).to(w) for name, w in weighted.items()}
+        order = torch.randperm(training.shape[0], generator=generator).tolist()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        for p in trained:
+            p.requires_grad_(False)
+        history = []
+        try:
+            with reparametrized(targets, whiteners) as deltas:
+                optimizer = torch.optim.Adam(deltas.values(), lr=self.lr)
+                for step in tqdm(range(1, self.steps + 1), desc="prehab", unit="step"):
+                    window = training[order[(step - 1) % len(order)]][None].to(device)
+                    lm = next_token_loss(model, window)
+                    rank = torch.stack([self._surrogate(weighted[n] + deltas[n].to(weighted[n]), vectors, n)
+                                        for n in deltas]).mean()
+                    lam = self.lambda_max if step > self.warmup else (
+                        self.lambda_init + (self.lambda_max - self.lambda_init) * step / max(1, self.warmup))
+                    optimizer.zero_grad(set_to_none=True)
+                    (lm + lam * rank).backward()
+                    optimizer.step()
+                    history.append((lm.item(), rank.item()))
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
+        after = _dense_loss(model, probe)
+        return {"steps": self.steps, "training_loss": [history[0][0], history[-1][0]],
+                "surrogate": [history[0][1], history[-1][1]], "dense_calibration_loss": [before, after],
+                "dense_calibration_ppl": [math.exp(before), math.exp(after)]}
+
+    def _whiteners(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+        """Each target's S (fp32; float64 for a float64 model) from C of the calibration windows
+        (forward only, one per input group)."""
+        stats = collect(model, targets, windows, moments=True, gradients=False, desc="prehab whitening")
+        out = {}
+        for group, members in stats.groups.items():
+            S = whitening_factor(stats.covariances.pop(group), self.damping).S
+            S = S.to(torch.promote_types(targets[members[0]].weight.dtype, torch.float32))
+            out.update({name: S for name in members})
+        return out
+
+    def _surrogate(self, M: torch.Tensor, vectors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """The rank surrogate of M = W S + Δ (differentiable in Δ)."""
+        energy = (M * M).sum()
+        if self.surrogate == "tail":
+            m, n = M.shape
+            keep = max(1, int(self.ratio * m * n / (m + n)))
+            sigma = torch.linalg.svdvals(M)
+            return (sigma[keep:] ** 2).sum() / energy
+        with torch.no_grad():  # power iteration, warm-started from the last step's vector
+            v = vectors[name]
+            for _ in range(self.power_iterations):
+                v = M.mT @ (M @ v)
+                v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+            vectors[name] = v
+        return energy / (M @ v).square().sum()
+
+
+def _dense_loss(model: nn.Module, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(next_token_loss(model, windows))
+
+
+@zsfw.hookimpl
+def zsfw_register_stages(register) -> None:
+    register(PrehabStage)

@@ -1,0 +1,101 @@
+"""Low-Rank Prehab: the reparametrisation is exact at Δ = 0, folding keeps the forward, a few steps
+lower the rank surrogate, training windows stay apart, and statistics see the prehabbed model."""
+
+import copy
+
+import pytest
+import torch
+
+import zsfw
+from helpers import patterned_windows, recipe
+from zsfw import plugins
+from zsfw.compression.targets import find_targets
+from zsfw.errors import CalibrationError
+from zsfw_prehab import PrehabStage, reparametrized
+
+
+def _logits(model, windows):
+    with torch.no_grad():
+        return model(input_ids=windows).logits
+
+
+def _whiteners(model, targets, windows):
+    return PrehabStage()._whiteners(model, targets, windows)
+
+
+def test_the_reparametrised_model_is_the_original_at_zero_and_folding_keeps_its_forward(llama, windows):
+    model = copy.deepcopy(llama).double()
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    whiteners = _whiteners(model, targets, windows[:4])
+    original = _logits(model, windows[:2])
+    g = torch.Generator().manual_seed(0)
+    with reparametrized(targets, whiteners) as deltas:
+        assert (_logits(model, windows[:2]) - original).abs().max() <= 1e-12 * original.abs().max()
+        with torch.no_grad():
+            for delta in deltas.values():
+                delta.copy_(1e-2 * torch.randn(delta.shape, generator=g, dtype=delta.dtype))
+        moved = _logits(model, windows[:2])
+    assert not any(parametrize_left(m) for m in targets.values())
+    assert (moved - original).abs().max() > 1e-6  # Δ really changed the model
+    folded = _logits(model, windows[:2])
+    assert (folded - moved).abs().max() <= 1e-10 * moved.abs().max()
+
+
+def parametrize_left(module) -> bool:
+    return hasattr(module, "parametrizations")
+
+
+@pytest.mark.parametrize("surrogate, weight", [("stable_rank", 1.0), ("tail", 100.0)])  # tail: a share ≈ 0.01
+def test_a_few_steps_lower_the_surrogate(llama, windows, surrogate, weight):
+    model = copy.deepcopy(llama)
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    stage = PrehabStage(steps=6, lr=1e-3, lambda_init=weight, lambda_max=weight, warmup=0, surrogate=surrogate)
+    summary = stage.apply(model, targets, windows[:4], patterned_windows(4, seed=2))
+    first, last = summary["surrogate"]
+    assert last < first
+    assert all(p.requires_grad for p in model.parameters())  # the model's own flags come back
+
+
+def test_prehab_in_a_recipe_trains_on_held_out_windows_and_statistics_see_its_weights(llama, windows, monkeypatch):
+    from zsfw.compression import pipeline
+
+    seen = {}
+    apply = PrehabStage.apply
+
+    def spy(self, model, targets, calibration, training):
+        seen["training"] = training
+        summary = apply(self, model, targets, calibration, training)
+        seen["after"] = {n: t.weight.detach().clone() for n, t in targets.items()}
+        return summary
+
+    monkeypatch.setattr(PrehabStage, "apply", spy)
+    factor_store = pipeline.factor_store
+
+    def statistics_of(model, targets, *args, **kwargs):  # the weights the statistics pass runs on
+        seen.setdefault("statistics", {n: t.weight.detach().clone() for n, t in targets.items()})
+        return factor_store(model, targets, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "factor_store", statistics_of)
+    training = patterned_windows(4, seed=2)
+    prehab = {"name": "prehab", "steps": 3, "lr": 1e-3}
+    _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab]), windows, training=training)
+    assert torch.equal(seen["training"], training)
+    assert all(torch.equal(seen["statistics"][n], w) for n, w in seen["after"].items())
+    assert any(not torch.equal(w, dict(llama.named_modules())[n].weight) for n, w in seen["after"].items())
+    (stage,) = report.stages
+    assert stage["name"] == "prehab" and len(stage["summary"]["dense_calibration_ppl"]) == 2
+
+
+def test_prehab_with_a_tensor_dataset_needs_training_windows(llama, windows):
+    with pytest.raises(CalibrationError, match=r"\['prehab'\] train on windows held out"):
+        zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[{"name": "prehab", "steps": 1}]), windows)
+
+
+@pytest.mark.parametrize("options, message", [({"steps": 0}, "steps must be >= 1"),
+                                              ({"surrogate": "nuclear"}, "surrogate must be one of"),
+                                              ({"lambda_init": 1.0, "lambda_max": 0.1}, "lambda_init <= lambda_max")])
+def test_options_are_checked(options, message):
+    from zsfw.errors import PluginError
+
+    with pytest.raises(PluginError, match=message):
+        plugins.create("stage", "prehab", options)
