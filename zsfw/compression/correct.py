@@ -41,10 +41,10 @@ class Correction:
     """The truncated model as a corrector sees it (implements ``CorrectionProblem``)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-                 store: FactorStore, driver: Driver, validation: torch.Tensor, gradient_windows: int,
+                 store: FactorStore, driver: Driver, validation: torch.Tensor,
                  storage: StorageFormat | None = None, planner: Planner | None = None) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
-        self.validation, self.gradient_windows = validation, gradient_windows
+        self.validation, self.gradient_windows = validation, driver.gradient_windows
         self.storage, self.planner = storage, planner
         self.layers = plan.lowrank()
         self.factors: Factors = {}

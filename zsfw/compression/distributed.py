@@ -63,9 +63,8 @@ class DistributedDriver:
     """A driver over this process's share of the windows whose statistics are summed across
     processes (see the module docstring)."""
 
-    def __init__(self, inner, windows: torch.Tensor, n_grad: int) -> None:
-        self.inner, self.windows, self.n_grad = inner, windows, n_grad
-        self.gradient_windows = n_grad
+    def __init__(self, inner, windows: torch.Tensor, gradient_windows: int) -> None:
+        self.inner, self.windows, self.gradient_windows = inner, windows, gradient_windows
         self.groups: list[tuple[str, list[str], int]] = []  # every group, its members and owner
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> "_DistributedPass":
@@ -108,7 +107,7 @@ class _DistributedPass:
         load = [0.0] * world
         d.groups.clear()
         total_tokens = None
-        total_grad, local_grad = d.n_grad * (length - 1), d.inner.calibration.gradient_samples * (length - 1)
+        total_grad, local_grad = d.gradient_windows * (length - 1), d.inner.calibration.gradient_samples * (length - 1)
         for group in self.inner:
             if total_tokens is None:  # the share's token count is known once its first group is out
                 total_tokens = _summed(self.inner.tokens)

@@ -103,8 +103,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             return again, allocate(allocator, m.allocator.name, m.ratio, storage, again, targets, driver,
                                    validation)
 
-        correction = corrector and Correction(model, targets, plan, store, driver, validation,
-                                                driver.gradient_windows, storage, replan)
+        correction = corrector and Correction(model, targets, plan, store, driver, validation, storage, replan)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, storage, correction, writer)
         notes = store.notes
