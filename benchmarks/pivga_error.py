@@ -1,7 +1,7 @@
 """PivGa's rounding error next to plain bf16 factors and to the truncation error, per layer.
 
 For every target of SmolLM2-135M-Instruct, from the reference protocol's cached factorization
-(``correction_sweep.py`` or ``reference.py`` with ``--cache`` fills it): the layer's top k
+(``sweep.py`` or ``reference.py`` with ``--cache`` fills it): the layer's top k
 components at k = ratio × its bf16 break-even rank mn/(m+n), stored as plain bf16 factors and as
 pivga (bf16); the relative error of each in the whitened norm ‖(Ŵ − W_k) S‖ / ‖W_k S‖, next to
 the truncation error ‖(W − W_k) S‖ / ‖W S‖ at the same k; and the time ``PivGaLinear.from_factors``
@@ -38,7 +38,7 @@ def main() -> None:
 
     folders = sorted(args.cache.glob("factors-*"))
     if not folders:
-        sys.exit(f"no factorization under {args.cache}: run benchmarks/correction_sweep.py --cache {args.cache} first")
+        sys.exit(f"no factorization under {args.cache}: run benchmarks/sweep.py --cache {args.cache} first")
     folder = folders[0]
     with safe_open(folder / "index.safetensors", framework="pt") as f:
         whitener_of = json.loads(f.metadata()["whitener_of"])

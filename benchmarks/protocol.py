@@ -33,6 +33,7 @@ DEFAULT_REFERENCE_TEXT = REPO.parent / "shared" / "anchor" / "wiki.txt"
 REFERENCE_MD5 = "c259830c7bd518798290e140d45d27ea"  # SmolLM2-135M-Instruct's tokenizer
 CUT, CAL_LEN, CAL_N, EVAL_LEN, EVAL_N, SEED = 400_000, 512, 32, 2048, 8, 3
 VAL_N, VAL_SEED = 8, 4  # validation windows: zsfw's addition, not the authors' protocol
+TRAIN_N = 8  # training windows of a training stage (prehab): zsfw's addition too
 CALIBRATION = {"samples": CAL_N, "sequence_length": CAL_LEN, "seed": 0, "max_tokens": CUT}
 """zsfw's own protocol as a recipe's calibration block: the windows ``zsfw_windows`` draws."""
 
@@ -45,6 +46,7 @@ class Windows:
     evaluation: torch.Tensor
     md5: str
     validation: torch.Tensor | None = None  # held out from the calibration region, for correctors
+    training: torch.Tensor | None = None  # held out from calibration and validation, for training stages
 
 
 def ids_md5(ids: torch.Tensor) -> str:
@@ -68,20 +70,27 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
     evaluation = torch.tensor([ids[w * EVAL_LEN:(w + 1) * EVAL_LEN] for w in range(full - EVAL_N, full)],
                               dtype=torch.long)
     md5 = ids_md5(calibration)
-    validation = torch.tensor([ids[s:s + CAL_LEN] for s in validation_starts(starts, validation_seed)], dtype=torch.long)
+    held_out = held_out_starts(starts, validation_seed)
+    validation, training = (torch.tensor([ids[s:s + CAL_LEN] for s in chosen], dtype=torch.long)
+                            for chosen in (held_out[:VAL_N], held_out[VAL_N:]))
     if check_md5 and md5 != REFERENCE_MD5:
         raise SystemExit(f"calibration ids md5 {md5} != the reference {REFERENCE_MD5}: not the "
                          f"reference tokens (another text or tokenizer); no comparison possible")
-    return Windows(calibration, evaluation, md5, validation)
+    return Windows(calibration, evaluation, md5, validation, training)
 
 
-def validation_starts(calibration_starts: list[int], seed: int = VAL_SEED) -> list[int]:
-    """``VAL_N`` starts of 512-token windows in the first 400K tokens that overlap no calibration
-    window nor each other (a seeded draw of the aligned chunks that miss them all): what a
-    corrector judges its steps on, never the evaluation windows."""
+def held_out_starts(calibration_starts: list[int], seed: int = VAL_SEED) -> list[int]:
+    """``VAL_N`` + ``TRAIN_N`` starts of 512-token windows in the first 400K tokens that overlap no
+    calibration window nor each other (a seeded draw of the aligned chunks that miss them all): the
+    first ``VAL_N`` (sorted) are the validation windows a corrector judges its steps on, the rest
+    (sorted) the training windows of a training stage; never the evaluation windows. The validation
+    draw is the same as before training windows were added."""
     free = [c * CAL_LEN for c in range(CUT // CAL_LEN)
             if all(c * CAL_LEN + CAL_LEN <= s or s + CAL_LEN <= c * CAL_LEN for s in calibration_starts)]
-    return sorted(random.Random(seed).sample(free, VAL_N))
+    rng = random.Random(seed)
+    validation = rng.sample(free, VAL_N)
+    training = rng.sample([f for f in free if f not in validation], TRAIN_N)
+    return sorted(validation) + sorted(training)
 
 
 def zsfw_windows(tokenizer, samples: int = CAL_N) -> Windows:

@@ -223,7 +223,7 @@ def test_factor_gradients_are_the_dense_gradient_through_the_product(llama, wind
 
     checked = []
 
-    def correct(corrector, problem, storage):
+    def correct(corrector, problem):
         loss, dense = problem.gradients((1, 2))
         factored_loss, factored = problem.factor_gradients((1, 2))
         assert factored_loss == pytest.approx(loss, rel=1e-6)
@@ -262,3 +262,11 @@ def test_cosine_schedule_runs_from_the_full_rate_to_zero():
     assert SCHEDULES["cosine"](0, 40) == 1.0 and SCHEDULES["cosine"](20, 40) == pytest.approx(0.5)
     assert SCHEDULES["cosine"](40, 40) == pytest.approx(0.0, abs=1e-12)
     assert SCHEDULES["constant"](39, 40) == 1.0
+
+
+@pytest.mark.parametrize("corrector", [{"name": "refine", "steps": 2}, {"name": "projected_gradient"}])
+def test_a_plan_with_every_layer_dense_has_nothing_to_correct(llama, windows, corrector):
+    model, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.9, storage="int8", corrector=corrector),
+                                  windows)  # int8 dense layers cost about half: all stay dense
+    assert all(layer.dense for layer in report.layers)
+    assert report.correction_result == {} and report.correction_losses == []

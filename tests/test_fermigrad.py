@@ -94,13 +94,28 @@ def test_a_short_run_keeps_the_budget_and_measures_its_states_on_validation_wind
     allocator = {"name": "fermigrad", "steps": 4, "validate_every": 2, "lr": 0.05}
     model, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, allocator=allocator), windows,
                                   validation=validation)
-    assert len(judged) == 3 and all(torch.equal(v, validation) for v in judged)  # steps 2 and 4, the read-off
+    # the initial plan, the read-offs at steps 2 and 4, the soft model at the best state
+    assert len(judged) == 4 and all(torch.equal(v, validation) for v in judged)
     summary = report.allocation
-    assert summary["best_step"] in (2, 4) and summary["hard_minus_soft"] == pytest.approx(
+    assert summary["best_step"] in (0, 2, 4) and summary["hard_minus_soft"] == pytest.approx(
         summary["hard_validation_loss"] - summary["soft_validation_loss"])
     assert "allocation: steps 4" in report.table()
     assert stored_bytes(model, report) == report.total_bytes <= report.budget_bytes
     assert report.total_bytes > 0.95 * report.budget_bytes  # the read-off spends the budget
+
+
+def test_when_every_read_off_is_worse_the_initial_plan_is_kept(llama, windows, monkeypatch):
+    from zsfw.compression.allocate import SoftTruncation
+
+    calls = []
+    monkeypatch.setattr(SoftTruncation, "validation_loss", lambda self, f: calls.append(1) or float(len(calls) > 1))
+    validation = patterned_windows(4, seed=1)
+    _, zero_sum = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
+    allocator = {"name": "fermigrad", "steps": 4, "validate_every": 2, "lr": 0.2}
+    _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, allocator=allocator), windows,
+                              validation=validation)
+    assert report.allocation["best_step"] == 0 and report.allocation["initial_validation_loss"] == 0.0
+    assert [(l.name, l.rank) for l in report.layers] == [(l.name, l.rank) for l in zero_sum.layers]
 
 
 @pytest.mark.parametrize("options, message", [({"steps": -1}, "steps must be >= 0"),

@@ -87,7 +87,8 @@ def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
         generate(llama, tokenizer, " ".join(["w1"] * 20), max_new_tokens=2, buckets=(8, 16))
 
 
-@pytest.mark.parametrize("storage", ["bf16", "int8", "pivga"])
+@pytest.mark.parametrize("storage", ["bf16", "int8", "pivga", ["bf16", "pivga", "int8", "packed"]],
+                         ids=["bf16", "int8", "pivga", "auto"])
 def test_pt2_package_runs_without_zsfw_and_gives_the_same_logits(qwen2, windows, tokenizer, storage, tmp_path):
     from zsfw.serve.export import export
 

@@ -56,16 +56,23 @@ def useful_rank(storage: StorageFormat, out_features: int, in_features: int, bia
 
 
 class ByteBudget:
-    """The global byte budget every allocator spends, priced by one storage format.
+    """The global byte budget every allocator spends, each layer priced by its storage format:
+    ``storage``, or the layer's entry in ``formats`` (a per-layer choice, see ``FormatChooser``).
 
     A layer costs the cheaper of its low-rank and dense forms: a layer whose low-rank cost
     would not beat its dense cost stays dense.
     """
 
-    def __init__(self, layers: Sequence[LayerScores], ratio: float, storage: StorageFormat) -> None:
+    def __init__(self, layers: Sequence[LayerScores], ratio: float, storage: StorageFormat,
+                 formats: Mapping[str, StorageFormat] | None = None) -> None:
         self.storage = storage
+        self.formats = dict(formats or {})
         self.original = sum(self.reference_bytes(l) for l in layers)
         self.limit = int(ratio * self.original)
+
+    def format(self, layer: LayerScores) -> StorageFormat:
+        """The storage format that holds ``layer``."""
+        return self.formats.get(layer.name, self.storage)
 
     @staticmethod
     def reference_bytes(layer: LayerScores) -> int:
@@ -74,14 +81,15 @@ class ByteBudget:
         return (layer.out_features * layer.in_features + bias) * REFERENCE_BYTES_PER_WEIGHT
 
     def cost(self, layer: LayerScores, rank: int) -> int:
-        dense = self.storage.dense_bytes(layer.out_features, layer.in_features, layer.has_bias)
+        storage = self.format(layer)
+        dense = storage.dense_bytes(layer.out_features, layer.in_features, layer.has_bias)
         if rank >= layer.full_rank:
             return dense
-        low = self.storage.lowrank_bytes(layer.out_features, layer.in_features, rank, layer.has_bias)
+        low = storage.lowrank_bytes(layer.out_features, layer.in_features, rank, layer.has_bias)
         return min(low, dense)
 
     def is_dense(self, layer: LayerScores, rank: int) -> bool:
-        return rank >= layer.full_rank or self.cost(layer, rank) == self.storage.dense_bytes(
+        return rank >= layer.full_rank or self.cost(layer, rank) == self.format(layer).dense_bytes(
             layer.out_features, layer.in_features, layer.has_bias
         )
 
@@ -148,6 +156,10 @@ class AllocationPlan(Mapping[str, Allocation]):
 
     def cost(self, name: str) -> int:
         return self.budget.cost(self.layers[name], rank_of(self._kept[name]))
+
+    def format(self, name: str) -> StorageFormat:
+        """The storage format layer ``name`` is stored in."""
+        return self.budget.format(self.layers[name])
 
     def total_bytes(self) -> int:
         return sum(self.cost(name) for name in self._kept)

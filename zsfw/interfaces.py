@@ -5,7 +5,8 @@ scorer     LayerSpectrum -> one score per singular component (the cost of droppi
 allocator  list[LayerScores] + ByteBudget -> AllocationPlan (what each layer keeps);
            a model-aware allocator gets an AllocationProblem instead
 corrector  CorrectionProblem -> adjusts the truncated weights in place
-storage    byte cost of a layer, the module that holds it, and its empty skeleton for loading
+storage    byte cost of a layer, the module that holds it, and its empty skeleton for loading;
+           a format chooser (``storage: auto``) picks one of its member formats per layer
 """
 
 from __future__ import annotations
@@ -67,6 +68,35 @@ class StorageFormat(Protocol):
         of ``lowrank_module`` (rank given) or ``dense_module`` (rank None) saves; loading fills
         it with ``load_state_dict(..., assign=True)``."""
         ...
+
+
+class LayerFactors(Protocol):
+    """What a format chooser may read of each layer: its whitened-SVD factors and whitening."""
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """B = U Σ^½ (out×r) and A = Σ^½ Vᵀ S⁻¹ (r×in), float64, of every component kept for
+        truncation (B[:, :k] @ A[:k] is the rank-k truncation)."""
+        ...
+
+    def whitener(self, name: str) -> torch.Tensor | None:
+        """S (C = S Sᵀ), float64, or None when the layer was not whitened."""
+        ...
+
+    def bias(self, name: str) -> torch.Tensor | None: ...
+
+
+class FormatChooser(Protocol):
+    """A storage plugin that stores each layer in one of its ``members`` (``storage: auto``).
+
+    After scoring, ``choose`` picks each layer's member format; the allocator then spends the
+    budget with every layer priced by its own format, and truncation, correction, the report
+    and the checkpoint's module records follow the choice."""
+
+    name: ClassVar[str]
+    members: Mapping[str, StorageFormat]
+
+    def choose(self, layers: Sequence[LayerScores], ratio: float, factors: LayerFactors
+               ) -> dict[str, StorageFormat]: ...
 
 
 class Scorer(Protocol):

@@ -219,3 +219,11 @@ def create(kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
         return cls(**(options or {}))
     except (TypeError, ValueError) as exc:
         raise PluginError(f"{kind} {name!r} rejected its options {options}: {exc}") from exc
+
+
+def storage_format(spec: Any) -> Any:
+    """A storage format from a recipe's spelling of one: a name, or ``{name, <options>}``."""
+    from zsfw.recipe import PluginSpec
+
+    spec = PluginSpec.model_validate(spec)
+    return create("storage", spec.name, spec.options)

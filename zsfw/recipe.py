@@ -10,7 +10,7 @@
           allocator: zero_sum
           stages: []                 # pre-compression stages, e.g. [{name: prehab, ...}]
           corrector: null            # e.g. {name: projected_gradient, cycles: 5}
-          storage: bf16
+          storage: bf16              # or a list, e.g. [bf16, pivga, int8]: a format chosen per layer
           calibration: {samples: 32, sequence_length: 512}
 
 ``load_recipe`` takes a path, a YAML string, a dict or a ``Recipe`` and validates it; every error
@@ -165,6 +165,12 @@ class ZeroSumSVDModifier(BaseModel):
 
         training = any(getattr(plugins.component("stage", s.name).cls, "needs_training", False) for s in self.stages)
         return self.calibration.training_samples if training else 0
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _format_list(cls, value: Any) -> Any:
+        """``storage: [bf16, pivga, …]`` is ``{name: auto, formats: [bf16, pivga, …]}``."""
+        return {"name": "auto", "formats": value} if isinstance(value, list) else value
 
     @field_validator("targets", "ignore")
     @classmethod

@@ -14,15 +14,16 @@ every step by one common shift of all μ_l (bisection): no penalty weight to tun
 forward/backward of the soft model gives ∂loss/∂f (``AllocationProblem.soft_gradients``), hence
 ∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l; Adam moves μ (its step in units of
 ``lr`` × the layer's full rank). T anneals geometrically from ``temperature`` × full rank to
-``final_temperature``. Every ``validate_every`` steps the soft model's validation loss is
-measured and the best state kept; the hard ranks are then read off (k_l = #{f > ½}) and
-repaired to the exact budget by dropping, one at a time, the frontier component whose
-first-order score is smallest.
+``final_temperature``. Every ``validate_every`` steps the hard ranks are read off (k_l = round(μ_l),
+the components with f > ½ as T → 0), repaired to the exact budget by dropping, one at a time, the
+frontier component whose first-order score is smallest, and that plan's validation loss measured:
+the best plan, the initial one included, is the result, so FermiGrad is never worse than its
+starting allocation on the validation windows. The report gives the best plan's (hard) validation
+loss, the soft model's at that state and the gap.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -62,7 +63,8 @@ class FermiGradAllocator:
         full = torch.tensor([l.full_rank for l in layers], dtype=torch.float64)
         marginal = [torch.tensor([budget.cost(l, i + 1) - budget.cost(l, i) for i in range(l.full_rank)],
                                  dtype=torch.float64) for l in layers]
-        mu = torch.tensor(self._initial(layers, budget), dtype=torch.float64)
+        initial = self._initial(layers, budget)
+        mu = torch.tensor([initial.rank(l.name) for l in layers], dtype=torch.float64)
         start_T = self.temperature * full
         T = start_T.clone()
         mu = hold_budget(mu, T, marginal, budget.limit, full)
@@ -71,7 +73,8 @@ class FermiGradAllocator:
         parts = max(1, problem.gradient_windows // self.windows_per_step)
         order = torch.randperm(parts, generator=torch.Generator().manual_seed(self.seed)).tolist()
         adam_m, adam_v = torch.zeros_like(mu), torch.zeros_like(mu)
-        best = (math.inf, mu.clone(), 0)
+        start_loss = self._hard_loss(problem, layers, initial)
+        best = (start_loss, initial, 0, mu.clone(), T.clone())  # the initial plan is a candidate too
         for step in range(1, self.steps + 1):
             progress = (step - 1) / max(1, self.steps - 1)
             T = start_T * (self.final_temperature / start_T) ** progress
@@ -81,24 +84,31 @@ class FermiGradAllocator:
             update = (adam_m / (1 - 0.9 ** step)) / ((adam_v / (1 - 0.999 ** step)).sqrt() + 1e-12)
             mu = hold_budget(mu - self.lr * full * update, T, marginal, budget.limit, full)
             if step % self.validate_every == 0 or step == self.steps:
-                value = problem.validation_loss(self._named(layers, occupations(mu, T, full)))
+                plan = self._read_off(layers, budget, mu)
+                value = self._hard_loss(problem, layers, plan)
                 self.history.append({"step": step, "calibration_loss": loss, "validation_loss": value,
                                      "temperature": float(T.mean())})
                 if value < best[0]:
-                    best = (value, mu.clone(), step)
-        plan = self._read_off(layers, budget, best[1])
-        hard = {l.name: (torch.arange(l.full_rank) < plan.rank(l.name)).to(torch.float64) for l in layers}
-        hard_loss = problem.validation_loss(hard)
-        self.summary = {"steps": self.steps, "best_step": best[2], "soft_validation_loss": best[0],
-                        "hard_validation_loss": hard_loss, "hard_minus_soft": hard_loss - best[0]}
+                    best = (value, plan, step, mu.clone(), T.clone())
+        hard_loss, plan, best_step, best_mu, best_T = best
+        soft_loss = problem.validation_loss(self._named(layers, occupations(best_mu, best_T, full)))
+        self.summary = {"steps": self.steps, "best_step": best_step, "initial_validation_loss": start_loss,
+                        "soft_validation_loss": soft_loss, "hard_validation_loss": hard_loss,
+                        "hard_minus_soft": hard_loss - soft_loss}
         return plan
 
-    def _initial(self, layers, budget) -> list[int]:
-        """The starting ranks: zero_sum's plan or the uniform rank (dense layers at full rank)."""
+    def _initial(self, layers, budget) -> AllocationPlan:
+        """The starting plan: zero_sum's, or the uniform rank of every layer."""
         if self.initial == "uniform":
-            return [budget.uniform_rank(l) for l in layers]
-        plan = zsfw.plugins.create("allocator", "zero_sum").allocate(layers, budget)
-        return [plan.rank(l.name) for l in layers]
+            return AllocationPlan(layers, budget, {l.name: budget.uniform_rank(l) for l in layers})
+        return zsfw.plugins.create("allocator", "zero_sum").allocate(layers, budget)
+
+    @staticmethod
+    def _hard_loss(problem, layers, plan: AllocationPlan) -> float:
+        """Validation loss of ``plan``'s truncation (what would be shipped), through the soft model
+        with 0/1 occupations."""
+        return problem.validation_loss({l.name: (torch.arange(l.full_rank) < plan.rank(l.name)).to(torch.float64)
+                                        for l in layers})
 
     @staticmethod
     def _named(layers, f: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -59,9 +59,17 @@ class ZsfwConfig(QuantizationConfigMixin):
         return {name: ModuleRecord.from_dict(name, row) for name, row in self.modules.items()}
 
     def storage_format(self, name: str, record: ModuleRecord):
-        """The installed storage format plugin module ``name`` needs, or an error naming both."""
+        """The installed storage format plugin module ``name`` needs, or an error naming both: the
+        recorded storage itself, or the member of that name of a format chooser (``auto``)."""
         try:
-            return plugins.create("storage", record.format, self.storage.get("options") or {})
+            if self.storage.get("name", record.format) == record.format:
+                return plugins.create("storage", record.format, self.storage.get("options") or {})
+            members = getattr(plugins.create("storage", self.storage["name"], self.storage.get("options") or {}),
+                              "members", {})
+            if record.format not in members:
+                raise CheckpointError(f"module {name!r} is stored as {record.format!r}, which storage "
+                                      f"{self.storage['name']!r} does not hold (it holds {sorted(members)})")
+            return members[record.format]
         except PluginError as e:
             raise CheckpointError(f"module {name!r} is stored as {record.format!r}, but {e}") from None
 

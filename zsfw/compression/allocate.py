@@ -3,7 +3,8 @@
 A plain allocator gets ``(layers, budget)``; one that declares ``needs_model = True`` gets an
 ``AllocationProblem`` that can also evaluate the soft-truncated model through the driver. Either
 way the result becomes an ``AllocationPlan``, checked against the layers and the budget here, so
-an invalid plan is an error naming the allocator before anything is truncated.
+an invalid plan is an error naming the allocator before anything is truncated. A format chooser
+(``storage: auto``) first picks each layer's storage format, which then prices it in the budget.
 """
 
 from __future__ import annotations
@@ -20,6 +21,25 @@ from zsfw.compression.driver import Driver
 from zsfw.compression.store import FactorStore
 from zsfw.errors import AllocationError
 from zsfw.interfaces import LayerScores, StorageFormat
+
+
+class StoredFactors:
+    """The ``LayerFactors`` a format chooser reads: the factor store's B, A and S, the targets' biases."""
+
+    def __init__(self, store: FactorStore, targets: dict[str, nn.Linear]) -> None:
+        self.store, self.targets = store, targets
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        B, A = self.store.factors(name, torch.device("cpu"))
+        return B.to(torch.float64), A.to(torch.float64)
+
+    def whitener(self, name: str) -> torch.Tensor | None:
+        S = self.store.whitener(name, torch.device("cpu"))
+        return None if S is None else S.to(torch.float64)
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        bias = self.targets[name].bias
+        return None if bias is None else bias.detach().cpu()
 
 
 class SoftTruncation:
@@ -76,9 +96,11 @@ def allocate(allocator: Any, name: str, ratio: float, storage: StorageFormat, st
              ) -> AllocationPlan:
     """Run ``allocator`` (registered as ``name``) on the stored layers, in target order, under the
     budget of ``ratio`` priced by ``storage``; returns its plan, checked. A model-aware
-    allocator judges its states on the ``validation`` windows."""
+    allocator judges its states on the ``validation`` windows; a format chooser ``storage`` picks
+    each layer's format first."""
     layers = [store.layers[target] for target in targets]
-    budget = ByteBudget(layers, ratio, storage)
+    formats = storage.choose(layers, ratio, StoredFactors(store, targets)) if chooses_formats(storage) else None
+    budget = ByteBudget(layers, ratio, storage, formats)
     try:
         if getattr(allocator, "needs_model", False):
             result = allocator.allocate(SoftTruncation(layers, budget, store, targets, driver, validation))
@@ -92,3 +114,8 @@ def allocate(allocator: Any, name: str, ratio: float, storage: StorageFormat, st
     except AllocationError as exc:
         raise AllocationError(f"allocator {name!r}: {exc}") from None
     return plan
+
+
+def chooses_formats(storage: Any) -> bool:
+    """Whether ``storage`` is a format chooser (``storage: auto``) rather than one format."""
+    return callable(getattr(storage, "choose", None))

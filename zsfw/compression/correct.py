@@ -27,7 +27,7 @@ from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.store import FactorStore
 from zsfw.compression.truncate import kept_factors
-from zsfw.interfaces import Corrector, StorageFormat
+from zsfw.interfaces import Corrector
 from zsfw.modules import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,10 @@ class Correction:
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
                  store: FactorStore, driver: Driver, validation: torch.Tensor,
-                 storage: StorageFormat | None = None, planner: Planner | None = None) -> None:
+                 planner: Planner | None = None) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
         self.validation, self.gradient_windows = validation, driver.gradient_windows
-        self.storage, self.planner = storage, planner
+        self.planner = planner
         self.layers = plan.lowrank()
         self.factors: Factors = {}
         self.originals: dict[str, torch.Tensor] = {}
@@ -118,14 +118,14 @@ class Correction:
             self.install(name, *kept_factors(store, name, plan[name], self.targets[name].weight.device))
 
     def _adopt(self, plan: AllocationPlan, store: FactorStore) -> None:
-        """Make ``plan`` current: its dense layers get their original weights in the storage
+        """Make ``plan`` current: its dense layers get their original weights in their storage
         format's dense module, its low-rank layers their dense ``nn.Linear`` (factors to install)."""
         for name, linear in self.targets.items():
             if plan.is_dense(name):
                 if name in self.originals:
                     with torch.no_grad():
                         linear.weight.copy_(self.originals[name])
-                self.model.set_submodule(name, self.storage.dense_module(linear))
+                self.model.set_submodule(name, plan.format(name).dense_module(linear))
             else:
                 self.model.set_submodule(name, linear)
         self.plan, self.store, self.layers, self.factors = plan, store, plan.lowrank(), {}
@@ -154,9 +154,14 @@ class Correction:
         self.history.append(entry)
 
 
-def correct(corrector: Corrector, problem: Correction, storage: StorageFormat) -> list[float]:
+def correct(corrector: Corrector, problem: Correction) -> list[float]:
     """Run ``corrector``, keep its result only if it is no worse than the one-shot truncation on
-    the validation windows, then build the low-rank modules; returns its calibration losses."""
+    the validation windows, then build the low-rank modules (each in the plan's format for it);
+    returns its calibration losses. A plan without low-rank layers has nothing to correct."""
+    if not problem.layers:
+        log.info("every layer is dense: nothing for the corrector to do")
+        problem.close()
+        return []
     one_shot, before = problem.snapshot(), problem.validation_loss()
     try:
         losses = corrector.correct(problem)
@@ -168,7 +173,8 @@ def correct(corrector: Corrector, problem: Correction, storage: StorageFormat) -
         problem.result = {"result": "kept" if after <= before else "reverted to one-shot", "one_shot": before,
                           "final": min(after, before)}
         for name, (B, A) in problem.factors.items():
-            problem.model.set_submodule(name, storage.lowrank_module(B, A, problem.targets[name].bias))
+            problem.model.set_submodule(name, problem.plan.format(name).lowrank_module(
+                B, A, problem.targets[name].bias))
     finally:
         problem.close()
     return losses

@@ -24,7 +24,7 @@ from zsfw.checkpoint import save
 from zsfw.checkpoint.save import CheckpointWriter, expected_bytes
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import ModuleRecord
-from zsfw.compression.allocate import allocate
+from zsfw.compression.allocate import allocate, chooses_formats
 from zsfw.compression.cache import open_cache
 from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
 from zsfw.compression import distributed
@@ -83,9 +83,11 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows, training)
     driver = driver_for(m.execution, model, windows, m.calibration)
-    every_component = getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
+    every_component = (getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
+                       or chooses_formats(storage))  # which member format keeps the most is not known yet
     store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache),
-                                         report, None if every_component else storage, bool(corrector)))
+                                         report, None if every_component else storage,
+                                         bool(corrector) or chooses_formats(storage)))
     if store is None:  # a helper process under torchrun: process 0 takes it from here
         return model, report
     writer = None
@@ -94,27 +96,27 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         with report.phase("allocate"):
             plan = allocate(allocator, m.allocator.name, m.ratio, storage, store, targets, driver, validation)
             report.allocation = dict(getattr(allocator, "summary", {}))
-        model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan, m.storage.name))
+        model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan))
         if lazy:  # its layers are saved as they are truncated
             writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
 
         def replan() -> tuple[FactorStore, AllocationPlan]:  # what a re-planning corrector runs
-            again = factor_store(model, targets, windows, m, scorer, driver, None, Report(recipe={}), storage)
+            again = factor_store(model, targets, windows, m, scorer, driver, None, Report(recipe={}),
+                                 None if every_component else storage)
             return again, allocate(allocator, m.allocator.name, m.ratio, storage, again, targets, driver,
                                    validation)
 
-        correction = corrector and Correction(model, targets, plan, store, driver, validation, storage, replan)
+        correction = corrector and Correction(model, targets, plan, store, driver, validation, replan)
         with report.phase("truncate"):
-            truncate(model, targets, plan, store, storage, correction, writer)
+            truncate(model, targets, plan, store, correction, writer)
         notes = store.notes
         if corrector:
             with report.phase("correct"):
-                report.correction_losses = correct(corrector, correction, storage)
+                report.correction_losses = correct(corrector, correction)
                 report.correction_steps, report.correction_result = correction.history, correction.result
             if correction.plan is not plan:  # re-planned: the ranks (and the records) are new
                 plan, notes = correction.plan, correction.store.notes
-                model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(),
-                                                                    _records(plan, m.storage.name))
+                model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan))
         report.record_plan(plan, notes)
     except BaseException:
         if writer is not None:
@@ -175,8 +177,8 @@ def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSum
                            f"with a tensor dataset pass training= (windows × tokens), or calibrate on text")
 
 
-def _records(plan: AllocationPlan, storage: str) -> dict[str, ModuleRecord]:
-    return {name: ModuleRecord(storage, l.out_features, l.in_features,
+def _records(plan: AllocationPlan) -> dict[str, ModuleRecord]:
+    return {name: ModuleRecord(plan.format(name).name, l.out_features, l.in_features,
                                None if plan.is_dense(name) else plan.rank(name), l.has_bias)
             for name, l in plan.layers.items()}
 

@@ -6,6 +6,7 @@ import json
 import resource
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class LayerReport:
     whitened_error: float  # ‖W S − (W S)_k‖_F / ‖W S‖_F
     whitening: str = ""  # how S was obtained, when not a plain Cholesky at the requested damping
     written_bytes: int | None = None  # tensor bytes in the saved file, once saved
+    format: str = ""  # the storage format that holds it
 
     @property
     def kept(self) -> float:
@@ -69,6 +71,11 @@ class Report:
     def reference_bytes(self) -> int:
         return sum(l.reference_bytes for l in self.layers)
 
+    @property
+    def format_counts(self) -> dict[str, int]:
+        """How many layers each storage format holds."""
+        return dict(Counter(l.format for l in self.layers))
+
     def record_plan(self, plan: AllocationPlan, notes: dict[str, str]) -> None:
         """One row per layer of ``plan``, in plan order; ``notes``: how each S was obtained."""
         self.budget_bytes = plan.budget.limit
@@ -80,7 +87,7 @@ class Report:
                 reference_bytes=plan.budget.reference_bytes(layer),
                 predicted_delta_loss=0.0 if dense else layer.scores[plan.dropped(name)].sum().item(),
                 whitened_error=0.0 if dense else relative_tail_energy(layer.sigma, plan[name]),
-                whitening=notes.get(name, "")))
+                whitening=notes.get(name, ""), format=plan.format(name).name))
 
     def record_written(self, written: dict[str, int], files: dict[str, tuple[int, int]]) -> None:
         """Note the bytes a save wrote: per compressed module, and per file (size, header)."""
@@ -133,6 +140,7 @@ class Report:
             "kept": self.total_bytes / max(self.reference_bytes, 1),
             "predicted_delta_loss": sum(l.predicted_delta_loss for l in self.layers),
             "dense_layers": sum(l.dense for l in self.layers),
+            "formats": self.format_counts,
             "seconds": sum(self.timings.values()),
         }
         if self.files:
@@ -145,11 +153,14 @@ class Report:
 
     def table(self) -> str:
         """A plain-text table: one row per layer, then totals, timings and memory."""
-        head = f"{'module':<40} {'shape':>11} {'rank':>11} {'kept':>6} {'bytes':>10} {'ΔL sum':>10} {'w.err':>6}"
+        mixed = len(self.format_counts) > 1  # storage: auto: a format column
+        head = (f"{'module':<40} {'shape':>11} {'rank':>11} {'format ' if mixed else ''}"
+                f"{'kept':>6} {'bytes':>10} {'ΔL sum':>10} {'w.err':>6}")
         rows = [head, "-" * len(head)]
         for l in self.layers:
             rank = "dense" if l.dense else f"{l.rank}/{l.full_rank}"
-            rows.append(f"{l.name[-40:]:<40} {l.shape[0]:>5}x{l.shape[1]:<5} {rank:>11} "
+            fmt = f"{l.format:>6} " if mixed else ""
+            rows.append(f"{l.name[-40:]:<40} {l.shape[0]:>5}x{l.shape[1]:<5} {rank:>11} {fmt}"
                         f"{l.kept:>6.3f} {l.bytes:>10} {l.predicted_delta_loss:>10.3g} "
                         f"{l.whitened_error:>6.3f}{'  ' + l.whitening if l.whitening else ''}")
         t = self.to_dict()["totals"]
@@ -157,6 +168,8 @@ class Report:
                  f"total: {t['bytes']} bytes of {t['reference_bytes']} (kept {t['kept']:.3f}, "
                  f"budget {self.budget_bytes}), {t['dense_layers']} dense layer(s), "
                  f"predicted ΔL {t['predicted_delta_loss']:.4g}",
+                 *(["formats: " + ", ".join(f"{name} {count} layer(s)" for name, count in t["formats"].items())]
+                   if mixed else []),
                  f"calibration: {self.calibration_tokens} tokens, loss {self.calibration_loss:.4f}"
                  + (" (statistics and factors from the cache)" if self.factors_cached else
                     " (statistics from the cache)" if self.statistics_cached else "")

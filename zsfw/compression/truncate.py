@@ -1,6 +1,6 @@
-"""Truncate: every target becomes what the plan says, in the storage format's modules.
+"""Truncate: every target becomes what the plan says, in the modules of its storage format.
 
-A layer the plan keeps dense gets the format's dense module; a low-rank layer gets
+A layer the plan keeps dense gets its format's dense module; a low-rank layer gets
 B = U_k Σ_k^½ and A = Σ_k^½ V_kᵀ S⁻¹ of its kept components (read from the factor store), built
 into the format's low-rank module, or handed to the correction step (which builds the modules
 once it is done).
@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from zsfw.allocation import Allocation, AllocationPlan
 from zsfw.compression.store import FactorStore
 from zsfw.errors import AllocationError
-from zsfw.interfaces import StorageFormat
 from zsfw.residency import residency
 
 
@@ -33,8 +32,8 @@ def kept_factors(store: FactorStore, name: str, kept: Allocation,
 
 
 def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-             store: FactorStore, storage: StorageFormat, correction=None, writer=None) -> None:
-    """Replace every target of ``model`` as ``plan`` says; with ``correction`` (a
+             store: FactorStore, correction=None, writer=None) -> None:
+    """Replace every target of ``model`` as ``plan`` says, each in the plan's format for it; with ``correction`` (a
     ``zsfw.compression.correct.Correction``) low-rank layers go to it as dense rank-k weights.
 
     A lazily loaded model is truncated one decoder layer at a time, each written to ``writer``
@@ -47,13 +46,13 @@ def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPl
             linear = targets[name]
             new = linear
             if plan.is_dense(name):
-                new = storage.dense_module(linear)
+                new = plan.format(name).dense_module(linear)
             else:
                 B, A = kept_factors(store, name, plan[name], linear.weight.device)
                 if correction is not None:
                     correction.install(name, B, A)
                 else:
-                    new = storage.lowrank_module(B, A, linear.bias)
+                    new = plan.format(name).lowrank_module(B, A, linear.bias)
             if new is not linear:
                 model.set_submodule(name, new)
                 weights.retire(linear)  # its weights are not kept alive by ``targets``

@@ -1,0 +1,124 @@
+"""Stages, allocators, correctors and storage formats on the reference protocol, one configuration
+per process, from cached statistics.
+
+Each run compresses SmolLM2-135M-Instruct (fp32) with ``recipes/zero_sum_oneshot.yaml`` at ``--ratio``
+on the authors' 32×512 calibration windows, with ``--stages`` (a JSON list, e.g. prehab) before the
+statistics, ``--allocator`` (zero_sum by default), storage ``--storage`` (a name or a JSON object;
+bf16 by default) and ``--corrector`` (a JSON object: name and options). Validation windows (8) and
+training windows (8) are drawn with ``--seed`` from the first 400K tokens, apart from the
+calibration windows and each other. PPL is measured on the reference evaluation windows (last
+8×2048 of wiki.txt) and on zsfw's news text (8×2048: a text nothing was chosen on). Statistics and
+factorizations come from ``--cache`` after the first run with the same (possibly prehabbed)
+weights, so ``compress s`` may not include the calibration pass: the cell records every phase.
+Every run appends one JSON line to ``benchmarks/sweep.jsonl`` and rewrites the table of all of them
+in RESULTS.md.
+
+    python benchmarks/sweep.py --corrector '{"name": "refine", "lr": 1e-4}' --seed 4
+    python benchmarks/sweep.py --allocator '{"name": "fermigrad", "seed": 5}' --seed 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import protocol
+from results_md import write_section
+
+HERE = Path(__file__).resolve().parent
+LOG = HERE / "sweep.jsonl"
+
+
+def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
+        seed: int, cache: Path, text: Path, label: str) -> dict:
+    import torch
+
+    import zsfw
+    from zsfw.recipe import PluginSpec
+    from zsfw.memory import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()
+    model, tokenizer = protocol.load_default_model()
+    windows = protocol.reference_windows(tokenizer, text, validation_seed=seed)
+    recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum_oneshot.yaml")
+    recipe.modifier.ratio = ratio
+    recipe.modifier.storage = PluginSpec.model_validate(storage)
+    recipe.modifier.allocator = PluginSpec.model_validate(allocator)
+    recipe.modifier.stages = [PluginSpec.model_validate(stage) for stage in stages]
+    if corrector:
+        recipe.modifier.corrector = PluginSpec.model_validate(corrector)
+    start = time.perf_counter()
+    model, report = zsfw.compress(model, recipe, windows.calibration, statistics_cache=cache,
+                                  validation=windows.validation, training=windows.training)
+    cell = {"label": label, "ratio": ratio, "stages": stages, "allocator": allocator, "corrector": corrector,
+            "storage": storage, "seed": seed,
+            "compress_seconds": time.perf_counter() - start, "phases": report.timings,
+            "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=HERE).stdout.strip(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "correction_result": report.correction_result, "correction_steps": report.correction_steps,
+            "stage_reports": report.stages, "allocation": report.allocation,
+            "ranks": {layer.name: None if layer.dense else layer.rank for layer in report.layers},
+            "wiki_ppl": protocol.perplexity(model, windows.evaluation),
+            "news_ppl": protocol.perplexity(model, protocol.news_windows(tokenizer))}
+    return cell
+
+
+def configuration(cell: dict) -> str:
+    """What the run changed from the one-shot recipe (zero_sum, bf16, no stage, no corrector)."""
+    parts = [("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
+             ("storage", cell.get("storage", "bf16")), ("corrector", cell["corrector"])]
+    shown = [f"{what} `{json.dumps(value)}`" for what, value in parts
+             if value not in (None, "zero_sum", "bf16")]
+    return "; ".join(shown) or "one shot"
+
+
+def table(cells: list[dict]) -> str:
+    lines = ["## Stages, allocators, correctors and storage formats on the reference protocol "
+             "(`benchmarks/sweep.py`)", "",
+             "One run a row, in the order run; each row's machine, commit and date are in "
+             "`benchmarks/sweep.jsonl`. Seed: the validation and training windows' draw "
+             "(`protocol.held_out_starts`); a component's own `seed` is in its options. The seconds "
+             "are each run's stages + allocation + truncation + correction (validation passes included), "
+             "not the statistics pass (cached); runs may have shared the 2 cores with other work, so compare "
+             "seconds only where the text says they were measured alone.", "",
+             f"Machine (last run): {cells[-1]['machine']}.", "",
+             "| label | ratio | configuration | seed | wiki PPL | news PPL | val loss one-shot → final | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        r = c["correction_result"] or {}
+        val = f"{r['one_shot']:.4f} → {r['final']:.4f}" if r else ""
+        seconds = sum(c["phases"].get(phase, 0) for phase in ("stages", "allocate", "truncate", "correct"))
+        lines.append(f"| {c['label']} | {c['ratio']} | {configuration(c)} | {c['seed']} | "
+                     f"{c['wiki_ppl']:.2f} | {c['news_ppl']:.2f} | {val} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--stages", type=json.loads, default=[], help="JSON list of {name, options...}")
+    parser.add_argument("--allocator", type=lambda s: json.loads(s) if s.startswith("{") else s, default="zero_sum",
+                        help="an allocator's name, or JSON: {name, options...}")
+    parser.add_argument("--corrector", type=json.loads, default=None, help="JSON: {name, options...}")
+    parser.add_argument("--storage", type=lambda s: json.loads(s) if s.startswith("{") else s, default="bf16",
+                        help="a storage format's name, or JSON: {name, options...}")
+    parser.add_argument("--seed", type=int, default=protocol.VAL_SEED, help="validation and training windows' draw")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/zsfw-reference-cache"))
+    parser.add_argument("--text", type=Path, default=protocol.DEFAULT_REFERENCE_TEXT)
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label)
+    with LOG.open("a") as f:
+        f.write(json.dumps(cell) + "\n")
+    write_section("sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))
+    print(table([cell]))
+
+
+if __name__ == "__main__":
+    main()
