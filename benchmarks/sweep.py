@@ -34,7 +34,7 @@ LOG = HERE / "sweep.jsonl"
 
 
 def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
-        seed: int, cache: Path, text: Path, label: str) -> dict:
+        seed: int, cache: Path, text: Path, label: str, damping: float | None = None) -> dict:
     import torch
 
     import zsfw
@@ -49,12 +49,14 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     recipe.modifier.storage = PluginSpec.model_validate(storage)
     recipe.modifier.allocator = PluginSpec.model_validate(allocator)
     recipe.modifier.stages = [PluginSpec.model_validate(stage) for stage in stages]
+    if damping is not None:
+        recipe.modifier.damping = damping
     if corrector:
         recipe.modifier.corrector = PluginSpec.model_validate(corrector)
     start = time.perf_counter()
     model, report = zsfw.compress(model, recipe, windows.calibration, statistics_cache=cache,
                                   validation=windows.validation, training=windows.training)
-    cell = {"label": label, "ratio": ratio, "stages": stages, "allocator": allocator, "corrector": corrector,
+    cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
             "storage": storage, "seed": seed,
             "compress_seconds": time.perf_counter() - start, "phases": report.timings,
             "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
@@ -64,6 +66,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
             "correction_result": report.correction_result, "correction_steps": report.correction_steps,
             "stage_reports": report.stages, "allocation": report.allocation,
             "ranks": {layer.name: None if layer.dense else layer.rank for layer in report.layers},
+            "formats": report.format_counts, "kept": report.total_bytes / report.reference_bytes,
             "wiki_ppl": protocol.perplexity(model, windows.evaluation),
             "news_ppl": protocol.perplexity(model, protocol.news_windows(tokenizer))}
     return cell
@@ -71,10 +74,13 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
 
 def configuration(cell: dict) -> str:
     """What the run changed from the one-shot recipe (zero_sum, bf16, no stage, no corrector)."""
-    parts = [("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
+    parts = [("damping", None if cell.get("damping", 1e-4) == 1e-4 else cell["damping"]),
+             ("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
              ("storage", cell.get("storage", "bf16")), ("corrector", cell["corrector"])]
     shown = [f"{what} `{json.dumps(value)}`" for what, value in parts
              if value not in (None, "zero_sum", "bf16")]
+    if len(cell.get("formats", {})) > 1:  # storage: auto: what it chose
+        shown.append("chose " + ", ".join(f"{name} {count}" for name, count in cell["formats"].items()))
     return "; ".join(shown) or "one shot"
 
 
@@ -88,13 +94,14 @@ def table(cells: list[dict]) -> str:
              "not the statistics pass (cached); runs may have shared the 2 cores with other work, so compare "
              "seconds only where the text says they were measured alone.", "",
              f"Machine (last run): {cells[-1]['machine']}.", "",
-             "| label | ratio | configuration | seed | wiki PPL | news PPL | val loss one-shot → final | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| label | ratio | configuration | seed | kept bytes | wiki PPL | news PPL | val loss one-shot → final | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         r = c["correction_result"] or {}
         val = f"{r['one_shot']:.4f} → {r['final']:.4f}" if r else ""
         seconds = sum(c["phases"].get(phase, 0) for phase in ("stages", "allocate", "truncate", "correct"))
-        lines.append(f"| {c['label']} | {c['ratio']} | {configuration(c)} | {c['seed']} | "
+        kept = f"{c['kept']:.3f}" if "kept" in c else ""
+        lines.append(f"| {c['label']} | {c['ratio']} | {configuration(c)} | {c['seed']} | {kept} | "
                      f"{c['wiki_ppl']:.2f} | {c['news_ppl']:.2f} | {val} | {seconds:.0f} |")
     return "\n".join(lines)
 
@@ -111,9 +118,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=protocol.VAL_SEED, help="validation and training windows' draw")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/zsfw-reference-cache"))
     parser.add_argument("--text", type=Path, default=protocol.DEFAULT_REFERENCE_TEXT)
+    parser.add_argument("--damping", type=float, default=None, help="the recipe's damping (default: its own)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
-    cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label)
+    cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label,
+               args.damping)
     with LOG.open("a") as f:
         f.write(json.dumps(cell) + "\n")
     write_section("sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))

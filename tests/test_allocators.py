@@ -32,8 +32,9 @@ def _layers():
             _layer("c", [3.0, -0.3, 0.1, 0.15])]
 
 
-def _simulate_zero_sum(layers, budget):
-    """The rule written out step by step, with no heaps."""
+def _simulate_zero_sum(layers, budget, uncounted=()):
+    """The rule written out step by step, with no heaps (drops of ``uncounted`` layers are left
+    out of the running sum)."""
     ranks = {l.name: l.full_rank for l in layers}
     picks, running = [], 0.0
     while budget.total(layers, ranks) > budget.limit:
@@ -43,7 +44,7 @@ def _simulate_zero_sum(layers, budget):
         pool = (nonneg or neg) if running <= 0 else (neg or nonneg)
         _, _, layer, score = min(pool, key=lambda t: (t[0], layers.index(t[2])))
         ranks[layer.name] -= 1
-        running += score
+        running += 0.0 if layer.name in uncounted else score
         picks.append((layer.name, score))
     return ranks, picks
 
@@ -61,6 +62,27 @@ def test_zero_sum_matches_step_by_step_simulation():
         expected_ranks, expected_picks = _simulate_zero_sum(layers, budget)
         assert ranks == expected_ranks
         assert [(layers[i].name, s) for i, s in allocator.picks] == expected_picks
+
+
+class BreakEvenFormat(CountFormat):
+    """1 byte a kept element, and a dense layer costs its m·n: layers above rank mn/(m+n) are dense."""
+
+    def dense_bytes(self, out_features, in_features, bias):
+        return out_features * in_features
+
+
+def test_committed_only_leaves_the_drops_of_layers_that_end_dense_out_of_the_running_sum():
+    g = torch.Generator().manual_seed(3)
+    layers = [_layer(f"l{i}", (torch.randn(16, generator=g) * (i + 1)).tolist(), 16, 16) for i in range(6)]
+    budget = ByteBudget(layers, 0.4, BreakEvenFormat())
+    plain = plugins.create("allocator", "zero_sum").allocate(layers, budget)
+    committed = plugins.create("allocator", "zero_sum", {"committed_only": True}).allocate(layers, budget)
+    dense = {name for name in committed if committed.is_dense(name)}
+    assert 0 < len(dense) < len(layers)  # some layers end dense: their drops were phantom
+    expected, _ = _simulate_zero_sum(layers, budget, uncounted=dense)  # the fixed point it reached
+    assert dict(committed) == {name: min(rank, 16) for name, rank in expected.items()}
+    assert dict(committed) != dict(plain)  # the phantom drops did steer the plain allocation
+    assert committed.total_bytes() <= budget.limit
 
 
 def test_zero_sum_meets_budget_tightly_with_bounded_running_sum():

@@ -14,6 +14,9 @@ from zsfw import (AllocationPlan, ByteBudget, CorrectionProblem, DropFrontier, L
                   LayerSpectrum, first_order_scores)
 
 
+PHANTOM_ROUNDS = 4
+
+
 class FirstOrderScorer:
     """ΔL_i = −σ_i u_iᵀ (G S⁻ᵀ) v_i: the signed first-order loss change of dropping component i."""
 
@@ -31,18 +34,38 @@ class ZeroSumAllocator:
     one for ΔL < 0. While the sum s of dropped ΔL is ≤ 0 the smallest non-negative one goes,
     otherwise the smallest negative one (either heap stands in when the other is empty), until
     the byte budget is met. With ``floor`` > 0 no layer goes below ceil(floor × the rank a
-    uniform allocation would give it).
+    uniform allocation would give it). With ``committed_only`` the drops of layers that end
+    dense (their components all come back: "phantom" drops) do not count in s: the allocation is
+    redone with those layers' drops left out of s until the set of dense layers stops changing
+    (at most ``PHANTOM_ROUNDS`` passes).
     """
 
     name: ClassVar[str] = "zero_sum"
 
-    def __init__(self, floor: float = 0.0) -> None:
+    def __init__(self, floor: float = 0.0, committed_only: bool = False) -> None:
         if not 0 <= floor <= 1:
             raise ValueError(f"floor must be within [0, 1] (a fraction of the uniform rank), got {floor}")
-        self.floor = floor
+        if not isinstance(committed_only, bool):
+            raise ValueError(f"committed_only must be true or false, got {committed_only!r}")
+        self.floor, self.committed_only = floor, committed_only
 
     def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
-        frontier = DropFrontier(layers, budget, [math.ceil(self.floor * budget.uniform_rank(l)) for l in layers])
+        floors = [math.ceil(self.floor * budget.uniform_rank(l)) for l in layers]
+        phantom: set[int] = set()
+        for _ in range(PHANTOM_ROUNDS if self.committed_only else 1):
+            frontier = self._drop(layers, budget, floors, phantom)
+            dense = {i for i, (l, k) in enumerate(zip(layers, frontier.ranks)) if budget.is_dense(l, k)}
+            if dense == phantom:
+                break
+            phantom = dense
+        self.picks = frontier.picks  # the drop sequence, for diagnostics and tests
+        return frontier.result()
+
+    @staticmethod
+    def _drop(layers: Sequence[LayerScores], budget: ByteBudget, floors: list[int], uncounted: set[int]
+              ) -> DropFrontier:
+        """One zero-sum pass; drops in the layers ``uncounted`` do not enter the running sum."""
+        frontier = DropFrontier(layers, budget, floors)
         heaps: dict[bool, list[tuple[float, int]]] = {True: [], False: []}  # key: ΔL >= 0
 
         def push(i: int) -> None:
@@ -58,10 +81,11 @@ class ZeroSumAllocator:
             if not heap:
                 raise frontier.exhausted_error()
             _, i = heapq.heappop(heap)
-            running += frontier.drop(i)
+            score = frontier.drop(i)
+            if i not in uncounted:
+                running += score
             push(i)
-        self.picks = frontier.picks  # the drop sequence, for diagnostics and tests
-        return frontier.result()
+        return frontier
 
 
 class ProjectedGradientCorrector:
