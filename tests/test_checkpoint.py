@@ -22,7 +22,8 @@ from zsfw.errors import CheckpointError, DestinationError
 FORMATS = {  # label -> the recipe's storage spec
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8",
     "int8-dynamic": {"name": "int8", "activation": "dynamic"}, "fp8": "fp8", "packed": "packed",
-    "pivga": "pivga", "auto": ["bf16", "pivga", "int8", "packed"],  # auto: a format per layer
+    "pivga": "pivga", "pivga-int8": {"name": "pivga", "dtype": "int8"},
+    "auto": ["bf16", "pivga", "int8", "packed"],  # auto: a format per layer
 }
 
 

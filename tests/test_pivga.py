@@ -106,6 +106,48 @@ def test_a_reloaded_module_computes_the_same_outputs():
     assert torch.equal(clone(x), module(x))
 
 
+@pytest.mark.parametrize("shape", [(576, 1536, 400), (96, 96, 80)])
+def test_int8_error_is_of_the_order_of_int8_factors_with_row_scales(shape):
+    from zsfw_packed import quantize_symmetric
+
+    m, n, k = shape
+    B, A = _factors(m, n, k, seed=2)
+    W = B @ A
+    pivga = zsfw.plugins.create("storage", "pivga", {"dtype": "int8"}).lowrank_module(B, A, None)
+    assert pivga.B.dtype == pivga.T.dtype == torch.int8
+    (qB, sB), (qA, sA) = quantize_symmetric(B, 1), quantize_symmetric(A, 1)
+    plain = (qB.double() * sB.double()[:, None]) @ (qA.double() * sA.double()[:, None])
+    error = ((_dense(pivga, n) - W).norm() / W.norm()).item()
+    plain_error = ((plain - W).norm() / W.norm()).item()
+    assert error < 1.5 * plain_error and error < 2 ** -5, (error, plain_error)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_bytes_are_the_stored_bytes_and_a_reload_computes_the_same(bias):
+    m, n, k = 40, 56, 12
+    fmt = zsfw.plugins.create("storage", "pivga", {"dtype": "int8"})
+    B, A = _factors(m, n, k)
+    module = fmt.lowrank_module(B, A, torch.randn(m, dtype=torch.float64) if bias else None)
+    tensors, _ = module_tensors("layer", module)
+    assert sum(t.nbytes for t in tensors.values()) == fmt.lowrank_bytes(m, n, k, bias)
+    assert fmt.lowrank_bytes(m, n, k, bias) == k * (m + n) - k * k + 2 * k + 4 * (m + k) + (2 * m if bias else 0)
+    assert fmt.dense_bytes(m, n, bias) == 2 * (m * n + (m if bias else 0))  # dense layers stay bf16
+    clone = fmt.skeleton(m, n, k, bias)
+    clone.load_state_dict(module.state_dict(), assign=True)
+    x = torch.randn(3, n)
+    assert torch.equal(clone(x), module(x))
+
+
+def test_on_grid_values_come_back_exactly_as_the_stored_int8():
+    from zsfw_pivga import on_grid, quantize_rows
+
+    x = torch.randn(7, 33, dtype=torch.float64)
+    snapped = on_grid(x, torch.int8)
+    assert torch.equal(on_grid(snapped, torch.int8), snapped)
+    q, scale = quantize_rows(snapped)
+    assert torch.equal(q.double() * scale.double()[:, None], snapped)
+
+
 def test_a_bad_dtype_option_is_one_line_naming_the_choices():
-    with pytest.raises(PluginError, match=r"pivga.*dtype must be one of \['bf16', 'fp16'\], got 'int4'"):
+    with pytest.raises(PluginError, match=r"pivga.*dtype must be one of \['bf16', 'fp16', 'int8'\], got 'int4'"):
         zsfw.plugins.create("storage", "pivga", {"dtype": "int4"})

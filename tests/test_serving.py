@@ -13,7 +13,8 @@ import zsfw
 from zsfw.checkpoint.destination import current_umask
 from helpers import recipe
 
-FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed", "pivga"]
+FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed", "pivga",
+           {"name": "pivga", "dtype": "int8"}]
 COMPILED_TOLERANCE = 1e-4  # relative logit error, compiled vs eager (inductor fuses and reorders)
 # int8 dynamic activations: a reordered max can move an activation's rounding by one int8 step
 DYNAMIC_ACTIVATION_TOLERANCE = 1e-2
@@ -27,7 +28,7 @@ def _relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("storage", FORMATS, ids=lambda s: s if isinstance(s, str) else "int8-dynamic")
+@pytest.mark.parametrize("storage", FORMATS, ids=lambda s: s if isinstance(s, str) else "-".join(map(str, s.values())))
 def test_every_format_compiles_without_graph_breaks_and_matches_eager(qwen2, windows, storage):
     model = _compress(qwen2, windows, storage)
     ids = windows[:2]

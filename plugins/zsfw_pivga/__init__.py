@@ -32,7 +32,8 @@ from zsfw import StoredLinear, weight_as
 
 MAXVOL_TOLERANCE = 0.01
 ROUNDING_BLOCK = 64  # rows of T rounded between two updates of the rows after them
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+SCALE_DTYPE = torch.float32  # int8: one scale per row of B' and of T
 
 
 def index_dtype(in_features: int) -> torch.dtype:
@@ -81,12 +82,28 @@ def gauge_fix(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return J, B @ A[:, J], T
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row (the row's largest magnitude → 127)."""
+    scale = (x.abs().amax(dim=-1) / 127).to(SCALE_DTYPE).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    return (x / scale.to(x.dtype).unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def on_grid(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (float64) rounded to what ``dtype`` stores, as float64: the nearest bf16/fp16 value,
+    or for int8 the row's own grid (``quantize_rows``; rounding a value already on it changes
+    nothing, so the stored int8 and scales come back exactly)."""
+    if dtype != torch.int8:
+        return x.to(dtype).to(torch.float64)
+    q, scale = quantize_rows(x)
+    return q.to(torch.float64) * scale.to(torch.float64).unsqueeze(-1)
+
+
 def rounded(B_J: torch.Tensor, T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """B' and T in ``dtype`` with B'_r T_r close to B' T: B' is rounded, T refit to the rounded B'
-    (least squares) and rounded one row at a time, each row's rounding error pushed onto the rows
-    after it in the metric H = B'_rᵀ B'_r (GPTQ's error feedback). On SmolLM2's layers that cuts
-    the error of rounding B' and T as they are by a third."""
-    B_r = B_J.to(dtype).to(torch.float64)
+    """B' and T on ``dtype``'s grid (float64 values, ``on_grid``) with B'_r T_r close to B' T: B' is
+    rounded, T refit to the rounded B' (least squares) and rounded one row at a time, each row's
+    rounding error pushed onto the rows after it in the metric H = B'_rᵀ B'_r (GPTQ's error
+    feedback). On SmolLM2's layers that cuts the error of rounding B' and T as they are by a third."""
+    B_r = on_grid(B_J, dtype)
     T = torch.linalg.lstsq(B_r, B_J @ T).solution  # the refit (rank-revealing: B' may be singular)
     H = B_r.T @ B_r  # damped only for the feedback's direction, which changes no exact result
     H.diagonal().add_(1e-10 * float(H.diagonal().mean()) + torch.finfo(torch.float64).tiny)
@@ -95,12 +112,12 @@ def rounded(B_J: torch.Tensor, T: torch.Tensor, dtype: torch.dtype) -> tuple[tor
         end = min(start + ROUNDING_BLOCK, T.shape[0])
         block, errors = T[start:end], torch.empty_like(T[start:end])
         for i in range(end - start):
-            row = block[i].to(dtype).to(torch.float64)
+            row = on_grid(block[i], dtype)
             errors[i] = (block[i] - row) / feedback[start + i, start + i]
             block[i + 1:] -= torch.outer(feedback[start + i, start + i + 1:end], errors[i])
             block[i] = row
         T[end:] -= feedback[start:end, end:].T @ errors
-    return B_r.to(dtype), T.to(dtype)
+    return B_r, T
 
 
 def complement(J: torch.Tensor, n: int) -> torch.Tensor:
@@ -148,14 +165,21 @@ class PivGaLinear(nn.Module):
         (m, k), n = B.shape, A.shape[1]
         module = cls(n, m, k, bias=bias is not None, device=A.device, dtype=dtype)
         J, B_J, T = gauge_fix(B, A)
-        B_J, T = rounded(B_J, T, dtype)
         module.pivots.copy_(J)
-        module.B.copy_(B_J)
-        module.T.copy_(T)
+        module.store(*rounded(B_J, T, dtype))
         if bias is not None:
             module.bias.copy_(bias)
         module.index()
         return module
+
+    def store(self, B: torch.Tensor, T: torch.Tensor) -> None:
+        """Keep B' and T (float64 values already on the dtype's grid)."""
+        self.B.copy_(B)
+        self.T.copy_(T)
+
+    def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B' and T in the activations' dtype (unless ``cast_weights`` is off)."""
+        return weight_as(self.B, x, self.cast_weights), weight_as(self.T, x, self.cast_weights)
 
     def index(self) -> None:
         """Rebuild the input permutation (pivots first) the forward gathers with."""
@@ -163,21 +187,47 @@ class PivGaLinear(nn.Module):
         self.order = torch.cat([J, complement(J, self.in_features)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cast, k = self.cast_weights, self.rank
+        k = self.rank
+        B, T = self.weights(x)
         permuted = x.index_select(-1, self.order)
-        h = permuted[..., :k] + F.linear(permuted[..., k:], weight_as(self.T, x, cast))
-        bias = None if self.bias is None else weight_as(self.bias, x, cast)
-        return F.linear(h, weight_as(self.B, x, cast), bias)
+        h = permuted[..., :k] + F.linear(permuted[..., k:], T)
+        bias = None if self.bias is None else weight_as(self.bias, x, self.cast_weights)
+        return F.linear(h, B, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}, pivga")
 
 
+class PivGaInt8Linear(PivGaLinear):
+    """``PivGaLinear`` with B' and T in int8, one fp32 scale per row of each (T's entries are
+    ≤ 1.01 in magnitude, so its rows share a narrow range); the bias in bf16. Extra keys:
+    ``B_scale`` (out_features,) and ``T_scale`` (rank,)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.int8) -> None:
+        super().__init__(in_features, out_features, rank, bias=False, device=device, dtype=torch.int8)
+        self.register_buffer("B_scale", torch.ones(out_features, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("T_scale", torch.ones(rank, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("bias", None if not bias else torch.zeros(out_features, dtype=torch.bfloat16,
+                                                                         device=device))
+
+    def store(self, B: torch.Tensor, T: torch.Tensor) -> None:
+        for (q, scale), values, scales in ((quantize_rows(B), self.B, self.B_scale),
+                                           (quantize_rows(T), self.T, self.T_scale)):
+            values.copy_(q)
+            scales.copy_(scale)
+
+    def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.B.to(x.dtype) * self.B_scale.to(x.dtype)[:, None],
+                self.T.to(x.dtype) * self.T_scale.to(x.dtype)[:, None])
+
+
 class PivGaFactors:
     """PivGa: pivot gauge-fixed factors, k² fewer numbers (reconstructed from arXiv 2512.03062's abstract).
 
-    Factors in bf16 (default) or fp16; layers left dense stay in that dtype."""
+    Factors in bf16 (default), fp16, or int8 (one fp32 scale per row of B' and of T, bias in
+    bf16); layers left dense stay in bf16/fp16 (bf16 for int8)."""
 
     name: ClassVar[str] = "pivga"
 
@@ -185,29 +235,32 @@ class PivGaFactors:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = DTYPES[dtype]
-
-    @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        self.module = PivGaInt8Linear if self.dtype == torch.int8 else PivGaLinear
+        self.dense_dtype = torch.bfloat16 if self.dtype == torch.int8 else self.dtype
 
     def lowrank_bytes(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:
-        numbers = rank * (out_features + in_features) - rank * rank + (out_features if bias else 0)
-        return numbers * self.element_size + rank * torch.empty((), dtype=index_dtype(in_features)).element_size()
+        numbers = rank * (out_features + in_features) - rank * rank
+        index = rank * torch.empty((), dtype=index_dtype(in_features)).element_size()
+        bias_bytes = (out_features if bias else 0) * self.dense_dtype.itemsize
+        scales = (out_features + rank) * SCALE_DTYPE.itemsize if self.dtype == torch.int8 else 0
+        return numbers * self.dtype.itemsize + index + bias_bytes + scales
 
     def dense_bytes(self, out_features: int, in_features: int, bias: bool) -> int:
-        return (out_features * in_features + (out_features if bias else 0)) * self.element_size
+        return (out_features * in_features + (out_features if bias else 0)) * self.dense_dtype.itemsize
 
     def lowrank_module(self, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        return PivGaLinear.from_factors(B, A, bias, self.dtype)
+        return self.module.from_factors(B, A, bias, self.dtype)
 
     def dense_module(self, linear: nn.Linear) -> nn.Module:
-        return linear if linear.weight.dtype == self.dtype else StoredLinear.from_linear(linear, self.dtype)
+        if linear.weight.dtype == self.dense_dtype:
+            return linear
+        return StoredLinear.from_linear(linear, self.dense_dtype)
 
     def skeleton(self, out_features: int, in_features: int, rank: int | None, bias: bool) -> nn.Module:
         with torch.device("meta"):
             if rank is None:
-                return StoredLinear(in_features, out_features, bias=bias, dtype=self.dtype)
-            return PivGaLinear(in_features, out_features, rank, bias=bias, dtype=self.dtype)
+                return StoredLinear(in_features, out_features, bias=bias, dtype=self.dense_dtype)
+            return self.module(in_features, out_features, rank, bias=bias, dtype=self.dtype)
 
 
 @zsfw.hookimpl
