@@ -40,7 +40,7 @@ _LAZY = {  # public name -> the module that defines it
     "Corrector": "zsfw.interfaces", "CorrectionProblem": "zsfw.interfaces", "Stage": "zsfw.interfaces",
     "LayerFactors": "zsfw.interfaces", "FormatChooser": "zsfw.interfaces",
     "ByteBudget": "zsfw.allocation", "AllocationPlan": "zsfw.allocation", "Allocation": "zsfw.allocation",
-    "DropFrontier": "zsfw.allocation", "rank_of": "zsfw.allocation",
+    "DropFrontier": "zsfw.allocation", "rank_of": "zsfw.allocation", "useful_rank": "zsfw.allocation",
     "LowRankLinear": "zsfw.modules", "StoredLinear": "zsfw.modules", "weight_as": "zsfw.modules",
     "first_order_scores": "zsfw.compression.linalg", "lowrank_factors": "zsfw.compression.linalg",
     "whitened_svd": "zsfw.compression.linalg",

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import zsfw
-from zsfw import ByteBudget, LayerFactors, LayerScores, StorageFormat
+from zsfw import ByteBudget, LayerFactors, LayerScores, StorageFormat, useful_rank
 
 DEFAULT_FORMATS = ("bf16", "pivga", "int8", "packed")
 BISECTIONS = 60
@@ -78,8 +78,7 @@ def options(layer: LayerScores, storage: StorageFormat, reference_rank: int, fac
     kappa = sensitivity(layer)
     tail = layer.scores.abs().flip(0).cumsum(0).flip(0)  # Σ_{i≥k} |ΔL_i| for k = 0..r−1
     dense_cost = storage.dense_bytes(m, n, bias)
-    ranks = [k for k in range(1, min(layer.full_rank, B.shape[1]))
-             if storage.lowrank_bytes(m, n, k, bias) < dense_cost]
+    ranks = range(1, min(useful_rank(storage, m, n, bias), B.shape[1] - 1) + 1)  # cheaper than dense
     weight = B @ A
     linear = nn.Linear(n, m, bias=b is not None, dtype=torch.float32)
     with torch.no_grad():
