@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -67,6 +68,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
             "stage_reports": report.stages, "allocation": report.allocation,
             "ranks": {layer.name: None if layer.dense else layer.rank for layer in report.layers},
             "formats": report.format_counts, "kept": report.total_bytes / report.reference_bytes,
+            "val_loss": math.log(protocol.perplexity(model, windows.validation)),
             "wiki_ppl": protocol.perplexity(model, windows.evaluation),
             "news_ppl": protocol.perplexity(model, protocol.news_windows(tokenizer))}
     return cell
@@ -94,14 +96,18 @@ def table(cells: list[dict]) -> str:
              "not the statistics pass (cached); runs may have shared the 2 cores with other work, so compare "
              "seconds only where the text says they were measured alone.", "",
              f"Machine (last run): {cells[-1]['machine']}.", "",
-             "| label | ratio | configuration | seed | kept bytes | wiki PPL | news PPL | val loss one-shot → final | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "`val loss`: the shipped model's mean next-token loss on the seed's validation windows (what a "
+             "setting may be chosen on; rows before it was recorded have none); `one-shot → final`: a "
+             "corrector's own validation record.", "",
+             "| label | ratio | configuration | seed | kept bytes | val loss | wiki PPL | news PPL | val loss one-shot → final | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         r = c["correction_result"] or {}
         val = f"{r['one_shot']:.4f} → {r['final']:.4f}" if r else ""
         seconds = sum(c["phases"].get(phase, 0) for phase in ("stages", "allocate", "truncate", "correct"))
         kept = f"{c['kept']:.3f}" if "kept" in c else ""
-        lines.append(f"| {c['label']} | {c['ratio']} | {configuration(c)} | {c['seed']} | {kept} | "
+        held_out = f"{c['val_loss']:.4f}" if "val_loss" in c else ""
+        lines.append(f"| {c['label']} | {c['ratio']} | {configuration(c)} | {c['seed']} | {kept} | {held_out} | "
                      f"{c['wiki_ppl']:.2f} | {c['news_ppl']:.2f} | {val} | {seconds:.0f} |")
     return "\n".join(lines)
 
