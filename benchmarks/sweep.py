@@ -35,7 +35,8 @@ LOG = HERE / "sweep.jsonl"
 
 
 def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
-        seed: int, cache: Path, text: Path, label: str, damping: float | None = None) -> dict:
+        seed: int, cache: Path, text: Path, label: str, damping: float | None = None,
+        calibration_seed: int = protocol.SEED) -> dict:
     import torch
 
     import zsfw
@@ -44,7 +45,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
 
     return_large_frees_to_the_os()
     model, tokenizer = protocol.load_default_model()
-    windows = protocol.reference_windows(tokenizer, text, validation_seed=seed)
+    windows = protocol.reference_windows(tokenizer, text, validation_seed=seed, calibration_seed=calibration_seed)
     recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum_oneshot.yaml")
     recipe.modifier.ratio = ratio
     recipe.modifier.storage = PluginSpec.model_validate(storage)
@@ -58,7 +59,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     model, report = zsfw.compress(model, recipe, windows.calibration, statistics_cache=cache,
                                   validation=windows.validation, training=windows.training)
     cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
-            "storage": storage, "seed": seed,
+            "storage": storage, "seed": seed, "calibration_seed": calibration_seed, "calibration_md5": windows.md5,
             "compress_seconds": time.perf_counter() - start, "phases": report.timings,
             "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -76,7 +77,9 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
 
 def configuration(cell: dict) -> str:
     """What the run changed from the one-shot recipe (zero_sum, bf16, no stage, no corrector)."""
-    parts = [("damping", None if cell.get("damping", 1e-4) == 1e-4 else cell["damping"]),
+    draw = cell.get("calibration_seed", protocol.SEED)
+    parts = [("calibration draw", None if draw == protocol.SEED else draw),
+             ("damping", None if cell.get("damping", 1e-4) == 1e-4 else cell["damping"]),
              ("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
              ("storage", cell.get("storage", "bf16")), ("corrector", cell["corrector"])]
     shown = [f"{what} `{json.dumps(value)}`" for what, value in parts
@@ -125,10 +128,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/zsfw-reference-cache"))
     parser.add_argument("--text", type=Path, default=protocol.DEFAULT_REFERENCE_TEXT)
     parser.add_argument("--damping", type=float, default=None, help="the recipe's damping (default: its own)")
+    parser.add_argument("--calibration-seed", type=int, default=protocol.SEED,
+                        help="another draw of the 32×512 calibration windows from the same first 400K tokens "
+                             f"(the authors' are {protocol.SEED}; others only for zsfw's own spread)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label,
-               args.damping)
+               args.damping, args.calibration_seed)
     with LOG.open("a") as f:
         f.write(json.dumps(cell) + "\n")
     write_section("sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))

@@ -54,7 +54,7 @@ def test_the_potential_gradient_matches_a_finite_difference(probe, llama, window
     assert seen["analytic"] != 0 and seen["numeric"] == pytest.approx(seen["analytic"], rel=2e-2)
 
 
-def test_the_common_shift_holds_the_soft_budget_to_one_component():
+def test_the_shift_holds_the_soft_budget_to_one_component():
     g = torch.Generator().manual_seed(0)
     full = torch.tensor([40.0, 64.0, 24.0, 100.0], dtype=torch.float64)
     marginal = [torch.rand(int(r), generator=g, dtype=torch.float64) * 10 + 1 for r in full]
@@ -63,8 +63,8 @@ def test_the_common_shift_holds_the_soft_budget_to_one_component():
         for limit in (300, 700, 1100):  # all four layers whole cost ≈ 1340
             held = hold_budget(mu, T, marginal, limit, full)
             assert abs(soft_bytes(held, T, marginal, full) - limit) <= max(float(c.max()) for c in marginal)
-            free = (held > 0) & (held < full)  # one common shift, but for the layers clamped at 0 or full
-            shifts = (held - mu)[free]
+            free = (held > 0) & (held < full)  # one shift in fractions of full rank, but where clamped
+            shifts = ((held - mu) / full)[free]
             assert free.any() and torch.allclose(shifts, shifts[0].expand_as(shifts))
 
 
@@ -126,3 +126,46 @@ def test_options_are_checked(options, message):
 
     with pytest.raises(PluginError, match=message):
         plugins.create("allocator", "fermigrad", options)
+
+
+class QuadraticProblem:
+    """Soft gradients chosen by hand: ∂loss/∂f_{l,i} = weight_l · (marginal bytes of component i),
+    i.e. each layer's loss change per byte is its ``weight``; validation loss falls with every
+    check, so the last read-off is the result."""
+
+    def __init__(self, weights):
+        from zsfw import ByteBudget, LayerScores
+
+        shapes = [(24, 40), (40, 40), (64, 24)]
+        self.layers = [LayerScores(f"l{i}", m, n, False, torch.linspace(1, 0.1, min(m, n), dtype=torch.float64),
+                                   torch.zeros(min(m, n), dtype=torch.float64)) for i, (m, n) in enumerate(shapes)]
+        self.budget = ByteBudget(self.layers, 0.5, plugins.create("storage", "bf16"))
+        self.weights, self.gradient_windows, self.checks = weights, 4, 0
+
+    def soft_gradients(self, occupations, share):
+        return 0.0, {l.name: w * torch.tensor([self.budget.cost(l, i + 1) - self.budget.cost(l, i)
+                                               for i in range(l.full_rank)], dtype=torch.float64)
+                     for l, w in zip(self.layers, self.weights)}
+
+    def validation_loss(self, occupations):
+        self.checks += 1
+        return -float(self.checks)
+
+
+def _ranks(weights, steps=6):
+    problem = QuadraticProblem(weights)
+    allocator = FermiGradAllocator(steps=steps, lr=0.02, temperature=0.02, final_temperature=0.2, initial="uniform")
+    plan = allocator.allocate(problem)
+    return [plan.rank(l.name) for l in problem.layers]
+
+
+def test_equal_loss_per_byte_in_every_layer_is_a_fixed_point():
+    start = _ranks([1e-3, 1e-3, 1e-3], steps=0)  # uniform, its bytes topped up to the budget
+    assert _ranks([1e-3, 1e-3, 1e-3]) == start  # the optimality condition under a byte budget holds
+    assert _ranks([5e-2, 5e-2, 5e-2]) == start  # whatever its size
+
+
+def test_a_layer_whose_bytes_cost_more_loss_gives_rank_to_the_others():
+    start = _ranks([1e-3, 1e-3, 4e-3], steps=0)
+    ranks = _ranks([1e-3, 1e-3, 4e-3])  # keeping l2's components costs 4× more loss a byte
+    assert ranks[2] < start[2] and ranks[0] >= start[0] and ranks[1] >= start[1] and ranks[:2] != start[:2]

@@ -11,7 +11,8 @@ from helpers import patterned_windows, recipe
 from zsfw import plugins
 from zsfw.compression.targets import find_targets
 from zsfw.errors import CalibrationError
-from zsfw_prehab import PrehabStage, reparametrized
+from zsfw.compression.statistics import next_token_loss
+from zsfw_prehab import PrehabStage, kept_rank, reparametrized, truncated_loss
 
 
 def _logits(model, windows):
@@ -62,9 +63,9 @@ def test_prehab_in_a_recipe_trains_on_held_out_windows_and_statistics_see_its_we
     seen = {}
     apply = PrehabStage.apply
 
-    def spy(self, model, targets, calibration, training):
-        seen["training"] = training
-        summary = apply(self, model, targets, calibration, training)
+    def spy(self, model, targets, calibration, training, validation):
+        seen["training"], seen["validation"] = training, validation
+        summary = apply(self, model, targets, calibration, training)  # no keep-best: every step kept
         seen["after"] = {n: t.weight.detach().clone() for n, t in targets.items()}
         return summary
 
@@ -78,12 +79,49 @@ def test_prehab_in_a_recipe_trains_on_held_out_windows_and_statistics_see_its_we
     monkeypatch.setattr(pipeline, "factor_store", statistics_of)
     training = patterned_windows(4, seed=2)
     prehab = {"name": "prehab", "steps": 3, "lr": 1e-3}
-    _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab]), windows, training=training)
-    assert torch.equal(seen["training"], training)
+    validation = patterned_windows(4, seed=3)
+    _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab]), windows, training=training,
+                              validation=validation)
+    assert torch.equal(seen["training"], training) and torch.equal(seen["validation"], validation)
     assert all(torch.equal(seen["statistics"][n], w) for n, w in seen["after"].items())
     assert any(not torch.equal(w, dict(llama.named_modules())[n].weight) for n, w in seen["after"].items())
     (stage,) = report.stages
     assert stage["name"] == "prehab" and len(stage["summary"]["dense_calibration_ppl"]) == 2
+
+
+def test_the_truncated_loss_is_the_loss_of_the_whitened_truncation(llama, windows):
+    model = copy.deepcopy(llama).double()
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    whiteners = _whiteners(model, targets, windows[:4])
+    weighted = {n: t.weight.detach() @ whiteners[n] for n, t in targets.items()}
+    kept = {n: kept_rank(*w.shape, 0.5) for n, w in weighted.items()}
+    with reparametrized(targets, whiteners) as deltas:
+        measured = truncated_loss(model, deltas, weighted, kept, windows[4:6])
+        assert all(not d.any() for d in deltas.values())  # Δ comes back
+    expected = copy.deepcopy(model)
+    for name, linear in find_targets(expected, ["Linear"], ["lm_head"]).items():
+        U, sigma, Vh = torch.linalg.svd(weighted[name], full_matrices=False)
+        k = kept[name]
+        with torch.no_grad():
+            linear.weight.copy_(torch.linalg.solve_triangular(whiteners[name], (U[:, :k] * sigma[:k]) @ Vh[:k],
+                                                              upper=False, left=False))
+    with torch.no_grad():
+        truth, dense = float(next_token_loss(expected, windows[4:6])), float(next_token_loss(model, windows[4:6]))
+    assert measured == pytest.approx(truth, rel=1e-9) and measured > dense
+
+
+def test_when_every_check_is_worse_the_weights_come_back_unchanged(llama, windows, monkeypatch):
+    import zsfw_prehab
+
+    calls = []
+    monkeypatch.setattr(zsfw_prehab, "truncated_loss", lambda *a: calls.append(1) or float(len(calls)))
+    model = copy.deepcopy(llama)
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    before = {n: t.weight.detach().clone() for n, t in targets.items()}
+    stage = PrehabStage(steps=4, lr=1e-3, validate_every=2, surrogate="tail", lambda_max=1.0)
+    summary = stage.apply(model, targets, windows[:4], patterned_windows(4, seed=2), patterned_windows(2, seed=3))
+    assert len(calls) == 3 and summary["best_step"] == 0 and summary["training_loss"][0] != summary["training_loss"][1]
+    assert all(torch.equal(t.weight, before[n]) for n, t in targets.items())
 
 
 def test_prehab_with_a_tensor_dataset_needs_training_windows(llama, windows):

@@ -164,8 +164,9 @@ class Stage(Protocol):
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor) -> dict[str, Any]:
         """Change ``model`` in place, using the calibration ``windows`` if needed; returns a
         summary (JSON-able) that the report records under the stage's name. A stage that sets
-        ``needs_training = True`` is called with ``training=`` too: windows of the same text
-        held out from calibration and validation, to learn from."""
+        ``needs_training = True`` is called with ``training=`` too, windows of the same text
+        held out from calibration and validation to learn from, and ``validation=``, the
+        windows to judge its steps on (None when the run has none)."""
         ...
 
 

@@ -150,12 +150,13 @@ class ZeroSumSVDModifier(BaseModel):
 
     @property
     def validation_windows(self) -> int:
-        """How many validation windows a run draws: those a corrector or a model-aware allocator
-        judges its steps on, none for a run that has neither."""
+        """How many validation windows a run draws: those a corrector, a model-aware allocator or
+        a training stage judges its steps on, none for a run that has none of them."""
         from zsfw import plugins
 
         model_aware = getattr(plugins.component("allocator", self.allocator.name).cls, "needs_model", False)
-        return self.calibration.validation_samples if self.corrector or model_aware else 0
+        judged = self.corrector or model_aware or self.training_windows
+        return self.calibration.validation_samples if judged else 0
 
     @property
     def training_windows(self) -> int:

@@ -10,16 +10,21 @@ is occupied with f_{l,i} = 1 / (1 + exp((i + ½ − μ_l) / T_l)), so μ_l = k k
 when T → 0. The soft model has weight B_l diag(f_l) A_l (the whitened SVD's factors). Its soft
 bytes Σ_l Σ_i f_{l,i} c_l(i), with c_l(i) the format's marginal cost of component i (the cost
 that takes the layer to dense at its break-even, and 0 past it), are held at the budget after
-every step by one common shift of all μ_l (bisection): no penalty weight to tune. One
-forward/backward of the soft model gives ∂loss/∂f (``AllocationProblem.soft_gradients``), hence
-∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l; Adam moves μ (its step in units of
-``lr`` × the layer's full rank). T anneals geometrically from ``temperature`` × full rank to
-``final_temperature``. Every ``validate_every`` steps the hard ranks are read off (k_l = round(μ_l),
-the components with f > ½ as T → 0), repaired to the exact budget by dropping, one at a time, the
-frontier component whose first-order score is smallest, and that plan's validation loss measured:
-the best plan, the initial one included, is the result, so FermiGrad is never worse than its
-starting allocation on the validation windows. The report gives the best plan's (hard) validation
-loss, the soft model's at that state and the gap.
+every step by one shift ν common to all layers in fractions of their full rank (μ_l + ν·r_l,
+bisection): no penalty weight to tune. One forward/backward of the soft model gives ∂loss/∂f
+(``AllocationProblem.soft_gradients``), hence ∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l.
+The step moves μ_l by −``lr``·r_l·m_l/√v, with m_l a running mean of u_l = (∂loss/∂μ_l) /
+(∂bytes/∂μ_l), the loss change per byte of layer l, and v one running mean of the median u² over
+the layers (one scale for all, robust to a layer past its break-even, where bytes barely move):
+its fixed point under the budget shift is u_l equal in every layer, the optimality condition of
+ranks under a byte budget (a per-layer normalization such as Adam's would move that point).
+T anneals geometrically from ``temperature`` × full rank to ``final_temperature``. Every
+``validate_every`` steps the hard ranks are read off (k_l = round(μ_l), the components with
+f > ½ as T → 0), repaired to the exact budget by dropping, one at a time, the frontier component
+whose first-order score is smallest, and that plan's validation loss measured: the best plan, the
+initial one included, is the result, so FermiGrad is never worse than its starting allocation on
+the validation windows. The report gives the best plan's (hard) validation loss, the soft model's
+at that state and the gap.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import zsfw
 from zsfw import AllocationPlan, DropFrontier
 
 INITIAL = ("zero_sum", "uniform")
+MAX_STEP = 3.0  # a layer moves at most 3·lr of its full rank a step (its u far above the others')
 
 
 class FermiGradAllocator:
@@ -40,7 +46,7 @@ class FermiGradAllocator:
     name: ClassVar[str] = "fermigrad"
     needs_model: ClassVar[bool] = True
 
-    def __init__(self, steps: int = 32, lr: float = 0.01, temperature: float = 0.05,
+    def __init__(self, steps: int = 32, lr: float = 0.005, temperature: float = 0.01,
                  final_temperature: float = 0.5, windows_per_step: int = 1, validate_every: int = 8,
                  initial: str = "zero_sum", seed: int = 0) -> None:
         checks = [(steps >= 0, f"steps must be >= 0, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
@@ -72,17 +78,19 @@ class FermiGradAllocator:
             return self._read_off(layers, budget, mu)
         parts = max(1, problem.gradient_windows // self.windows_per_step)
         order = torch.randperm(parts, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        adam_m, adam_v = torch.zeros_like(mu), torch.zeros_like(mu)
+        mean, square = torch.zeros_like(mu), 0.0
         start_loss = self._hard_loss(problem, layers, initial)
         best = (start_loss, initial, 0, mu.clone(), T.clone())  # the initial plan is a candidate too
         for step in range(1, self.steps + 1):
             progress = (step - 1) / max(1, self.steps - 1)
             T = start_T * (self.final_temperature / start_T) ** progress
             loss, g = potential_gradient(problem, layers, mu, T, full, (order[(step - 1) % parts], parts))
-            adam_m.mul_(0.9).add_(g, alpha=0.1)
-            adam_v.mul_(0.999).addcmul_(g, g, value=0.001)
-            update = (adam_m / (1 - 0.9 ** step)) / ((adam_v / (1 - 0.999 ** step)).sqrt() + 1e-12)
-            mu = hold_budget(mu - self.lr * full * update, T, marginal, budget.limit, full)
+            slope = bytes_slope(mu, T, marginal, full)
+            per_byte = g / slope.clamp_min(1e-3 * float(slope.max()))  # past break-even a component is free
+            mean.mul_(0.9).add_(per_byte, alpha=0.1)
+            square = 0.999 * square + 0.001 * float(per_byte.square().median())
+            update = (mean / (1 - 0.9 ** step)) / ((square / (1 - 0.999 ** step)) ** 0.5 + 1e-30)
+            mu = hold_budget(mu - self.lr * full * update.clamp(-MAX_STEP, MAX_STEP), T, marginal, budget.limit, full)
             if step % self.validate_every == 0 or step == self.steps:
                 plan = self._read_off(layers, budget, mu)
                 value = self._hard_loss(problem, layers, plan)
@@ -151,12 +159,18 @@ def soft_bytes(mu: torch.Tensor, T: torch.Tensor, marginal: list[torch.Tensor], 
     return float(sum((f * c).sum() for f, c in zip(occupations(mu, T, full), marginal)))
 
 
+def bytes_slope(mu: torch.Tensor, T: torch.Tensor, marginal: list[torch.Tensor], full: torch.Tensor
+                ) -> torch.Tensor:
+    """∂(soft bytes)/∂μ_l = Σ_i c_l(i) f_{l,i}(1 − f_{l,i}) / T_l for every layer."""
+    return torch.stack([(c * f * (1 - f)).sum() / t for f, c, t in zip(occupations(mu, T, full), marginal, T)])
+
+
 def hold_budget(mu: torch.Tensor, T: torch.Tensor, marginal: list[torch.Tensor], limit: int,
                 full: torch.Tensor, iterations: int = 60) -> torch.Tensor:
-    """μ + ν (each clamped to [0, full rank]) with the one shift ν that makes the soft bytes equal
-    ``limit``, found by bisection (soft bytes grow with ν)."""
-    shifted = lambda nu: (mu + nu).clamp(torch.zeros_like(full), full)
-    low, high = -float(full.max()) - 1, float(full.max()) + 1
+    """μ + ν·full rank (each clamped to [0, full rank]) with the one ν that makes the soft bytes
+    equal ``limit``, found by bisection (soft bytes grow with ν)."""
+    shifted = lambda nu: (mu + nu * full).clamp(torch.zeros_like(full), full)
+    low, high = -2.0, 2.0  # ν in fractions of each layer's full rank: ±2 empties or fills every layer
     for _ in range(iterations):
         middle = (low + high) / 2
         if soft_bytes(shifted(middle), T, marginal, full) > limit:

@@ -9,12 +9,17 @@ trained, with Adam, on
     next-token loss on the training windows + λ_t · mean over targets of rank(W S + Δ)
 
 where ``rank`` is a surrogate: the stable rank ‖M‖_F² / ‖M‖_2² (‖M‖_2 by power iteration,
-warm-started across steps), or with ``surrogate: tail`` the share of M's energy beyond the rank
-the target keeps at ``ratio`` as bf16 factors (what truncation pays; the stable rank can also
-fall by raising σ₁). λ_t rises from ``lambda_init`` to ``lambda_max`` over the first ``warmup``
-steps. The training windows are held out from the calibration and validation windows. At the
-end Δ is folded into the weights (in float64); the pipeline's statistics pass then runs on the
-prehabbed model (the published code reuses the stale whitening: not here).
+warm-started across steps), or with ``surrogate: tail`` the share of M's energy beyond the rank k
+the target keeps at ``ratio`` as bf16 factors, 1 − ‖U_kᵀM‖²/‖M‖² (what truncation pays; the
+stable rank can also fall by raising σ₁), with U_k M's top-k left singular vectors tracked by one
+step of subspace iteration per training step from an exact SVD at the start (its gradient is the
+exact tail's wherever U_k is exact). λ_t rises from ``lambda_init`` to ``lambda_max`` over the
+first ``warmup`` steps. The training windows are held out from the calibration and validation
+windows. Every ``validate_every`` steps the state is judged by what it is for: the validation
+loss of the model with every target truncated to that rank k in whitened coordinates; the best
+state, Δ = 0 included, is kept, so prehab never makes that truncation worse on the validation
+windows. At the end Δ is folded into the weights (in float64); the pipeline's statistics pass then
+runs on the prehabbed model (the published code reuses the stale whitening: not here).
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class PrehabStage:
 
     def __init__(self, steps: int = 32, lr: float = 2e-5, lambda_init: float = 0.0, lambda_max: float = 1e-3,
                  warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float = 1e-4,
-                 power_iterations: int = 2, seed: int = 0) -> None:
+                 power_iterations: int = 2, validate_every: int = 8, seed: int = 0) -> None:
         checks = [(steps >= 1, f"steps must be >= 1, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
                   (0 <= lambda_init <= lambda_max, f"need 0 <= lambda_init <= lambda_max, got {lambda_init}, "
                                                    f"{lambda_max}"),
@@ -87,30 +92,38 @@ class PrehabStage:
                   (surrogate in SURROGATES, f"surrogate must be one of {list(SURROGATES)}, got {surrogate!r}"),
                   (0 < ratio <= 1, f"ratio must be in (0, 1], got {ratio}"),
                   (damping > 0, f"damping must be > 0, got {damping}"),
-                  (power_iterations >= 1, f"power_iterations must be >= 1, got {power_iterations}")]
+                  (power_iterations >= 1, f"power_iterations must be >= 1, got {power_iterations}"),
+                  (validate_every >= 1, f"validate_every must be >= 1, got {validate_every}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         self.steps, self.lr, self.lambda_init, self.lambda_max = steps, lr, lambda_init, lambda_max
         self.warmup, self.surrogate, self.ratio, self.damping = warmup, surrogate, ratio, damping
-        self.power_iterations, self.seed = power_iterations, seed
+        self.power_iterations, self.validate_every, self.seed = power_iterations, validate_every, seed
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
-              training: torch.Tensor) -> dict[str, Any]:
+              training: torch.Tensor, validation: torch.Tensor | None = None) -> dict[str, Any]:
         device = next(model.parameters()).device
         probe = windows[:8].to(device)
         before = _dense_loss(model, probe)
         whiteners = self._whiteners(model, targets, windows)
         weighted = {name: targets[name].weight.detach().to(whiteners[name]) @ whiteners[name] for name in targets}
+        kept = {name: kept_rank(*w.shape, self.ratio) for name, w in weighted.items()}
         generator = torch.Generator().manual_seed(self.seed)
-        vectors = {name: torch.randn(w.shape[1], generator=generator).to(w) for name, w in weighted.items()}
+        vectors = ({name: torch.linalg.svd(w, full_matrices=False).U[:, :kept[name]] for name, w in weighted.items()}
+                   if self.surrogate == "tail" else
+                   {name: torch.randn(w.shape[1], generator=generator).to(w) for name, w in weighted.items()})
         order = torch.randperm(training.shape[0], generator=generator).tolist()
         trained = [p for p in model.parameters() if p.requires_grad]
         for p in trained:
             p.requires_grad_(False)
-        history = []
+        history, checks = [], []
         try:
             with reparametrized(targets, whiteners) as deltas:
+                judge = (lambda: truncated_loss(model, deltas, weighted, kept, validation.to(device))
+                         ) if validation is not None else None
+                initial = judge() if judge else None
+                best = (initial, 0, None) if judge else None  # (validation loss, step, Δ): Δ = 0 first
                 optimizer = torch.optim.Adam(deltas.values(), lr=self.lr)
                 for step in tqdm(range(1, self.steps + 1), desc="prehab", unit="step"):
                     window = training[order[(step - 1) % len(order)]][None].to(device)
@@ -123,13 +136,29 @@ class PrehabStage:
                     (lm + lam * rank).backward()
                     optimizer.step()
                     history.append((lm.item(), rank.item()))
+                    if judge and (step % self.validate_every == 0 or step == self.steps):
+                        checks.append({"step": step, "truncated_validation_loss": judge()})
+                        if checks[-1]["truncated_validation_loss"] < best[0]:
+                            best = (checks[-1]["truncated_validation_loss"], step,
+                                    {n: d.detach().clone() for n, d in deltas.items()})
+                if best is not None:  # fold the best state, not the last
+                    with torch.no_grad():
+                        for n, d in deltas.items():
+                            if best[2] is None:
+                                d.zero_()
+                            else:
+                                d.copy_(best[2][n])
         finally:
             for p in trained:
                 p.requires_grad_(True)
         after = _dense_loss(model, probe)
-        return {"steps": self.steps, "training_loss": [history[0][0], history[-1][0]],
-                "surrogate": [history[0][1], history[-1][1]], "dense_calibration_loss": [before, after],
-                "dense_calibration_ppl": [math.exp(before), math.exp(after)]}
+        summary = {"steps": self.steps, "training_loss": [history[0][0], history[-1][0]],
+                   "surrogate": [history[0][1], history[-1][1]], "dense_calibration_loss": [before, after],
+                   "dense_calibration_ppl": [math.exp(before), math.exp(after)]}
+        if best is not None:
+            summary.update(best_step=best[1], truncated_validation_loss=best[0], checks=checks,
+                           initial_truncated_validation_loss=initial)
+        return summary
 
     def _whiteners(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor
                    ) -> dict[str, torch.Tensor]:
@@ -144,20 +173,45 @@ class PrehabStage:
         return out
 
     def _surrogate(self, M: torch.Tensor, vectors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """The rank surrogate of M = W S + Δ (differentiable in Δ)."""
+        """The rank surrogate of M = W S + Δ (differentiable in Δ); ``vectors`` holds each target's
+        warm start (the tail's top-k left basis, the stable rank's power vector), advanced here."""
         energy = (M * M).sum()
+        with torch.no_grad():
+            if self.surrogate == "tail":  # one step of subspace iteration
+                vectors[name] = torch.linalg.qr(M @ (M.mT @ vectors[name])).Q
+            else:  # power iterations
+                v = vectors[name]
+                for _ in range(self.power_iterations):
+                    v = M.mT @ (M @ v)
+                    v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+                vectors[name] = v
         if self.surrogate == "tail":
-            m, n = M.shape
-            keep = max(1, int(self.ratio * m * n / (m + n)))
-            sigma = torch.linalg.svdvals(M)
-            return (sigma[keep:] ** 2).sum() / energy
-        with torch.no_grad():  # power iteration, warm-started from the last step's vector
-            v = vectors[name]
-            for _ in range(self.power_iterations):
-                v = M.mT @ (M @ v)
-                v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-            vectors[name] = v
-        return energy / (M @ v).square().sum()
+            return 1 - (vectors[name].mT @ M).square().sum() / energy
+        return energy / (M @ vectors[name]).square().sum()
+
+
+def kept_rank(out_features: int, in_features: int, ratio: float) -> int:
+    """The rank a layer keeps at ``ratio`` of its 16-bit bytes as 16-bit factors (≥ 1)."""
+    return max(1, int(ratio * out_features * in_features / (out_features + in_features)))
+
+
+def truncated_loss(model: nn.Module, deltas: dict[str, nn.Parameter], weighted: dict[str, torch.Tensor],
+                   kept: dict[str, int], windows: torch.Tensor) -> float:
+    """The next-token loss on ``windows`` with every target's M = W S + Δ truncated to its rank
+    ``kept`` (by setting Δ to M_k − W S for the measurement); Δ comes back as it was."""
+    saved = {n: d.detach().clone() for n, d in deltas.items()}
+    try:
+        with torch.no_grad():
+            for n, d in deltas.items():
+                M = weighted[n] + d.to(weighted[n])
+                U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+                k = kept[n]
+                d.copy_((U[:, :k] * sigma[:k]) @ Vh[:k] - weighted[n])
+        return _dense_loss(model, windows)
+    finally:
+        with torch.no_grad():
+            for n, d in deltas.items():
+                d.copy_(saved[n])
 
 
 def _dense_loss(model: nn.Module, windows: torch.Tensor) -> float:

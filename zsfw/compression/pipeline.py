@@ -81,7 +81,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             training = _training(training, drawn.training, m)
     if m.stages:
         with report.phase("stages"):
-            report.stages = run_stages(m.stages, model, targets, windows, training)
+            report.stages = run_stages(m.stages, model, targets, windows, training, validation)
     driver = driver_for(m.execution, model, windows, m.calibration)
     every_component = (getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
                        or chooses_formats(storage))  # which member format keeps the most is not known yet

@@ -2,7 +2,8 @@
 
 They run in recipe order on the model, its target layers and the calibration windows (Low-Rank
 Prehab is one); a stage that declares ``needs_training = True`` also gets ``training=``, windows
-held out from calibration and validation. Their names and options enter the cache keys; their
+held out from calibration and validation, and ``validation=``, the windows it may judge its steps on
+(None when the run has none). Their names and options enter the cache keys; their
 summaries go to the report.
 """
 
@@ -18,12 +19,14 @@ from zsfw.recipe import PluginSpec
 
 
 def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.Linear],
-               windows: torch.Tensor, training: torch.Tensor | None = None) -> list[dict[str, Any]]:
+               windows: torch.Tensor, training: torch.Tensor | None = None,
+               validation: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Apply each stage; returns per stage its name, options and summary."""
     done = []
     for spec in specs:
         stage = plugins.create("stage", spec.name, spec.options)
-        extra = {"training": training} if getattr(stage, "needs_training", False) else {}
+        extra = ({"training": training, "validation": validation} if getattr(stage, "needs_training", False)
+                 else {})
         summary = stage.apply(model, targets, windows, **extra)
         done.append({"name": spec.name, "options": spec.options, "summary": summary or {}})
     return done
