@@ -36,7 +36,7 @@ LOG = HERE / "sweep.jsonl"
 
 def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
         seed: int, cache: Path, text: Path, label: str, damping: float | None = None,
-        calibration_seed: int = protocol.SEED) -> dict:
+        calibration_seed: int = protocol.SEED, geometry: tuple[int, int] = (protocol.CAL_N, protocol.CAL_LEN)) -> dict:
     import torch
 
     import zsfw
@@ -45,7 +45,8 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
 
     return_large_frees_to_the_os()
     model, tokenizer = protocol.load_default_model()
-    windows = protocol.reference_windows(tokenizer, text, validation_seed=seed, calibration_seed=calibration_seed)
+    windows = protocol.reference_windows(tokenizer, text, validation_seed=seed, calibration_seed=calibration_seed,
+                                         calibration_samples=geometry[0], calibration_length=geometry[1])
     recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum_oneshot.yaml")
     recipe.modifier.ratio = ratio
     recipe.modifier.storage = PluginSpec.model_validate(storage)
@@ -60,6 +61,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
                                   validation=windows.validation, training=windows.training)
     cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
             "storage": storage, "seed": seed, "calibration_seed": calibration_seed, "calibration_md5": windows.md5,
+            "calibration_windows": list(windows.calibration.shape),
             "compress_seconds": time.perf_counter() - start, "phases": report.timings,
             "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -78,7 +80,9 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
 def configuration(cell: dict) -> str:
     """What the run changed from the one-shot recipe (zero_sum, bf16, no stage, no corrector)."""
     draw = cell.get("calibration_seed", protocol.SEED)
+    shape = cell.get("calibration_windows", [protocol.CAL_N, protocol.CAL_LEN])
     parts = [("calibration draw", None if draw == protocol.SEED else draw),
+             ("calibration windows", None if shape == [protocol.CAL_N, protocol.CAL_LEN] else "×".join(map(str, shape))),
              ("damping", None if cell.get("damping", 1e-4) == 1e-4 else cell["damping"]),
              ("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
              ("storage", cell.get("storage", "bf16")), ("corrector", cell["corrector"])]
@@ -131,10 +135,13 @@ def main() -> None:
     parser.add_argument("--calibration-seed", type=int, default=protocol.SEED,
                         help="another draw of the 32×512 calibration windows from the same first 400K tokens "
                              f"(the authors' are {protocol.SEED}; others only for zsfw's own spread)")
+    parser.add_argument("--calibration-windows", default=f"{protocol.CAL_N}x{protocol.CAL_LEN}",
+                        help="another calibration geometry, SAMPLESxLENGTH (e.g. 8x2048: the same tokens in "
+                             "evaluation-length windows); only for zsfw's own comparisons")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label,
-               args.damping, args.calibration_seed)
+               args.damping, args.calibration_seed, tuple(int(v) for v in args.calibration_windows.split("x")))
     with LOG.open("a") as f:
         f.write(json.dumps(cell) + "\n")
     write_section("sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))

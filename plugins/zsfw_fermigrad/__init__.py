@@ -41,7 +41,7 @@ MAX_STEP = 3.0  # a layer moves at most 3·lr of its full rank a step (its u far
 
 
 class FermiGradAllocator:
-    """FermiGrad: Adam on per-layer Fermi occupations at a held budget (reconstructed from arXiv 2512.03062's abstract)."""
+    """FermiGrad: gradient steps on per-layer Fermi occupations, loss per byte equalized at a held budget (reconstructed from arXiv 2512.03062's abstract)."""
 
     name: ClassVar[str] = "fermigrad"
     needs_model: ClassVar[bool] = True
