@@ -4,7 +4,8 @@ per process, from cached statistics.
 Each run compresses SmolLM2-135M-Instruct (fp32) with ``recipes/zero_sum_oneshot.yaml`` at ``--ratio``
 on the authors' 32×512 calibration windows, with ``--stages`` (a JSON list, e.g. prehab) before the
 statistics, ``--allocator`` (zero_sum by default), storage ``--storage`` (a name or a JSON object;
-bf16 by default) and ``--corrector`` (a JSON object: name and options). Validation windows (8) and
+bf16 by default; ``{"name": "priced_as", "price": "packed", "store": "bf16"}`` is a control: one
+format's ranks with another's modules) and ``--corrector`` (a JSON object: name and options). Validation windows (8) and
 training windows (8) are drawn with ``--seed`` from the first 400K tokens, apart from the
 calibration windows and each other. PPL is measured on the reference evaluation windows (last
 8×2048 of wiki.txt) and on zsfw's news text (8×2048: a text nothing was chosen on). Statistics and
@@ -34,6 +35,37 @@ HERE = Path(__file__).resolve().parent
 LOG = HERE / "sweep.jsonl"
 
 
+class PricedAs:
+    """A control, not a format: one format's byte costs (so its ranks) with another's modules —
+    e.g. packed's ranks with bf16 factors, to tell packed's loss from truncation apart from its
+    8-bit rounding (issue 13, finding 9). ``kept bytes`` is then the priced format's."""
+
+    name = "priced_as"
+
+    def __init__(self, price: str = "packed", store: str = "bf16") -> None:
+        import zsfw
+
+        self.price, self.store = zsfw.storage_format(price), zsfw.storage_format(store)
+        self.lowrank_bytes, self.dense_bytes = self.price.lowrank_bytes, self.price.dense_bytes
+        self.dense_module, self.lowrank_module = self.price.dense_module, self.store.lowrank_module
+
+    def skeleton(self, out_features: int, in_features: int, rank: int | None, bias: bool):
+        return (self.price if rank is None else self.store).skeleton(out_features, in_features, rank, bias)
+
+
+def register_controls() -> None:
+    """Make ``priced_as`` a storage name in this process only."""
+    import zsfw
+    from zsfw import plugins
+
+    class Controls:
+        @zsfw.hookimpl
+        def zsfw_register_storage_formats(self, register) -> None:
+            register(PricedAs)
+
+    plugins.register_plugin(Controls(), name="sweep_controls")
+
+
 def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
         seed: int, cache: Path, text: Path, label: str, damping: float | None = None,
         calibration_seed: int = protocol.SEED, geometry: tuple[int, int] = (protocol.CAL_N, protocol.CAL_LEN)) -> dict:
@@ -44,6 +76,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     from zsfw.memory import return_large_frees_to_the_os
 
     return_large_frees_to_the_os()
+    register_controls()
     model, tokenizer = protocol.load_default_model()
     windows = protocol.reference_windows(tokenizer, text, validation_seed=seed, calibration_seed=calibration_seed,
                                          calibration_samples=geometry[0], calibration_length=geometry[1])
