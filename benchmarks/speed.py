@@ -19,7 +19,8 @@ its section) and the compiled speedups beside their limits to ``speed.png``.
     python benchmarks/speed.py --quick         # fp32, ratio 0.6, bf16 factors, 2 rounds
     python benchmarks/speed.py --profile --ratios 0.6 --formats bf16 --dtypes float32
                                                # where compiled decoding spends its time
-    python benchmarks/speed.py --ratios 0.8 --formats bf16 pivga --dtypes float32 --section speed-pivga
+    python benchmarks/speed.py --ratios 0.8 --formats bf16 pivga --dtypes float32 --modes eager compiled \
+        --section speed-pivga
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="*", help="default: 0.8 0.6 (quick: 0.6)")
     parser.add_argument("--formats", nargs="*", help="default: bf16 int8 (quick: bf16)")
     parser.add_argument("--dtypes", nargs="*", help="default: float32 bfloat16 (quick: float32)")
+    parser.add_argument("--modes", nargs="*", default=["eager", "compiled", "pt2"],
+                        help="which of eager, compiled, pt2 to time (pt2 exports are the slowest to build)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile 32 compiled decode steps of each variant")
     parser.add_argument("--section", help="the RESULTS.md section (and plot name) to write; "
@@ -185,7 +188,7 @@ def main() -> None:
                     if isinstance(module, LowRankLinear):
                         module.float()
             model.eval()
-            modes = ("eager", "compiled") if upcast else ("eager", "compiled", "pt2")
+            modes = [m for m in args.modes if not (upcast and m == "pt2")]
             for mode in ("compiled",) if args.profile else modes:
                 name = f"{label} {dtype_name} {mode}"
                 if mode == "compiled":
