@@ -81,6 +81,20 @@ def test_a_first_compile_after_eager_runs_of_the_same_shape_is_not_called_a_reco
         generate(model, tokenizer, "w1 w2", max_new_tokens=3, compile=True, buckets=(8,))
 
 
+def test_other_new_token_counts_in_one_cache_bucket_reuse_the_compiled_graph(llama, tokenizer):
+    from zsfw.serve.generate import _graphs_compiled, cache_length, generate
+
+    assert [cache_length(8, n) for n in (1, 3, 8, 9, 24, 25)] == [16, 16, 16, 32, 32, 64]
+    model = copy.deepcopy(llama)
+    generate(model, tokenizer, "w1 w2", max_new_tokens=6, compile=True, buckets=(8,))
+    compiled = _graphs_compiled()
+    for n in (3, 8, 1):  # cache 8 + n ≤ 16: the same static cache, the same graph
+        generate(model, tokenizer, "w1 w2", max_new_tokens=n, compile=True, buckets=(8,))
+    assert _graphs_compiled() == compiled
+    generate(model, tokenizer, "w1 w2", max_new_tokens=12, compile=True, buckets=(8,))
+    assert _graphs_compiled() > compiled  # a longer cache is another graph: the test can fail
+
+
 def test_a_prompt_longer_than_every_bucket_is_a_clear_error(llama, tokenizer):
     from zsfw.serve.generate import generate
 

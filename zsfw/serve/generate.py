@@ -1,11 +1,14 @@
 """Text generation from a (compressed) model with a static KV cache and a compiled forward.
 
 Prompts are left-padded to the smallest of a few length buckets, so a new prompt length reuses
-the graph of its bucket instead of compiling another; the static cache holds bucket +
-``max_new_tokens`` positions. ``transformers`` compiles the decoding forward itself when the
-cache is static, but on CPU only when told to (``CompileConfig(_compile_all_devices=True)``):
-that is what ``compile=True`` sets. Each (batch, bucket, max_new_tokens) compiles once per
-process; a compile for a shape already seen is a recompile, and it is warned about.
+the graph of its bucket instead of compiling another. The static KV cache's length is part of
+the compiled graph, so it is bucketed too: bucket + ``max_new_tokens`` rounded up to a power of
+two (and ``transformers`` never shrinks a model's cache between calls), so calls with 10 or 100
+new tokens after a 64-token bucket share one graph. ``transformers`` compiles the decoding
+forward itself when the cache is static, but on CPU only when told to
+(``CompileConfig(_compile_all_devices=True)``): that is what ``compile=True`` sets. Each
+(batch, bucket, cache length) compiles once per process; a compile for a shape already seen is a
+recompile, and it is warned about.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def _compile_config():
     return config
 
 
+def cache_length(bucket: int, max_new_tokens: int) -> int:
+    """The static cache's length for a prompt bucket: the next power of two that holds the
+    prompt and the new tokens."""
+    return 1 << (bucket + max_new_tokens - 1).bit_length()
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -67,12 +76,13 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
     bucket = bucket_of(longest, buckets)
     batch = tokenizer(prompts, return_tensors="pt", padding="max_length", max_length=bucket)
     device = next(model.parameters()).device
+    cache_len = cache_length(bucket, max_new_tokens)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-        cache_implementation="static", pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, disable_compile=not compile,
+        max_new_tokens=max_new_tokens, max_cache_len=cache_len, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, cache_implementation="static",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, disable_compile=not compile,
         compile_config=_compile_config() if compile else None)
-    shape = (id(model), len(prompts), bucket, max_new_tokens, do_sample)
+    shape = (id(model), len(prompts), bucket, cache_len, do_sample)
     before = _graphs_compiled()
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -81,11 +91,11 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
     compiled = _graphs_compiled() - before
     if compile and compiled and shape in _seen_shapes:
         warnings.warn(f"generate recompiled the model ({compiled} new graph(s)) for batch "
-                      f"{len(prompts)}, bucket {bucket}, {max_new_tokens} new tokens, a shape it "
+                      f"{len(prompts)}, bucket {bucket}, cache length {cache_len}, a shape it "
                       f"had compiled before; see TORCH_LOGS=recompiles for why", stacklevel=2)
     elif compiled:
-        log.info("compiled the decoding forward for batch %d, bucket %d, %d new tokens",
-                 len(prompts), bucket, max_new_tokens)
+        log.info("compiled the decoding forward for batch %d, bucket %d, cache length %d",
+                 len(prompts), bucket, cache_len)
     if compile:  # an eager run of the same model compiles nothing: it must not arm the warning
         _seen_shapes.add(shape)
     return tokenizer.batch_decode(out[:, bucket:], skip_special_tokens=True)
