@@ -96,8 +96,12 @@ def test_the_truncated_loss_is_the_loss_of_the_whitened_truncation(llama, window
     weighted = {n: t.weight.detach() @ whiteners[n] for n, t in targets.items()}
     kept = {n: kept_rank(*w.shape, 0.5) for n, w in weighted.items()}
     with reparametrized(targets, whiteners) as deltas:
-        measured = truncated_loss(model, deltas, weighted, kept, windows[4:6])
+        bases = {}
+        measured = truncated_loss(model, deltas, weighted, kept, windows[4:6], bases)
         assert all(not d.any() for d in deltas.values())  # Δ comes back
+    for name, w in weighted.items():  # the handed-over bases span M's top-k left subspace
+        U = torch.linalg.svd(w, full_matrices=False).U[:, :kept[name]]
+        assert torch.allclose(bases[name] @ bases[name].mT, U @ U.mT, atol=1e-9)
     expected = copy.deepcopy(model)
     for name, linear in find_targets(expected, ["Linear"], ["lm_head"]).items():
         U, sigma, Vh = torch.linalg.svd(weighted[name], full_matrices=False)

@@ -110,8 +110,9 @@ class PrehabStage:
         weighted = {name: targets[name].weight.detach().to(whiteners[name]) @ whiteners[name] for name in targets}
         kept = {name: kept_rank(*w.shape, self.ratio) for name, w in weighted.items()}
         generator = torch.Generator().manual_seed(self.seed)
-        vectors = ({name: torch.linalg.svd(w, full_matrices=False).U[:, :kept[name]] for name, w in weighted.items()}
-                   if self.surrogate == "tail" else
+        # the tail's warm start is each M's top-k left basis at Δ = 0: the first validation check
+        # computes those SVDs anyway, so it hands the bases over instead of a second pass
+        vectors = ({} if self.surrogate == "tail" else
                    {name: torch.randn(w.shape[1], generator=generator).to(w) for name, w in weighted.items()})
         order = torch.randperm(training.shape[0], generator=generator).tolist()
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -120,9 +121,12 @@ class PrehabStage:
         history, checks = [], []
         try:
             with reparametrized(targets, whiteners) as deltas:
-                judge = (lambda: truncated_loss(model, deltas, weighted, kept, validation.to(device))
-                         ) if validation is not None else None
-                initial = judge() if judge else None
+                judge = (lambda bases=None: truncated_loss(model, deltas, weighted, kept, validation.to(device),
+                                                           bases)) if validation is not None else None
+                initial = judge(vectors if self.surrogate == "tail" else None) if judge else None
+                if self.surrogate == "tail" and not vectors:
+                    vectors.update({n: torch.linalg.svd(w, full_matrices=False).U[:, :kept[n]]
+                                    for n, w in weighted.items()})
                 best = (initial, 0, None) if judge else None  # (validation loss, step, Δ): Δ = 0 first
                 optimizer = torch.optim.Adam(deltas.values(), lr=self.lr)
                 for step in tqdm(range(1, self.steps + 1), desc="prehab", unit="step"):
@@ -196,9 +200,11 @@ def kept_rank(out_features: int, in_features: int, ratio: float) -> int:
 
 
 def truncated_loss(model: nn.Module, deltas: dict[str, nn.Parameter], weighted: dict[str, torch.Tensor],
-                   kept: dict[str, int], windows: torch.Tensor) -> float:
+                   kept: dict[str, int], windows: torch.Tensor, bases: dict[str, torch.Tensor] | None = None
+                   ) -> float:
     """The next-token loss on ``windows`` with every target's M = W S + Δ truncated to its rank
-    ``kept`` (by setting Δ to M_k − W S for the measurement); Δ comes back as it was."""
+    ``kept`` (by setting Δ to M_k − W S for the measurement); Δ comes back as it was. ``bases``,
+    when given, receives each M's top-k left singular vectors."""
     saved = {n: d.detach().clone() for n, d in deltas.items()}
     try:
         with torch.no_grad():
@@ -206,6 +212,8 @@ def truncated_loss(model: nn.Module, deltas: dict[str, nn.Parameter], weighted: 
                 M = weighted[n] + d.to(weighted[n])
                 U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
                 k = kept[n]
+                if bases is not None:
+                    bases[n] = U[:, :k]
                 d.copy_((U[:, :k] * sigma[:k]) @ Vh[:k] - weighted[n])
         return _dense_loss(model, windows)
     finally:
