@@ -196,7 +196,8 @@ def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_bu
     shares = []
     gradients = Correction.factor_gradients
     monkeypatch.setattr(Correction, "factor_gradients",
-                        lambda self, share=(0, 1): shares.append(share) or gradients(self, share))
+                        lambda self, share=(0, 1), loss="next_token":
+                        shares.append(share) or gradients(self, share, loss))
     validation = patterned_windows(4, seed=1)
     zsfw.compress(copy.deepcopy(llama), _refined(steps=5, windows_per_step=3, validate_every=10), windows,
                   validation=validation)
@@ -210,7 +211,8 @@ def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_bu
 
 @pytest.mark.parametrize("options, message", [({"steps": 0}, "steps must be >= 1"), ({"lr": 0}, "lr must be > 0"),
                                               ({"seconds": -1}, "seconds must be > 0"),
-                                              ({"schedule": "linear"}, "schedule must be one of")])
+                                              ({"schedule": "linear"}, "schedule must be one of"),
+                                              ({"loss": "mse"}, "loss must be one of")])
 def test_refinement_options_are_checked(options, message):
     from zsfw import plugins
 
@@ -240,6 +242,54 @@ def test_factor_gradients_are_the_dense_gradient_through_the_product(llama, wind
     monkeypatch.setattr(pipeline, "correct", correct)
     zsfw.compress(llama, _refined(steps=1), windows, validation=patterned_windows(4, seed=1))
     assert checked
+
+
+def test_the_distillation_loss_is_the_mean_kl_from_the_teacher_per_next_token_position(llama, windows):
+    from zsfw.compression.statistics import distillation_loss
+
+    teacher, student = copy.deepcopy(llama).double(), copy.deepcopy(llama).double()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+        ids = windows[:2]
+        measured = distillation_loss(teacher)(student, ids).item()
+        p = teacher(input_ids=ids).logits[:, :-1].softmax(-1)
+        q = student(input_ids=ids).logits[:, :-1].softmax(-1)
+        expected = (p * (p.log() - q.log())).sum(-1).mean().item()
+        assert measured == pytest.approx(expected, rel=1e-5) and measured > 0
+        assert distillation_loss(teacher)(teacher, ids).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_distilled_refinement_learns_from_the_uncompressed_model(llama, windows, monkeypatch):
+    from zsfw.compression import pipeline
+    from zsfw.compression.statistics import distillation_loss
+
+    original = copy.deepcopy(llama)
+    correct, seen = pipeline.correct, []
+
+    def checked(corrector, problem):  # the teacher predicts what the uncompressed model does
+        with torch.no_grad():
+            torch.testing.assert_close(problem.teacher()(input_ids=windows[:2]).logits,
+                                       original(input_ids=windows[:2]).logits)
+            loss, _ = problem.factor_gradients((0, 1), "distill")
+            assert loss == pytest.approx(distillation_loss(original)(problem.model, windows).item(), rel=1e-5)
+        seen.append(loss)
+        return correct(corrector, problem)
+
+    monkeypatch.setattr(pipeline, "correct", checked)
+    validation = patterned_windows(4, seed=1)
+    _, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=6, lr=3e-3, validate_every=3, loss="distill"),
+                              windows, validation=validation)
+    assert seen and seen[0] > 0
+    assert all("calibration_kl" in step for step in report.correction_steps)
+    assert report.correction_result["final"] < report.correction_result["one_shot"]
+
+
+def test_distillation_with_the_streamed_driver_is_refused_in_one_line(llama, windows):
+    r = _refined(steps=1, loss="distill")
+    r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
+    with pytest.raises(zsfw.ZsfwError, match="needs execution.driver: memory"):
+        zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
 
 
 def test_refinement_with_the_streamed_driver_matches_the_in_memory_one(llama, windows):

@@ -192,10 +192,12 @@ class CorrectionProblem(Protocol):
         """Make ``B @ A`` (rank k of the plan) layer ``name``'s weight."""
         ...
 
-    def factor_gradients(self, share: tuple[int, int] = (0, 1)
+    def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token"
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Calibration loss and (∂L/∂B, ∂L/∂A) of every layer's factors, like ``gradients``
-        but with the layers run as their factors (for correctors that train them)."""
+        but with the layers run as their factors (for correctors that train them); ``loss:
+        distill`` differentiates KL(uncompressed model ‖ this one) instead of the next-token
+        loss (in-memory driver only; a copy of the uncompressed model is kept meanwhile)."""
         ...
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ layer the new plan keeps dense gets the original (teacher) weights back.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from torch import nn
 from zsfw.allocation import AllocationPlan
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
+from zsfw.compression.statistics import distillation_loss
 from zsfw.compression.store import FactorStore
 from zsfw.compression.truncate import kept_factors
 from zsfw.interfaces import Corrector
@@ -33,6 +35,9 @@ from zsfw.modules import LowRankLinear
 log = logging.getLogger(__name__)
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+LOSSES = ("next_token", "distill")
+"""What ``factor_gradients`` can differentiate: the model's next-token loss, or KL from the
+uncompressed model's next-token distributions."""
 Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
 """Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
@@ -54,6 +59,7 @@ class Correction:
         self.result: dict[str, Any] = {}  # validation loss one-shot vs final, set by ``correct``
         self._version = 0  # bumped by every install: the cached validation loss is of this state
         self._measured: tuple[int, float] | None = None
+        self._teacher: nn.Module | None = None
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         """Make ``B @ A`` layer ``name``'s weight; the factors are kept as given (cast to the
@@ -74,21 +80,41 @@ class Correction:
     def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
         return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
 
-    def factor_gradients(self, share: tuple[int, int] = (0, 1)
+    def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token"
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """The loss and (∂L/∂B, ∂L/∂A) of every layer's current factors, from one pass with the
-        layers run as their factors (cheaper than the dense weights and their gradients)."""
+        layers run as their factors (cheaper than the dense weights and their gradients).
+        ``loss``: ``next_token`` (the model's own) or ``distill`` (KL from the uncompressed
+        model's predictions, see ``teacher``)."""
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        objective = distillation_loss(self.teacher()) if loss == "distill" else None
         factored = {name: LowRankLinear.from_factors(*self.factors[name], self.targets[name].bias,
                                                      self.targets[name].weight.dtype) for name in self.layers}
         for name, module in factored.items():
             self.model.set_submodule(name, module)
         try:
-            loss, grads = self.driver.gradients({f"{name}.{part}": getattr(module, part)
-                                                 for name, module in factored.items() for part in "BA"}, share)
+            value, grads = self.driver.gradients({f"{name}.{part}": getattr(module, part)
+                                                  for name, module in factored.items() for part in "BA"},
+                                                 share, objective)
         finally:
             for name in factored:
                 self.model.set_submodule(name, self.targets[name])
-        return loss, {name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored}
+        return value, {name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored}
+
+    def teacher(self) -> nn.Module:
+        """The uncompressed model, for distillation: a copy (built once, dropped by ``close``)
+        with every target's original weight; it doubles the model's memory."""
+        if self._teacher is None:
+            teacher = copy.deepcopy(self.model)
+            for name, linear in self.targets.items():
+                original = copy.deepcopy(linear)
+                if name in self.originals:
+                    with torch.no_grad():
+                        original.weight.copy_(self.originals[name])
+                teacher.set_submodule(name, original)
+            self._teacher = teacher.eval().requires_grad_(False)
+        return self._teacher
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         S = self.store.whitener(name, weight.device)
@@ -145,7 +171,8 @@ class Correction:
             self.install(name, B, A)
 
     def close(self) -> None:
-        """Remove the factor stores re-plans made."""
+        """Remove the factor stores re-plans made and the teacher."""
+        self._teacher = None
         for store in self.stores:
             store.close()
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from zsfw.compression.statistics import GroupStatistics
+from zsfw.compression.statistics import GroupStatistics, Objective
 from zsfw.compression.store import FactorStore
 from zsfw.errors import CalibrationError
 from zsfw.interfaces import LayerScores
@@ -70,8 +70,8 @@ class DistributedDriver:
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> "_DistributedPass":
         return _DistributedPass(self, targets, moments, gradients)
 
-    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
-                  ) -> tuple[float, dict[str, torch.Tensor]]:
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
+                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]:
         raise _one_process_only()
 
     def loss(self, windows: torch.Tensor) -> float:

@@ -6,9 +6,10 @@ ask a driver for
 - ``statistics(targets, moments, gradients)``: the statistics of every input group, yielded one
   group at a time as soon as the group's C and G are complete (the factorize step turns each
   into SVDs and scores at once and drops it), with the token count and loss after the last one;
-- ``gradients(targets, share)``: the loss and ∂L/∂W of the targets at their current weights over
-  the gradient windows (or one of several interleaved shares of them), in one pass (the
-  corrector and model-aware allocators use it);
+- ``gradients(targets, share, objective)``: the loss and ∂L/∂W of the targets at their current
+  weights over the gradient windows (or one of several interleaved shares of them), in one pass
+  (the corrector and model-aware allocators use it); the loss is the model's next-token loss
+  unless an ``objective`` replaces it (only the in-memory driver takes one);
 - ``loss(windows)``: the mean next-token loss of other windows (a corrector's validation
   windows) at the current weights, forward only;
 - ``gathered(store)``: the factor store with every layer's factorization, in the process that
@@ -27,7 +28,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from zsfw.compression.statistics import GroupStatistics, collect
+from zsfw.compression.statistics import GroupStatistics, Objective, collect
 from zsfw.compression.store import FactorStore
 from zsfw.errors import CalibrationError
 from zsfw.recipe import CalibrationConfig
@@ -49,8 +50,8 @@ class Driver(Protocol):
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
 
-    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
-                  ) -> tuple[float, dict[str, torch.Tensor]]: ...
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
+                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]: ...
 
     def loss(self, windows: torch.Tensor) -> float: ...
 
@@ -101,12 +102,12 @@ class InMemoryDriver:
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass:
         return _InMemoryPass(self, targets, moments, gradients)
 
-    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
-                  ) -> tuple[float, dict[str, torch.Tensor]]:
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
+                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]:
         cal = self.calibration
         stats = collect(self.model, targets, gradient_share(self.windows, cal, share),
                         batch_size=cal.batch_size, moments=False,
-                        checkpoint_layers=cal.checkpoint_layers, desc="gradient")
+                        checkpoint_layers=cal.checkpoint_layers, desc="gradient", objective=objective)
         return stats.loss, stats.gradients
 
     def loss(self, windows: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,23 @@ def chunked_next_token_loss(model: nn.Module, input_ids: torch.Tensor, chunk: in
     return total / labels.numel()
 
 
+Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""A training loss of (model, input ids): a per-token mean, like ``next_token_loss``."""
+
+
+def distillation_loss(teacher: nn.Module) -> Objective:
+    """A loss like ``next_token_loss`` that is instead the mean over next-token positions of
+    KL(teacher ‖ model): the whole distribution of the teacher's prediction at every position,
+    not only the token that came next (far more signal per token when few windows are at hand)."""
+    def loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float(), -1)
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+        positions = input_ids.numel() - input_ids.shape[0]
+        return F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="sum") / positions
+    return loss
+
+
 def loss_function(model: nn.Module, probe: torch.Tensor):
     """The chunked loss when it agrees with the model's own on ``probe`` ids, else the plain one.
 
@@ -265,11 +282,13 @@ def collect(
     accumulate_dtype: torch.dtype = torch.float64,
     checkpoint_layers: bool = False,
     desc: str = "calibration",
+    objective: Objective | None = None,
 ) -> CalibrationStatistics:
     """Run ``windows`` through ``model`` once, gathering what the requested statistics need.
 
     The gradient is that of the mean token loss over the first ``gradient_samples`` windows
-    (all by default), accumulated over micro-batches of ``batch_size`` windows. With
+    (all by default), accumulated over micro-batches of ``batch_size`` windows; ``objective``, a
+    per-token mean like ``next_token_loss``, replaces the model's own next-token loss. With
     ``checkpoint_layers`` the decoder layers keep only their inputs for the backward pass and
     recompute the rest: about one more forward pass of time for far less activation memory.
     """
@@ -282,7 +301,7 @@ def collect(
     wide: dict[str, torch.Tensor] = {}  # 16-bit layers' G, summed in fp32
     with frozen(model):
         try:
-            loss_of = loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss
+            loss_of = objective or (loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss)
             hooks = _InputMoments(targets, accumulate_dtype) if moments else None
             for module in targets.values():
                 module.weight.requires_grad_(n_grad > 0)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from zsfw.compression import distributed
 from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, gradient_share
-from zsfw.compression.statistics import (GroupStatistics, _InputMoments, checked_gradient, frozen,
+from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMoments, checked_gradient, frozen,
                                          gradient_windows, loss_function, summed_gradient, widen)
 from zsfw.checkpoint.destination import work_folder
 from zsfw.compression.store import spill_root
@@ -295,10 +295,13 @@ class LayerStreamedDriver(InMemoryDriver):
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> _StreamedPass:
         return _StreamedPass(self, targets, moments, gradients)
 
-    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1)
-                  ) -> tuple[float, dict[str, torch.Tensor]]:
+    def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
+                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]:
         """The loss and ∂L/∂W over the gradient windows (or a share of them): one forward and
-        one backward sweep."""
+        one backward sweep. The loss is the model's own: the sweep turns at its tail."""
+        if objective is not None:
+            raise CalibrationError("a training objective other than the model's next-token loss (e.g. "
+                                   "refine's loss: distill) needs execution.driver: memory, not streamed")
         windows = gradient_share(self.windows, self.calibration, share)
         calibration = self.calibration.model_copy(update={"samples": windows.shape[0], "gradient_samples": None})
         sweep = LayerStreamedDriver(self.model, windows, calibration, self.offload)
