@@ -20,7 +20,7 @@ its section) and the compiled speedups beside their limits to ``speed.png``.
     python benchmarks/speed.py --profile --ratios 0.6 --formats bf16 --dtypes float32
                                                # where compiled decoding spends its time
     python benchmarks/speed.py --ratios 0.8 --formats bf16 pivga --dtypes float32 --modes eager compiled \
-        --section speed-pivga
+        --no-upcast --section speed-pivga
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", help="default: float32 bfloat16 (quick: float32)")
     parser.add_argument("--modes", nargs="*", default=["eager", "compiled", "pt2"],
                         help="which of eager, compiled, pt2 to time (pt2 exports are the slowest to build)")
+    parser.add_argument("--no-upcast", action="store_true",
+                        help="leave out the bf16→fp32 rows (bf16 factors upcast once at load)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile 32 compiled decode steps of each variant")
     parser.add_argument("--section", help="the RESULTS.md section (and plot name) to write; "
@@ -179,7 +181,7 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         sources = [("dense", default_model_path(), False)] + [
             (f"zsfw {r} {f}", paths[(r, f)], False) for r in ratios for f in formats]
-        if dtype == torch.float32 and "bf16" in formats:  # the factors upcast once, at load
+        if dtype == torch.float32 and "bf16" in formats and not args.no_upcast:  # upcast once, at load
             sources += [(f"zsfw {r} bf16→fp32", paths[(r, "bf16")], True) for r in ratios]
         for label, path, upcast in sources:
             model, _ = load_model(path, dtype=dtype)
