@@ -71,10 +71,11 @@ def run_one(method: str, text: Path) -> dict:
         model, tokenizer = lazy_model(default_model_path()), AutoTokenizer.from_pretrained(default_model_path())
     else:
         model, tokenizer = protocol.load_default_model()
-    windows = protocol.reference_windows(tokenizer, text)
+    recipe = RECIPES[method] and zsfw.load_recipe(protocol.REPO / "recipes" / RECIPES[method])
+    training = recipe and recipe.modifier.training_windows  # e.g. refine on training windows
+    windows = protocol.reference_windows(tokenizer, text, training_samples=training or protocol.TRAIN_N)
     cell: dict = {"method": method, "md5": windows.md5, "threads": torch.get_num_threads()}
-    if RECIPES[method] is not None:
-        recipe = zsfw.load_recipe(protocol.REPO / "recipes" / RECIPES[method])
+    if recipe:
         for key, value in EXECUTION.get(method, {}).items():
             setattr(recipe.modifier.execution, key, value)
         recipe.modifier.ratio = RATIO
@@ -84,7 +85,8 @@ def run_one(method: str, text: Path) -> dict:
             start = time.perf_counter()
             model, report = zsfw.compress(model, recipe, windows.calibration,
                                           output_dir=Path(out) / "model" if lazy else None,
-                                          validation=windows.validation)
+                                          validation=windows.validation,
+                                          training=windows.training if training else None)
             cell.update(compress_seconds=time.perf_counter() - start, phases=report.timings,
                         peak_rss_mb=peak_rss_mb(), calibration_loss=report.calibration_loss)
             if report.correction_steps:

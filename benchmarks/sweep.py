@@ -68,7 +68,8 @@ def register_controls() -> None:
 
 def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
         seed: int, cache: Path, text: Path, label: str, damping: float | None = None,
-        calibration_seed: int = protocol.SEED, geometry: tuple[int, int] = (protocol.CAL_N, protocol.CAL_LEN)) -> dict:
+        calibration_seed: int = protocol.SEED, geometry: tuple[int, int] = (protocol.CAL_N, protocol.CAL_LEN),
+        training_windows: int = protocol.TRAIN_N) -> dict:
     import torch
 
     import zsfw
@@ -79,7 +80,8 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     register_controls()
     model, tokenizer = protocol.load_default_model()
     windows = protocol.reference_windows(tokenizer, text, validation_seed=seed, calibration_seed=calibration_seed,
-                                         calibration_samples=geometry[0], calibration_length=geometry[1])
+                                         calibration_samples=geometry[0], calibration_length=geometry[1],
+                                         training_samples=training_windows)
     recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum_oneshot.yaml")
     recipe.modifier.ratio = ratio
     recipe.modifier.storage = PluginSpec.model_validate(storage)
@@ -94,7 +96,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
                                   validation=windows.validation, training=windows.training)
     cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
             "storage": storage, "seed": seed, "calibration_seed": calibration_seed, "calibration_md5": windows.md5,
-            "calibration_windows": list(windows.calibration.shape),
+            "calibration_windows": list(windows.calibration.shape), "training_windows": training_windows,
             "compress_seconds": time.perf_counter() - start, "phases": report.timings,
             "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -116,6 +118,8 @@ def configuration(cell: dict) -> str:
     shape = cell.get("calibration_windows", [protocol.CAL_N, protocol.CAL_LEN])
     parts = [("calibration draw", None if draw == protocol.SEED else draw),
              ("calibration windows", None if shape == [protocol.CAL_N, protocol.CAL_LEN] else "×".join(map(str, shape))),
+             ("training windows", None if cell.get("training_windows", protocol.TRAIN_N) == protocol.TRAIN_N
+                                  else cell["training_windows"]),
              ("damping", None if cell.get("damping", 1e-4) == 1e-4 else cell["damping"]),
              ("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
              ("storage", cell.get("storage", "bf16")), ("corrector", cell["corrector"])]
@@ -171,10 +175,14 @@ def main() -> None:
     parser.add_argument("--calibration-windows", default=f"{protocol.CAL_N}x{protocol.CAL_LEN}",
                         help="another calibration geometry, SAMPLESxLENGTH (e.g. 8x2048: the same tokens in "
                              "evaluation-length windows); only for zsfw's own comparisons")
+    parser.add_argument("--training-windows", type=int, default=protocol.TRAIN_N,
+                        help="512-token training windows to draw from the first 400K tokens, apart from the "
+                             "calibration and validation ones (prehab's, or refine's with windows: training)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label,
-               args.damping, args.calibration_seed, tuple(int(v) for v in args.calibration_windows.split("x")))
+               args.damping, args.calibration_seed, tuple(int(v) for v in args.calibration_windows.split("x")),
+               args.training_windows)
     with LOG.open("a") as f:
         f.write(json.dumps(cell) + "\n")
     write_section("sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))

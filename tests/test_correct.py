@@ -196,8 +196,8 @@ def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_bu
     shares = []
     gradients = Correction.factor_gradients
     monkeypatch.setattr(Correction, "factor_gradients",
-                        lambda self, share=(0, 1), loss="next_token":
-                        shares.append(share) or gradients(self, share, loss))
+                        lambda self, share=(0, 1), loss="next_token", windows="calibration":
+                        shares.append(share) or gradients(self, share, loss, windows))
     validation = patterned_windows(4, seed=1)
     zsfw.compress(copy.deepcopy(llama), _refined(steps=5, windows_per_step=3, validate_every=10), windows,
                   validation=validation)
@@ -212,7 +212,8 @@ def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_bu
 @pytest.mark.parametrize("options, message", [({"steps": 0}, "steps must be >= 1"), ({"lr": 0}, "lr must be > 0"),
                                               ({"seconds": -1}, "seconds must be > 0"),
                                               ({"schedule": "linear"}, "schedule must be one of"),
-                                              ({"loss": "mse"}, "loss must be one of")])
+                                              ({"loss": "mse"}, "loss must be one of"),
+                                              ({"windows": "evaluation"}, "windows must be one of")])
 def test_refinement_options_are_checked(options, message):
     from zsfw import plugins
 
@@ -285,11 +286,38 @@ def test_distilled_refinement_learns_from_the_uncompressed_model(llama, windows,
     assert report.correction_result["final"] < report.correction_result["one_shot"]
 
 
-def test_distillation_with_the_streamed_driver_is_refused_in_one_line(llama, windows):
+def test_distillation_with_the_streamed_driver_is_refused_in_one_line_before_any_work(llama, windows, monkeypatch):
+    from zsfw.compression import pipeline
+
     r = _refined(steps=1, loss="distill")
     r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
-    with pytest.raises(zsfw.ZsfwError, match="needs execution.driver: memory"):
+    monkeypatch.setattr(pipeline, "factor_store", lambda *a, **k: pytest.fail("statistics ran"))
+    with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with loss: distill needs execution.driver "
+                                             "'memory', not 'streamed'"):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
+
+
+def test_refinement_can_train_on_fresh_training_windows_one_per_step(llama, windows, monkeypatch):
+    from zsfw.compression import driver
+
+    training, gradient_passes = patterned_windows(6, seed=2), []
+    collect = driver.collect
+
+    def spied(model, targets, ids, **options):
+        if options.get("desc") == "gradient":
+            gradient_passes.append(ids)
+        return collect(model, targets, ids, **options)
+
+    monkeypatch.setattr(driver, "collect", spied)
+    _, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=6, lr=3e-3, validate_every=3, loss="distill",
+                                                             windows="training"),
+                              windows, validation=patterned_windows(4, seed=1), training=training)
+    assert len(gradient_passes) == 6 and all(ids.shape[0] == 1 for ids in gradient_passes)
+    assert sorted(map(tuple, torch.cat(gradient_passes).tolist())) == sorted(map(tuple, training.tolist()))
+    assert report.correction_result["final"] < report.correction_result["one_shot"]
+    with pytest.raises(zsfw.ZsfwError, match=r"\['refine'\] train on windows held out .* pass training="):  # a tensor dataset: the caller gives them
+        zsfw.compress(copy.deepcopy(llama), _refined(steps=1, windows="training"), windows,
+                      validation=patterned_windows(4, seed=1))
 
 
 def test_refinement_with_the_streamed_driver_matches_the_in_memory_one(llama, windows):

@@ -59,3 +59,11 @@ class EvaluationError(ZsfwError, ValueError):
 
 class ServingError(ZsfwError, ValueError):
     """Generation or export was given inputs or settings they cannot take."""
+
+
+def one_of(option: str, value: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """``value`` when it is one of ``allowed``, else a one-line ``ValueError`` naming ``option``
+    (a component's constructor raises it; plugin creation reports it as the component's)."""
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    return value

@@ -74,8 +74,8 @@ class CalibrationConfig(BaseModel):
                              "when a corrector is set")
     training_samples: int = Field(
         8, gt=0, description="held-out windows of the same text, apart from the calibration and "
-                             "validation ones, that a training stage (prehab) learns from; drawn "
-                             "only when such a stage is set")
+                             "validation ones, that a training stage (prehab) or a corrector "
+                             "(refine with windows: training) learns from; drawn only when one is set")
 
     @model_validator(mode="after")
     def _gradient_within_samples(self) -> "CalibrationConfig":
@@ -161,10 +161,14 @@ class ZeroSumSVDModifier(BaseModel):
     @property
     def training_windows(self) -> int:
         """How many training windows a run draws: ``training_samples`` when a stage trains on
-        them (declares ``needs_training``), else none."""
+        them (its class declares ``needs_training``) or the corrector does (the instance these
+        options make declares it: ``refine`` with ``windows: training``), else none."""
         from zsfw import plugins
 
         training = any(getattr(plugins.component("stage", s.name).cls, "needs_training", False) for s in self.stages)
+        if self.corrector is not None and not training:
+            corrector = plugins.create("corrector", self.corrector.name, self.corrector.options)
+            training = getattr(corrector, "needs_training", False)
         return self.calibration.training_samples if training else 0
 
     @field_validator("storage", mode="before")

@@ -11,7 +11,8 @@ import torch
 
 import zsfw
 from zsfw import CorrectionProblem
-from zsfw.compression.correct import LOSSES
+from zsfw.compression.correct import LOSSES, WINDOWS
+from zsfw.errors import one_of
 
 
 SCHEDULES = {"constant": lambda done, steps: 1.0,
@@ -36,31 +37,37 @@ class RefineCorrector:
     one target, which over-fits a few calibration windows far less. It keeps a copy of the
     uncompressed model (twice the model's memory) and runs it forward on every step's windows
     (about a third more time a step); in-memory driver only. Validation stays the next-token loss.
+
+    ``windows: training`` trains on the training windows instead of the gradient windows:
+    ``calibration.training_samples`` windows of the same text held out from the calibration and
+    validation windows. With distillation they need no labels beyond the text, so many fresh
+    windows (one per step) replace epochs over the few calibration windows that over-fit.
     """
 
     name: ClassVar[str] = "refine"
 
     def __init__(self, steps: int = 64, lr: float = 1e-4, windows_per_step: int = 1,
                  validate_every: int = 8, seconds: float | None = None, keep_best: bool = True,
-                 seed: int = 0, schedule: str = "constant", loss: str = "next_token") -> None:
+                 seed: int = 0, schedule: str = "constant", loss: str = "next_token",
+                 windows: str = "calibration") -> None:
         for option, value in (("steps", steps), ("windows_per_step", windows_per_step),
                               ("validate_every", validate_every)):
             if value < 1:
                 raise ValueError(f"{option} must be >= 1, got {value}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if seconds is not None and not seconds > 0:
             raise ValueError(f"seconds must be > 0 (or null: no time budget), got {seconds}")
         self.steps, self.lr, self.windows_per_step = steps, lr, windows_per_step
         self.validate_every, self.seconds, self.keep_best, self.seed = validate_every, seconds, keep_best, seed
-        self.schedule, self.loss = schedule, loss
+        self.schedule, self.loss = one_of("schedule", schedule, tuple(SCHEDULES)), one_of("loss", loss, LOSSES)
+        self.windows = one_of("windows", windows, WINDOWS)
+        self.needs_training = windows == "training"  # the pipeline then draws training windows
+        self.needs_memory_driver = "loss: distill" if loss == "distill" else None  # refused before any work
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
-        shares = max(1, problem.gradient_windows // self.windows_per_step)
+        count = problem.training_windows if self.windows == "training" else problem.gradient_windows
+        shares = max(1, count // self.windows_per_step)
         params = {name: [t.detach().to(torch.float32, copy=True) for t in problem.factors[name]]
                   for name in problem.layers}
         optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=self.lr)
@@ -70,7 +77,7 @@ class RefineCorrector:
         order = [int(i) for _ in range(-(-self.steps // shares)) for i in torch.randperm(shares, generator=generator)]
         start, losses = time.perf_counter(), []
         for step in range(1, self.steps + 1):
-            loss, grads = problem.factor_gradients((order[step - 1], shares), self.loss)
+            loss, grads = problem.factor_gradients((order[step - 1], shares), self.loss, self.windows)
             losses.append(loss)
             for name, (B, A) in params.items():
                 B.grad, A.grad = (g.to(torch.float32) for g in grads.pop(name))

@@ -29,6 +29,7 @@ from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.statistics import distillation_loss
 from zsfw.compression.store import FactorStore
 from zsfw.compression.truncate import kept_factors
+from zsfw.errors import one_of
 from zsfw.interfaces import Corrector
 from zsfw.modules import LowRankLinear
 
@@ -38,6 +39,11 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LOSSES = ("next_token", "distill")
 """What ``factor_gradients`` can differentiate: the model's next-token loss, or KL from the
 uncompressed model's next-token distributions."""
+
+
+WINDOWS = ("calibration", "training")
+"""What ``factor_gradients`` can share out: the gradient windows, or the training windows held
+out from the calibration text (``calibration.training_samples``)."""
 Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
 """Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
@@ -47,9 +53,11 @@ class Correction:
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
                  store: FactorStore, driver: Driver, validation: torch.Tensor,
-                 planner: Planner | None = None) -> None:
+                 planner: Planner | None = None, training: torch.Tensor | None = None) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
         self.validation, self.gradient_windows = validation, driver.gradient_windows
+        self.training = training
+        self.training_windows = 0 if training is None else training.shape[0]
         self.planner = planner
         self.layers = plan.lowrank()
         self.factors: Factors = {}
@@ -80,15 +88,16 @@ class Correction:
     def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
         return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
 
-    def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token"
+    def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
+                         windows: str = "calibration"
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """The loss and (∂L/∂B, ∂L/∂A) of every layer's current factors, from one pass with the
         layers run as their factors (cheaper than the dense weights and their gradients).
         ``loss``: ``next_token`` (the model's own) or ``distill`` (KL from the uncompressed
-        model's predictions, see ``teacher``)."""
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        objective = distillation_loss(self.teacher()) if loss == "distill" else None
+        model's predictions, see ``teacher``); ``windows``: a share of the gradient windows
+        (``calibration``) or of the training windows (``training``)."""
+        other = self._windows(windows)
+        objective = distillation_loss(self.teacher()) if one_of("loss", loss, LOSSES) == "distill" else None
         factored = {name: LowRankLinear.from_factors(*self.factors[name], self.targets[name].bias,
                                                      self.targets[name].weight.dtype) for name in self.layers}
         for name, module in factored.items():
@@ -96,11 +105,17 @@ class Correction:
         try:
             value, grads = self.driver.gradients({f"{name}.{part}": getattr(module, part)
                                                   for name, module in factored.items() for part in "BA"},
-                                                 share, objective)
+                                                 share, objective, other)
         finally:
             for name in factored:
                 self.model.set_submodule(name, self.targets[name])
         return value, {name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored}
+
+    def _windows(self, windows: str) -> torch.Tensor | None:
+        """The windows ``factor_gradients`` shares out: None for the gradient windows."""
+        if one_of("windows", windows, WINDOWS) == "training" and self.training is None:
+            raise RuntimeError("this correction was built without training windows")  # a pipeline bug
+        return self.training if windows == "training" else None
 
     def teacher(self) -> nn.Module:
         """The uncompressed model, for distillation: a copy (built once, dropped by ``close``)

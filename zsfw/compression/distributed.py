@@ -71,7 +71,8 @@ class DistributedDriver:
         return _DistributedPass(self, targets, moments, gradients)
 
     def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
-                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+                  objective: Objective | None = None, windows: torch.Tensor | None = None
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
         raise _one_process_only()
 
     def loss(self, windows: torch.Tensor) -> float:

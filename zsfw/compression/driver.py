@@ -6,10 +6,11 @@ ask a driver for
 - ``statistics(targets, moments, gradients)``: the statistics of every input group, yielded one
   group at a time as soon as the group's C and G are complete (the factorize step turns each
   into SVDs and scores at once and drops it), with the token count and loss after the last one;
-- ``gradients(targets, share, objective)``: the loss and ∂L/∂W of the targets at their current
-  weights over the gradient windows (or one of several interleaved shares of them), in one pass
-  (the corrector and model-aware allocators use it); the loss is the model's next-token loss
-  unless an ``objective`` replaces it (only the in-memory driver takes one);
+- ``gradients(targets, share, objective, windows)``: the loss and ∂L/∂W of the targets at their
+  current weights over the gradient windows, or other ``windows`` (a corrector's training
+  windows), or one of several interleaved shares of them, in one pass (the corrector and
+  model-aware allocators use it); the loss is the model's next-token loss unless an
+  ``objective`` replaces it (only the in-memory driver takes one);
 - ``loss(windows)``: the mean next-token loss of other windows (a corrector's validation
   windows) at the current weights, forward only;
 - ``gathered(store)``: the factor store with every layer's factorization, in the process that
@@ -51,7 +52,8 @@ class Driver(Protocol):
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass: ...
 
     def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
-                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]: ...
+                  objective: Objective | None = None, windows: torch.Tensor | None = None
+                  ) -> tuple[float, dict[str, torch.Tensor]]: ...
 
     def loss(self, windows: torch.Tensor) -> float: ...
 
@@ -61,12 +63,23 @@ class Driver(Protocol):
 def gradient_share(windows: torch.Tensor, calibration: CalibrationConfig, share: tuple[int, int]) -> torch.Tensor:
     """The gradient windows (the first ``gradient_samples``), or share ``part`` of ``parts``
     interleaved, disjoint shares of them (``share = (part, parts)``)."""
+    return share_of(windows[: calibration.gradient_samples], share, "gradient")
+
+
+def share_of(windows: torch.Tensor, share: tuple[int, int], what: str = "training") -> torch.Tensor:
+    """Share ``part`` of ``parts`` interleaved, disjoint shares of ``windows`` (``what`` windows)."""
     part, parts = share
-    chosen = windows[: calibration.gradient_samples]
-    if not 0 <= part < parts <= chosen.shape[0]:
-        raise CalibrationError(f"gradient share {part} of {parts}: there are {chosen.shape[0]} gradient "
+    if not 0 <= part < parts <= windows.shape[0]:
+        raise CalibrationError(f"{what} share {part} of {parts}: there are {windows.shape[0]} {what} "
                                f"windows; rotate over at most that many shares")
-    return chosen[part::parts]
+    return windows[part::parts]
+
+
+def chosen_windows(windows: torch.Tensor, calibration: CalibrationConfig, share: tuple[int, int],
+                   other: torch.Tensor | None) -> torch.Tensor:
+    """What a driver's ``gradients`` runs over: a share of ``other`` windows when given, else of
+    the gradient windows."""
+    return gradient_share(windows, calibration, share) if other is None else share_of(other, share)
 
 
 class _InMemoryPass:
@@ -103,9 +116,10 @@ class InMemoryDriver:
         return _InMemoryPass(self, targets, moments, gradients)
 
     def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
-                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+                  objective: Objective | None = None, windows: torch.Tensor | None = None
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
         cal = self.calibration
-        stats = collect(self.model, targets, gradient_share(self.windows, cal, share),
+        stats = collect(self.model, targets, chosen_windows(self.windows, cal, share, windows),
                         batch_size=cal.batch_size, moments=False,
                         checkpoint_layers=cal.checkpoint_layers, desc="gradient", objective=objective)
         return stats.loss, stats.gradients

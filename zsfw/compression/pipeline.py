@@ -54,8 +54,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     ``statistics_cache`` statistics and factorizations are reused when model, data and settings match.
     A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
     calibration text), by default ``calibration.validation_samples`` windows drawn from ``dataset``'s
-    text apart from the calibration windows. A training stage (prehab) learns from ``training``
-    windows, by default ``calibration.training_samples`` drawn apart from both.
+    text apart from the calibration windows. A training stage (prehab), or a corrector set to
+    train on them (``refine`` with ``windows: training``), learns from ``training`` windows, by
+    default ``calibration.training_samples`` drawn apart from both.
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
@@ -67,7 +68,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
                                   (("scorer", m.scorer), ("allocator", m.allocator), ("storage", m.storage)))
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
     lazy = residency(model).lazy
-    _check_execution(m, allocator, output_dir, lazy, statistics_cache)
+    _check_execution(m, allocator, corrector, output_dir, lazy, statistics_cache)
     if m.execution.device is not None:
         place(model, compute_device(m.execution.device))
     report = Report(recipe=recipe.to_dict())
@@ -78,7 +79,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         if m.validation_windows:
             validation = _validation(validation, drawn.validation, windows, m, report)
         if m.training_windows:
-            training = _training(training, drawn.training, m)
+            training = _training(training, drawn.training, m, corrector)
     if m.stages:
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows, training, validation)
@@ -106,7 +107,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             return again, allocate(allocator, m.allocator.name, m.ratio, storage, again, targets, driver,
                                    validation)
 
-        correction = corrector and Correction(model, targets, plan, store, driver, validation, replan)
+        correction = corrector and Correction(model, targets, plan, store, driver, validation, replan,
+                                              training if m.training_windows else None)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, correction, writer)
         notes = store.notes
@@ -131,11 +133,15 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     return model, report
 
 
-def _check_execution(m: ZeroSumSVDModifier, allocator: Any, output_dir: str | Path | None, lazy: bool,
-                     statistics_cache: str | Path | None) -> None:
-    """Refuse what a lazily loaded model (decoder layers read one at a time) or several
-    processes under torchrun cannot do yet, before any work."""
+def _check_execution(m: ZeroSumSVDModifier, allocator: Any, corrector: Any, output_dir: str | Path | None,
+                     lazy: bool, statistics_cache: str | Path | None) -> None:
+    """Refuse what a lazily loaded model (decoder layers read one at a time), the streamed driver
+    or several processes under torchrun cannot do yet, before any work."""
     model_aware = getattr(allocator, "needs_model", False)
+    needs_memory = getattr(corrector, "needs_memory_driver", None)
+    if needs_memory and m.execution.driver != "memory":
+        raise RecipeError(f"corrector {m.corrector.name!r} with {needs_memory} needs execution.driver 'memory', "
+                          f"not {m.execution.driver!r}")
     if lazy:
         needs = ["execution.driver 'streamed'" if m.execution.driver != "streamed" else "",
                  "an output folder (its layers are written as they are compressed)" if output_dir is None else "",
@@ -167,14 +173,17 @@ def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows:
     return gradient_share(windows, m.calibration, (0, 1))
 
 
-def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier) -> torch.Tensor:
-    """The windows a training stage learns from: those given, else those drawn from the text."""
+def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier,
+              corrector: Any) -> torch.Tensor:
+    """The windows a training stage or corrector learns from: those given, else those drawn from
+    the text."""
     if given is not None:
         return token_ids(given, "training")
     if drawn is not None:
         return drawn
-    raise CalibrationError(f"stages {[s.name for s in m.stages]} train on windows held out from calibration: "
-                           f"with a tensor dataset pass training= (windows × tokens), or calibrate on text")
+    trainers = [s.name for s in m.stages] + ([m.corrector.name] if getattr(corrector, "needs_training", False) else [])
+    raise CalibrationError(f"{trainers} train on windows held out from calibration: with a tensor "
+                           f"dataset pass training= (windows × tokens), or calibrate on text")
 
 
 def _records(plan: AllocationPlan) -> dict[str, ModuleRecord]:

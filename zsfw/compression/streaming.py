@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsfw.compression import distributed
-from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, gradient_share
+from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, chosen_windows
 from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMoments, checked_gradient, frozen,
                                          gradient_windows, loss_function, summed_gradient, widen)
 from zsfw.checkpoint.destination import work_folder
@@ -296,13 +296,15 @@ class LayerStreamedDriver(InMemoryDriver):
         return _StreamedPass(self, targets, moments, gradients)
 
     def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
-                  objective: Objective | None = None) -> tuple[float, dict[str, torch.Tensor]]:
-        """The loss and ∂L/∂W over the gradient windows (or a share of them): one forward and
-        one backward sweep. The loss is the model's own: the sweep turns at its tail."""
+                  objective: Objective | None = None, windows: torch.Tensor | None = None
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
+        """The loss and ∂L/∂W over the gradient windows, or other ``windows``, or a share of
+        them: one forward and one backward sweep. The loss is the model's own: the sweep turns at
+        its tail."""
         if objective is not None:
             raise CalibrationError("a training objective other than the model's next-token loss (e.g. "
                                    "refine's loss: distill) needs execution.driver: memory, not streamed")
-        windows = gradient_share(self.windows, self.calibration, share)
+        windows = chosen_windows(self.windows, self.calibration, share, windows)
         calibration = self.calibration.model_copy(update={"samples": windows.shape[0], "gradient_samples": None})
         sweep = LayerStreamedDriver(self.model, windows, calibration, self.offload)
         found: dict[str, torch.Tensor] = {}
