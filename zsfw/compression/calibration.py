@@ -104,7 +104,7 @@ def _shuffled_chunks(tokens: torch.Tensor, samples: int, sequence_length: int, s
             f"{'' if max_tokens is None else f' within max_tokens={max_tokens}'}, enough for "
             f"{available} windows of {sequence_length}; {samples} were requested"
             f"{f' and {held_out} held out' if held_out else ''}. Give more text, or lower "
-            f"calibration.samples or calibration.sequence_length")
+            f"calibration.samples, sequence_length{', validation_samples or training_samples' if held_out else ''}")
     chunks = pool[: available * sequence_length].view(available, sequence_length)
     return chunks, torch.randperm(available, generator=torch.Generator().manual_seed(seed))
 
