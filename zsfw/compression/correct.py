@@ -39,8 +39,6 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LOSSES = ("next_token", "distill")
 """What ``factor_gradients`` can differentiate: the model's next-token loss, or KL from the
 uncompressed model's next-token distributions."""
-
-
 WINDOWS = ("calibration", "training")
 """What ``factor_gradients`` can share out: the gradient windows, or the training windows held
 out from the calibration text (``calibration.training_samples``)."""

@@ -72,13 +72,14 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     if m.execution.device is not None:
         place(model, compute_device(m.execution.device))
     report = Report(recipe=recipe.to_dict())
+    trains = m.training_windows  # a property that builds the corrector to ask it: read once
     with report.phase("calibration data"):
-        drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows, m.training_windows)
+        drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows, trains)
         windows = drawn.calibration
         report.warnings += coverage_warnings(targets, windows)
         if m.validation_windows:
             validation = _validation(validation, drawn.validation, windows, m, report)
-        if m.training_windows:
+        if trains:
             training = _training(training, drawn.training, m, corrector)
     if m.stages:
         with report.phase("stages"):
@@ -108,7 +109,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
                                    validation)
 
         correction = corrector and Correction(model, targets, plan, store, driver, validation, replan,
-                                              training if m.training_windows else None)
+                                              training if trains else None)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, correction, writer)
         notes = store.notes
