@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -94,10 +95,11 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     start = time.perf_counter()
     model, report = zsfw.compress(model, recipe, windows.calibration, statistics_cache=cache,
                                   validation=windows.validation, training=windows.training)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluation adds its own
     cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
             "storage": storage, "seed": seed, "calibration_seed": calibration_seed, "calibration_md5": windows.md5,
             "calibration_windows": list(windows.calibration.shape), "training_windows": training_windows,
-            "compress_seconds": time.perf_counter() - start, "phases": report.timings,
+            "compress_seconds": time.perf_counter() - start, "phases": report.timings, "peak_rss_mb": peak_mb,
             "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=HERE).stdout.strip(),
@@ -137,22 +139,24 @@ def table(cells: list[dict]) -> str:
              "`benchmarks/sweep.jsonl`. Seed: the validation and training windows' draw "
              "(`protocol.held_out_starts`); a component's own `seed` is in its options. The seconds "
              "are each run's stages + allocation + truncation + correction (validation passes included), "
-             "not the statistics pass (cached); runs may have shared the 2 cores with other work, so compare "
+             "not the statistics pass (cached); `peak RSS`: the process's peak resident memory when compression "
+             "ended (model, cached statistics, the method's own state; rows before it was recorded have none); runs may have shared the 2 cores with other work, so compare "
              "seconds only where the text says they were measured alone.", "",
              f"Machine (last run): {cells[-1]['machine']}.", "",
              "`val loss`: the shipped model's mean next-token loss on the seed's validation windows (what a "
              "setting may be chosen on; rows before it was recorded have none); `one-shot → final`: a "
              "corrector's own validation record.", "",
-             "| label | ratio | configuration | seed | kept bytes | val loss | wiki PPL | news PPL | val loss one-shot → final | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| label | ratio | configuration | seed | kept bytes | val loss | wiki PPL | news PPL | val loss one-shot → final | s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         r = c["correction_result"] or {}
         val = f"{r['one_shot']:.4f} → {r['final']:.4f}" if r else ""
         seconds = sum(c["phases"].get(phase, 0) for phase in ("stages", "allocate", "truncate", "correct"))
         kept = f"{c['kept']:.3f}" if "kept" in c else ""
         held_out = f"{c['val_loss']:.4f}" if "val_loss" in c else ""
+        peak = f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else ""
         lines.append(f"| {c['label']} | {c['ratio']} | {configuration(c)} | {c['seed']} | {kept} | {held_out} | "
-                     f"{c['wiki_ppl']:.2f} | {c['news_ppl']:.2f} | {val} | {seconds:.0f} |")
+                     f"{c['wiki_ppl']:.2f} | {c['news_ppl']:.2f} | {val} | {seconds:.0f} | {peak} |")
     return "\n".join(lines)
 
 

@@ -196,8 +196,7 @@ def test_refinement_steps_through_shares_of_the_windows_and_stops_on_its_time_bu
     shares = []
     gradients = Correction.factor_gradients
     monkeypatch.setattr(Correction, "factor_gradients",
-                        lambda self, share=(0, 1), loss="next_token", windows="calibration":
-                        shares.append(share) or gradients(self, share, loss, windows))
+                        lambda self, share=(0, 1), *rest: shares.append(share) or gradients(self, share, *rest))
     validation = patterned_windows(4, seed=1)
     zsfw.compress(copy.deepcopy(llama), _refined(steps=5, windows_per_step=3, validate_every=10), windows,
                   validation=validation)
@@ -295,6 +294,42 @@ def test_distillation_with_the_streamed_driver_is_refused_in_one_line_before_any
     with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with loss: distill needs execution.driver "
                                              "'memory', not 'streamed'"):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
+
+
+def test_bf16_factor_gradients_are_fp32_close_to_the_fp32_ones_and_not_equal(llama, windows, monkeypatch):
+    from zsfw.compression import pipeline
+
+    checked = []
+
+    def correct(corrector, problem):
+        for loss in ("next_token", "distill"):
+            exact, full = problem.factor_gradients((0, 1), loss)
+            rounded, half = problem.factor_gradients((0, 1), loss, precision="bf16")
+            assert rounded == pytest.approx(exact, rel=2e-2, abs=2e-3) and rounded != exact  # bf16 matmuls ran
+            for name in problem.layers:
+                for g, h in zip(full[name], half[name]):
+                    assert h.dtype == torch.float32
+                    cosine = torch.nn.functional.cosine_similarity(g.double().flatten(), h.double().flatten(), 0)
+                    assert cosine > 0.98, (name, loss, cosine)
+            checked.append(loss)
+        return []
+
+    monkeypatch.setattr(pipeline, "correct", correct)
+    zsfw.compress(copy.deepcopy(llama), _refined(steps=1, loss="distill"), windows, validation=patterned_windows(4, seed=1))
+    assert checked == ["next_token", "distill"]
+
+
+def test_bf16_refinement_lowers_the_validation_loss_and_is_refused_with_the_streamed_driver(llama, windows):
+    _, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=6, lr=3e-3, validate_every=3, precision="bf16"),
+                              windows, validation=patterned_windows(4, seed=1))
+    assert report.correction_result["final"] < report.correction_result["one_shot"]
+    r = _refined(steps=1, loss="distill", precision="bf16")
+    r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
+    with pytest.raises(zsfw.ZsfwError, match="with loss: distill and precision: bf16 needs execution.driver 'memory'"):
+        zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
+    with pytest.raises(zsfw.ZsfwError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        zsfw.compress(copy.deepcopy(llama), _refined(steps=1, precision="fp16"), windows,
+                      validation=patterned_windows(4, seed=1))
 
 
 def test_refinement_can_train_on_fresh_training_windows_one_per_step(llama, windows, monkeypatch):

@@ -177,6 +177,7 @@ class CorrectionProblem(Protocol):
     plan: AllocationPlan
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B, A), its weight is B @ A
     gradient_windows: int  # how many windows ``gradients`` can share out
+    training_windows: int  # how many ``factor_gradients(windows="training")`` can share out (0: none drawn)
 
     def original(self, name: str) -> torch.Tensor: ...
 
@@ -192,12 +193,15 @@ class CorrectionProblem(Protocol):
         """Make ``B @ A`` (rank k of the plan) layer ``name``'s weight."""
         ...
 
-    def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token"
+    def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
+                         windows: str = "calibration", precision: str = "fp32"
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Calibration loss and (∂L/∂B, ∂L/∂A) of every layer's factors, like ``gradients``
         but with the layers run as their factors (for correctors that train them); ``loss:
         distill`` differentiates KL(uncompressed model ‖ this one) instead of the next-token
-        loss (in-memory driver only; a copy of the uncompressed model is kept meanwhile)."""
+        loss (in-memory driver only; a copy of the uncompressed model is kept meanwhile);
+        ``windows: training`` shares out the training windows instead of the gradient windows;
+        ``precision: bf16`` autocasts the forward passes to bf16 (in-memory driver only)."""
         ...
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:

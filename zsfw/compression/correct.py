@@ -26,7 +26,7 @@ from torch import nn
 from zsfw.allocation import AllocationPlan
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
-from zsfw.compression.statistics import distillation_loss
+from zsfw.compression.statistics import autocast, distillation_loss, next_token_loss
 from zsfw.compression.store import FactorStore
 from zsfw.compression.truncate import kept_factors
 from zsfw.errors import one_of
@@ -42,6 +42,8 @@ uncompressed model's next-token distributions."""
 WINDOWS = ("calibration", "training")
 """What ``factor_gradients`` can share out: the gradient windows, or the training windows held
 out from the calibration text (``calibration.training_samples``)."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+"""What ``factor_gradients`` can run the forward passes in: fp32, or autocast to bf16."""
 Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
 """Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
@@ -87,15 +89,19 @@ class Correction:
         return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
 
     def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
-                         windows: str = "calibration"
+                         windows: str = "calibration", precision: str = "fp32"
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """The loss and (∂L/∂B, ∂L/∂A) of every layer's current factors, from one pass with the
         layers run as their factors (cheaper than the dense weights and their gradients).
         ``loss``: ``next_token`` (the model's own) or ``distill`` (KL from the uncompressed
         model's predictions, see ``teacher``); ``windows``: a share of the gradient windows
-        (``calibration``) or of the training windows (``training``)."""
+        (``calibration``) or of the training windows (``training``); ``precision``: ``fp32``,
+        or ``bf16`` (the forward passes autocast to bf16; the gradients stay fp32)."""
         other = self._windows(windows)
         objective = distillation_loss(self.teacher()) if one_of("loss", loss, LOSSES) == "distill" else None
+        dtype = PRECISIONS[one_of("precision", precision, tuple(PRECISIONS))]
+        if dtype is not None:
+            objective = autocast(objective or next_token_loss, dtype)
         factored = {name: LowRankLinear.from_factors(*self.factors[name], self.targets[name].bias,
                                                      self.targets[name].weight.dtype) for name in self.layers}
         for name, module in factored.items():
