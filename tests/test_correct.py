@@ -327,9 +327,19 @@ def test_bf16_refinement_lowers_the_validation_loss_and_is_refused_with_the_stre
     r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
     with pytest.raises(zsfw.ZsfwError, match="with loss: distill and precision: bf16 needs execution.driver 'memory'"):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
-    with pytest.raises(zsfw.ZsfwError, match="precision must be one of fp32, bf16, got 'fp16'"):
+    assert {step["precision"] for step in report.correction_steps} == {"bf16"}
+    with pytest.raises(zsfw.ZsfwError, match="precision must be one of fp32, bf16, auto, got 'fp16'"):
         zsfw.compress(copy.deepcopy(llama), _refined(steps=1, precision="fp16"), windows,
                       validation=patterned_windows(4, seed=1))
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_units(llama, windows, monkeypatch, units):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: units)
+    _, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=2, lr=3e-3, validate_every=1, precision="auto"),
+                              windows, validation=patterned_windows(4, seed=1))
+    assert [step["precision"] for step in report.correction_steps] == ["bf16" if units else "fp32"] * 2
 
 
 def test_refinement_can_train_on_fresh_training_windows_one_per_step(llama, windows, monkeypatch):
@@ -370,11 +380,15 @@ def test_refinement_with_the_streamed_driver_matches_the_in_memory_one(llama, wi
 
 
 def test_cosine_schedule_runs_from_the_full_rate_to_zero():
-    from zsfw_refine import SCHEDULES
+    from zsfw_refine import SCHEDULES, progress
 
-    assert SCHEDULES["cosine"](0, 40) == 1.0 and SCHEDULES["cosine"](20, 40) == pytest.approx(0.5)
-    assert SCHEDULES["cosine"](40, 40) == pytest.approx(0.0, abs=1e-12)
-    assert SCHEDULES["constant"](39, 40) == 1.0
+    assert SCHEDULES["cosine"](progress(0, 40, 0, None)) == 1.0
+    assert SCHEDULES["cosine"](progress(20, 40, 5.0, None)) == pytest.approx(0.5)
+    assert SCHEDULES["cosine"](progress(40, 40, 0, None)) == pytest.approx(0.0, abs=1e-12)
+    assert SCHEDULES["constant"](progress(39, 40, 0, None)) == 1.0
+    # a time budget that runs out first drives the schedule: half the seconds gone is half way
+    assert progress(5, 40, 30.0, 60.0) == pytest.approx(0.5) and progress(30, 40, 6.0, 60.0) == pytest.approx(0.75)
+    assert progress(5, 40, 90.0, 60.0) == 1.0
 
 
 @pytest.mark.parametrize("corrector", [{"name": "refine", "steps": 2}, {"name": "projected_gradient"}])

@@ -11,13 +11,19 @@ import torch
 
 import zsfw
 from zsfw import CorrectionProblem
-from zsfw.compression.correct import LOSSES, PRECISIONS, WINDOWS
+from zsfw.compression.correct import LOSSES, PRECISIONS, WINDOWS, native_precision
 from zsfw.errors import one_of
 
 
-SCHEDULES = {"constant": lambda done, steps: 1.0,
-             "cosine": lambda done, steps: 0.5 * (1 + math.cos(math.pi * done / steps))}
-"""The learning rate's factor after ``done`` of ``steps`` steps."""
+SCHEDULES = {"constant": lambda progress: 1.0,
+             "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress))}
+"""The learning rate's factor at ``progress`` (0 at the start, 1 at the end) of training."""
+
+
+def progress(done: int, steps: int, elapsed: float, seconds: float | None) -> float:
+    """How far training is, from 0 to 1: ``done`` of ``steps`` steps, or ``elapsed`` of a time
+    budget of ``seconds`` when that runs out first (so a schedule ends where training does)."""
+    return min(1.0, max(done / steps, elapsed / seconds if seconds else 0.0))
 
 
 class RefineCorrector:
@@ -30,7 +36,9 @@ class RefineCorrector:
     and after the last one; with ``keep_best`` the best state measured, the one-shot truncation
     included, is the result. Training stops after ``steps`` steps or, with ``seconds``, after
     the first step that ends past that budget. ``schedule: cosine`` lowers the learning rate
-    from ``lr`` to 0 over ``steps``. Adam's moments take twice the factors' memory.
+    from ``lr`` to 0 over ``steps``, or over ``seconds`` when the time budget runs out first (a
+    slower machine then takes fewer steps down the same curve instead of stopping at a high
+    rate). Adam's moments take twice the factors' memory.
 
     ``loss: distill`` trains on KL(uncompressed ‖ compressed) of the next-token distributions at
     every position instead of the next-token loss: the teacher's whole prediction per token, not
@@ -46,7 +54,9 @@ class RefineCorrector:
     ``precision: bf16`` runs each step's forward passes (the teacher's too) under bf16 autocast:
     the factors, Adam's state and the gradients stay fp32. On CPUs with AVX-512-BF16 or AMX, and
     on GPUs, a step takes about half the time, so twice the steps fit a time budget; CPUs without
-    bf16 units have nothing to gain. In-memory driver only. Validation stays fp32.
+    bf16 units have nothing to gain. ``precision: auto`` chooses bf16 where the device has bf16
+    units and fp32 elsewhere (the report's steps say which). In-memory driver only. Validation
+    stays fp32.
     """
 
     name: ClassVar[str] = "refine"
@@ -67,7 +77,7 @@ class RefineCorrector:
         self.validate_every, self.seconds, self.keep_best, self.seed = validate_every, seconds, keep_best, seed
         self.schedule, self.loss = one_of("schedule", schedule, tuple(SCHEDULES)), one_of("loss", loss, LOSSES)
         self.windows = one_of("windows", windows, WINDOWS)
-        self.precision = one_of("precision", precision, tuple(PRECISIONS))
+        self.precision = one_of("precision", precision, (*PRECISIONS, "auto"))
         self.needs_training = windows == "training"  # the pipeline then draws training windows
         memory_only = [f"{option}: {value}" for option, value, default in
                        (("loss", loss, "next_token"), ("precision", precision, "fp32")) if value != default]
@@ -79,19 +89,20 @@ class RefineCorrector:
         params = {name: [t.detach().to(torch.float32, copy=True) for t in problem.factors[name]]
                   for name in problem.layers}
         optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: SCHEDULES[self.schedule](done, self.steps))
+        precision = native_precision(params[problem.layers[0]][0].device) if self.precision == "auto" else self.precision
         best = (problem.validation_loss(), problem.snapshot())
         generator = torch.Generator().manual_seed(self.seed)
         order = [int(i) for _ in range(-(-self.steps // shares)) for i in torch.randperm(shares, generator=generator)]
         start, losses = time.perf_counter(), []
         for step in range(1, self.steps + 1):
-            loss, grads = problem.factor_gradients((order[step - 1], shares), self.loss, self.windows,
-                                                   self.precision)
+            loss, grads = problem.factor_gradients((order[step - 1], shares), self.loss, self.windows, precision)
             losses.append(loss)
             for name, (B, A) in params.items():
                 B.grad, A.grad = (g.to(torch.float32) for g in grads.pop(name))
+            done = progress(step - 1, self.steps, time.perf_counter() - start, self.seconds)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr * SCHEDULES[self.schedule](done)
             optimizer.step()
-            scheduler.step()
             for name, (B, A) in params.items():
                 problem.install(name, B.clone(), A.clone())
             out_of_time = self.seconds is not None and time.perf_counter() - start > self.seconds
@@ -100,7 +111,8 @@ class RefineCorrector:
                 value, recent = problem.validation_loss(), losses[-self.validate_every:]
                 trained = {("calibration_kl" if self.loss == "distill" else "calibration_loss"):
                            sum(recent) / len(recent)}  # what the steps minimised, named as such
-                problem.record(cycle=step, **trained, validation_loss=value, accepted=value < best[0])
+                problem.record(cycle=step, **trained, validation_loss=value, accepted=value < best[0],
+                               precision=precision)
                 if value < best[0]:
                     best = (value, problem.snapshot())
             if last:

@@ -44,6 +44,20 @@ WINDOWS = ("calibration", "training")
 out from the calibration text (``calibration.training_samples``)."""
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """What ``factor_gradients`` can run the forward passes in: fp32, or autocast to bf16."""
+
+
+def native_precision(device: torch.device) -> str:
+    """``bf16`` where ``device`` multiplies bf16 natively (a CUDA GPU that supports it, a CPU with
+    AVX-512-BF16 or AMX), else ``fp32``: what ``precision: auto`` runs in."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        units = (getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                           "_is_amx_tile_supported"))
+        return "bf16" if any(units) else "fp32"
+    return "fp32"
+
+
 Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
 """Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
