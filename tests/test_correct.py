@@ -312,6 +312,12 @@ def test_bf16_factor_gradients_are_fp32_close_to_the_fp32_ones_and_not_equal(lla
                     cosine = torch.nn.functional.cosine_similarity(g.double().flatten(), h.double().flatten(), 0)
                     assert cosine > 0.98, (name, loss, cosine)
             checked.append(loss)
+        teacher, rounded = problem.teacher(), problem.teacher(torch.bfloat16)  # linear weights stored in bf16
+        assert {m.weight.dtype for m in rounded.modules() if isinstance(m, torch.nn.Linear)} == {torch.bfloat16}
+        assert rounded.get_input_embeddings().weight.dtype == torch.float32
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(rounded(input_ids=windows[:1]).logits.float(),
+                                       teacher(input_ids=windows[:1]).logits.float(), rtol=0.05, atol=0.05)
         return []
 
     monkeypatch.setattr(pipeline, "correct", correct)

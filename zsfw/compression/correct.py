@@ -81,7 +81,7 @@ class Correction:
         self.result: dict[str, Any] = {}  # validation loss one-shot vs final, set by ``correct``
         self._version = 0  # bumped by every install: the cached validation loss is of this state
         self._measured: tuple[int, float] | None = None
-        self._teacher: nn.Module | None = None
+        self._teachers: dict[torch.dtype | None, nn.Module] = {}
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         """Make ``B @ A`` layer ``name``'s weight; the factors are kept as given (cast to the
@@ -112,12 +112,12 @@ class Correction:
         (``calibration``) or of the training windows (``training``); ``precision``: ``fp32``,
         or ``bf16`` (the forward passes autocast to bf16; the gradients stay fp32)."""
         other = self._windows(windows)
-        objective = distillation_loss(self.teacher()) if one_of("loss", loss, LOSSES) == "distill" else None
         dtype = PRECISIONS[one_of("precision", precision, tuple(PRECISIONS))]
+        objective = distillation_loss(self.teacher(dtype)) if one_of("loss", loss, LOSSES) == "distill" else None
         if dtype is not None:
             objective = autocast(objective or next_token_loss, dtype)
         factored = {name: LowRankLinear.from_factors(*self.factors[name], self.targets[name].bias,
-                                                     self.targets[name].weight.dtype) for name in self.layers}
+                                                     dtype or self.targets[name].weight.dtype) for name in self.layers}
         for name, module in factored.items():
             self.model.set_submodule(name, module)
         try:
@@ -135,10 +135,12 @@ class Correction:
             raise RuntimeError("this correction was built without training windows")  # a pipeline bug
         return self.training if windows == "training" else None
 
-    def teacher(self) -> nn.Module:
+    def teacher(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The uncompressed model, for distillation: a copy (built once, dropped by ``close``)
-        with every target's original weight; it doubles the model's memory."""
-        if self._teacher is None:
+        with every target's original weight; it doubles the model's memory. With ``dtype`` its
+        linear layers' weights are stored in ``dtype`` (for autocast to that dtype: cast once, not
+        at every forward; half the copy's memory in bf16); embeddings and norms keep theirs."""
+        if dtype not in self._teachers:
             teacher = copy.deepcopy(self.model)
             for name, linear in self.targets.items():
                 original = copy.deepcopy(linear)
@@ -146,8 +148,14 @@ class Correction:
                     with torch.no_grad():
                         original.weight.copy_(self.originals[name])
                 teacher.set_submodule(name, original)
-            self._teacher = teacher.eval().requires_grad_(False)
-        return self._teacher
+            if dtype is not None:
+                for module in teacher.modules():
+                    if isinstance(module, nn.Linear) and type(module.weight.data) is torch.Tensor:  # a tied head is untied
+                        module.weight = nn.Parameter(module.weight.detach().to(dtype))
+                        if module.bias is not None:
+                            module.bias = nn.Parameter(module.bias.detach().to(dtype))
+            self._teachers[dtype] = teacher.eval().requires_grad_(False)
+        return self._teachers[dtype]
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         S = self.store.whitener(name, weight.device)
@@ -205,7 +213,7 @@ class Correction:
 
     def close(self) -> None:
         """Remove the factor stores re-plans made and the teacher."""
-        self._teacher = None
+        self._teachers.clear()
         for store in self.stores:
             store.close()
 

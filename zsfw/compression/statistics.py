@@ -189,12 +189,18 @@ def distillation_loss(teacher: nn.Module) -> Objective:
     """A loss like ``next_token_loss`` that is instead the mean over next-token positions of
     KL(teacher ‖ model): the whole distribution of the teacher's prediction at every position,
     not only the token that came next (far more signal per token when few windows are at hand)."""
+    def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:  # at least fp32
+        z = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        return z.to(torch.promote_types(z.dtype, torch.float32))
+
     def loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float(), -1)
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+        with torch.no_grad():  # KL = Σ p log p − Σ p·z + Σ logsumexp(z): few passes over the logits
+            log_p = F.log_softmax(logits(teacher, input_ids), -1)
+            p = log_p.exp()
+            negentropy = (p * log_p).sum()
+        z = logits(model, input_ids)
         positions = input_ids.numel() - input_ids.shape[0]
-        return F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="sum") / positions
+        return (negentropy - (p * z).sum() + torch.logsumexp(z, -1).sum()) / positions
     return loss
 
 
