@@ -140,6 +140,17 @@ def perplexity(model, evaluation: torch.Tensor) -> float:
                windows=evaluation.shape[0], desc="eval").perplexity
 
 
+def reset_peak_rss() -> bool:
+    """Make the process's peak resident size its current one (Linux: ``/proc/self/clear_refs``;
+    ``getrusage`` then reports the peak from here on), so a later peak measures only what
+    follows, e.g. compression without the tokenization before it; False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def machine_line() -> str:
     """CPU, cores, ISA flags that matter for speed, library versions, date: next to any figure."""
     import transformers

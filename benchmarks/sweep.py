@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import math
-import resource
 import subprocess
 import time
 from pathlib import Path
@@ -75,6 +74,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
 
     import zsfw
     from zsfw.recipe import PluginSpec
+    from zsfw.compression.report import peak_rss_mb
     from zsfw.memory import return_large_frees_to_the_os
 
     return_large_frees_to_the_os()
@@ -95,7 +95,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     start = time.perf_counter()
     model, report = zsfw.compress(model, recipe, windows.calibration, statistics_cache=cache,
                                   validation=windows.validation, training=windows.training)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluation adds its own
+    peak_mb = peak_rss_mb()  # before evaluation adds its own
     cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
             "storage": storage, "seed": seed, "calibration_seed": calibration_seed, "calibration_md5": windows.md5,
             "calibration_windows": list(windows.calibration.shape), "training_windows": training_windows,
