@@ -57,14 +57,16 @@ def ids_md5(ids: torch.Tensor) -> str:
 def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
                       check_md5: bool = True, validation_seed: int = VAL_SEED,
                       calibration_seed: int = SEED, calibration_samples: int = CAL_N,
-                      calibration_length: int = CAL_LEN, training_samples: int = TRAIN_N) -> Windows:
+                      calibration_length: int = CAL_LEN, training_samples: int = TRAIN_N,
+                      training_length: int = CAL_LEN) -> Windows:
     """The reference protocol's windows; refuses tokens whose md5 differs from the authors'.
     ``validation_seed`` draws other validation windows (the calibration windows stay the authors').
     Another ``calibration_seed`` draws other calibration windows the same way from the same first
     400K tokens (the authors' are seed 3): for the spread of zsfw's own settings over calibration
     draws, never for a comparison with the authors' figures (their md5 check is skipped then);
     ``calibration_samples`` × ``calibration_length`` likewise draws another window geometry;
-    ``training_samples`` is how many training windows (a training stage's or refine's) to draw."""
+    ``training_samples`` is how many training windows (a training stage's or refine's) to draw,
+    of ``training_length`` tokens each."""
     path = Path(text_path)
     if not path.is_file():
         raise SystemExit(f"reference text {str(path)!r} not found; pass --text PATH to the "
@@ -77,9 +79,9 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
     evaluation = torch.tensor([ids[w * EVAL_LEN:(w + 1) * EVAL_LEN] for w in range(full - EVAL_N, full)],
                               dtype=torch.long)
     md5 = ids_md5(calibration)
-    held_out = held_out_starts(starts, validation_seed, calibration_length, training_samples)
-    validation, training = (torch.tensor([ids[s:s + CAL_LEN] for s in chosen], dtype=torch.long)
-                            for chosen in (held_out[:VAL_N], held_out[VAL_N:]))
+    held_out = held_out_starts(starts, validation_seed, calibration_length, training_samples, training_length)
+    validation, training = (torch.tensor([ids[s:s + size] for s in chosen], dtype=torch.long)
+                            for chosen, size in ((held_out[:VAL_N], CAL_LEN), (held_out[VAL_N:], training_length)))
     authors = (calibration_seed, calibration_samples, calibration_length) == (SEED, CAL_N, CAL_LEN)
     if check_md5 and authors and md5 != REFERENCE_MD5:
         raise SystemExit(f"calibration ids md5 {md5} != the reference {REFERENCE_MD5}: not the "
@@ -88,17 +90,21 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
 
 
 def held_out_starts(calibration_starts: list[int], seed: int = VAL_SEED, length: int = CAL_LEN,
-                    training: int = TRAIN_N) -> list[int]:
-    """``VAL_N`` + ``training`` starts of 512-token windows in the first 400K tokens that overlap no
-    calibration window nor each other (a seeded draw of the aligned chunks that miss them all): the
-    first ``VAL_N`` (sorted) are the validation windows a corrector judges its steps on, the rest
-    (sorted) the training windows of a training stage; never the evaluation windows. The validation
-    draw is the same as before training windows were added, and whatever ``training`` is."""
-    free = [c * CAL_LEN for c in range(CUT // CAL_LEN)
-            if all(c * CAL_LEN + CAL_LEN <= s or s + length <= c * CAL_LEN for s in calibration_starts)]
+                    training: int = TRAIN_N, training_length: int = CAL_LEN) -> list[int]:
+    """``VAL_N`` + ``training`` starts of windows in the first 400K tokens that overlap no
+    calibration window (``length`` tokens each) nor each other, drawn with ``seed``: the first
+    ``VAL_N`` (sorted) are 512-token validation windows a corrector judges its steps on, the rest
+    (sorted) ``training_length``-token training windows of a training stage or ``refine``; each a
+    chunk of the aligned grid of its own length. Never the evaluation windows. The validation
+    draw is the same as before training windows were added, whatever ``training`` is."""
+    def free(size: int, taken: list[tuple[int, int]]) -> list[int]:
+        return [c * size for c in range(CUT // size)
+                if all(c * size + size <= s or s + n <= c * size for s, n in taken)]
+
+    taken = [(s, length) for s in calibration_starts]
     rng = random.Random(seed)
-    validation = rng.sample(free, VAL_N)
-    drawn = rng.sample([f for f in free if f not in validation], training)
+    validation = rng.sample(free(CAL_LEN, taken), VAL_N)
+    drawn = rng.sample(free(training_length, taken + [(v, CAL_LEN) for v in validation]), training)
     return sorted(validation) + sorted(drawn)
 
 

@@ -69,7 +69,7 @@ def register_controls() -> None:
 def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict | None, storage: str | dict,
         seed: int, cache: Path, text: Path, label: str, damping: float | None = None,
         calibration_seed: int = protocol.SEED, geometry: tuple[int, int] = (protocol.CAL_N, protocol.CAL_LEN),
-        training_windows: int = protocol.TRAIN_N) -> dict:
+        training_windows: int = protocol.TRAIN_N, training_length: int = protocol.CAL_LEN) -> dict:
     import torch
 
     import zsfw
@@ -82,7 +82,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     model, tokenizer = protocol.load_default_model()
     windows = protocol.reference_windows(tokenizer, text, validation_seed=seed, calibration_seed=calibration_seed,
                                          calibration_samples=geometry[0], calibration_length=geometry[1],
-                                         training_samples=training_windows)
+                                         training_samples=training_windows, training_length=training_length)
     recipe = zsfw.load_recipe(protocol.REPO / "recipes" / "zero_sum_oneshot.yaml")
     recipe.modifier.ratio = ratio
     recipe.modifier.storage = PluginSpec.model_validate(storage)
@@ -99,6 +99,7 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
     cell = {"label": label, "ratio": ratio, "damping": recipe.modifier.damping, "stages": stages, "allocator": allocator, "corrector": corrector,
             "storage": storage, "seed": seed, "calibration_seed": calibration_seed, "calibration_md5": windows.md5,
             "calibration_windows": list(windows.calibration.shape), "training_windows": training_windows,
+            "training_length": training_length,
             "compress_seconds": time.perf_counter() - start, "phases": report.timings, "peak_rss_mb": peak_mb,
             "threads": torch.get_num_threads(), "machine": protocol.machine_line(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -122,6 +123,8 @@ def configuration(cell: dict) -> str:
              ("calibration windows", None if shape == [protocol.CAL_N, protocol.CAL_LEN] else "×".join(map(str, shape))),
              ("training windows", None if cell.get("training_windows", protocol.TRAIN_N) == protocol.TRAIN_N
                                   else cell["training_windows"]),
+             ("training window length", None if cell.get("training_length", protocol.CAL_LEN) == protocol.CAL_LEN
+                                        else cell["training_length"]),
              ("damping", None if cell.get("damping", 1e-4) == 1e-4 else cell["damping"]),
              ("stages", cell.get("stages") or None), ("allocator", cell.get("allocator", "zero_sum")),
              ("storage", cell.get("storage", "bf16")), ("corrector", cell["corrector"])]
@@ -182,11 +185,15 @@ def main() -> None:
     parser.add_argument("--training-windows", type=int, default=protocol.TRAIN_N,
                         help="512-token training windows to draw from the first 400K tokens, apart from the "
                              "calibration and validation ones (prehab's, or refine's with windows: training)")
+    parser.add_argument("--training-length", type=int, default=protocol.CAL_LEN,
+                        help="tokens of each training window (e.g. 2048: the evaluation windows' length; "
+                             "each is an aligned chunk of that length apart from the calibration and validation "
+                             "windows)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     cell = run(args.ratio, args.stages, args.allocator, args.corrector, args.storage, args.seed, args.cache, args.text, args.label,
                args.damping, args.calibration_seed, tuple(int(v) for v in args.calibration_windows.split("x")),
-               args.training_windows)
+               args.training_windows, args.training_length)
     with LOG.open("a") as f:
         f.write(json.dumps(cell) + "\n")
     write_section("sweep", table([json.loads(line) for line in LOG.read_text().splitlines()]))
