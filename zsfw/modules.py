@@ -59,9 +59,10 @@ class LowRankLinear(nn.Module):
     def from_factors(
         cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> "LowRankLinear":
-        """Build from B (out×rank), A (rank×in) and an optional bias, stored as ``dtype``."""
-        module = cls(A.shape[1], B.shape[0], A.shape[0], bias=bias is not None,
-                     device=A.device, dtype=dtype)
+        """Build from B (out×rank), A (rank×in) and an optional bias, stored as ``dtype`` (no
+        random initialisation first: a corrector builds these at every step)."""
+        module = nn.utils.skip_init(cls, A.shape[1], B.shape[0], A.shape[0], bias=bias is not None,
+                                    device=A.device, dtype=dtype)
         with torch.no_grad():
             module.A.weight.copy_(A)
             module.B.weight.copy_(B)
@@ -74,7 +75,8 @@ class LowRankLinear(nn.Module):
         return self.B.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias, cast = self.B.bias, self.cast_weights
+        # under autocast F.linear picks the dtype itself: a cast to x's first would be undone
+        bias, cast = self.B.bias, self.cast_weights and not torch.is_autocast_enabled(x.device.type)
         h = F.linear(x, weight_as(self.A.weight, x, cast))
         return F.linear(h, weight_as(self.B.weight, x, cast),
                         None if bias is None else weight_as(bias, x, cast))
