@@ -38,6 +38,7 @@ from zsfw.compression.store import FactorStore
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, RecipeError
+from zsfw.memory import release_free_heap
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
 from zsfw.residency import compute_device, place, residency
 
@@ -81,6 +82,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             validation = _validation(validation, drawn.validation, windows, m, report)
         if trains:
             training = _training(training, drawn.training, m, corrector)
+        release_free_heap()  # what tokenizing the text left behind is not carried through the passes
     if m.stages:
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows, training, validation)
