@@ -29,7 +29,8 @@ def every_step_hurts(monkeypatch):
 
     def validation_loss(self):
         first = self.__dict__.setdefault("first", {n: t.weight.detach().clone() for n, t in self.targets.items()})
-        moved = any(not torch.equal(t.weight, first[n]) for n, t in self.targets.items())
+        moved = (any(not torch.equal(t.weight, first[n]) for n, t in self.targets.items())
+                 or any(not torch.equal(self.norm_weight(n), w) for n, w in self.norm_originals.items()))
         return measured(self) + (1.0 if moved else 0.0)
 
     monkeypatch.setattr(Correction, "validation_loss", validation_loss)
@@ -161,10 +162,11 @@ def _refined(**options) -> dict:
     return recipe(ratio=0.5, storage="fp32", corrector={"name": "refine", **options})
 
 
-@pytest.mark.parametrize("keep_best", [True, False])
-def test_refinement_that_only_hurts_returns_the_one_shot_state(llama, windows, every_step_hurts, keep_best):
+@pytest.mark.parametrize("keep_best, norms", [(True, False), (False, False), (True, True)])
+def test_refinement_that_only_hurts_returns_the_one_shot_state(llama, windows, every_step_hurts, keep_best, norms):
     one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
-    refined, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=4, validate_every=2, keep_best=keep_best),
+    refined, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=4, validate_every=2, keep_best=keep_best,
+                                                                   norms=norms),
                                     windows, validation=patterned_windows(4, seed=1))
     assert _same_weights(refined, one_shot)
     assert [s["cycle"] for s in report.correction_steps] == [2, 4]
@@ -244,6 +246,49 @@ def test_factor_gradients_are_the_dense_gradient_through_the_product(llama, wind
     assert checked
 
 
+def test_norm_gradients_are_the_models_own_and_trained_norms_are_kept(llama, windows, monkeypatch):
+    """With ``norms`` the pass also gives each normalization layer's gradient (that of the model
+    with the factors' products as weights); refine then moves them, the teacher keeps the originals."""
+    from zsfw.compression import pipeline
+    from zsfw.compression.correct import normalizations
+    from zsfw.compression.statistics import next_token_loss
+
+    correct, checked = pipeline.correct, []
+
+    def check(corrector, problem):
+        names = list(normalizations(problem.model))
+        assert problem.norms == names and len(names) == 2 * llama.config.num_hidden_layers + 1
+        loss, grads = problem.factor_gradients((0, 1), norms=True)
+        model = problem.model
+        weights = [model.get_submodule(n).weight for n in names]
+        for w in weights:
+            w.requires_grad_(True)
+        expected = next_token_loss(model, windows)
+        expected_grads = torch.autograd.grad(expected, weights)
+        for w in weights:
+            w.requires_grad_(False)
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+        for name, g in zip(names, expected_grads):
+            torch.testing.assert_close(grads[name][0], g, rtol=1e-4, atol=1e-7)
+        assert set(grads) == {*problem.layers, *names}
+        checked.append(problem)
+        return correct(corrector, problem)
+
+    monkeypatch.setattr(pipeline, "correct", check)
+    refined, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=6, lr=3e-3, validate_every=3, norms=True,
+                                                                   loss="distill"),
+                                    windows, validation=patterned_windows(4, seed=1))
+    assert checked and report.correction_result["final"] < report.correction_result["one_shot"]
+    moved = [n for n in checked[0].norms if not torch.equal(refined.get_submodule(n).weight,
+                                                            llama.get_submodule(n).weight)]
+    assert len(moved) == len(checked[0].norms)
+    problem = checked[0]
+    problem.set_norm(problem.norms[0], torch.zeros_like(problem.norm_weight(problem.norms[0])))
+    teacher = problem.teacher()
+    for name in problem.norms:
+        assert torch.equal(teacher.get_submodule(name).weight, llama.get_submodule(name).weight)
+
+
 def test_the_distillation_loss_is_the_mean_kl_from_the_teacher_per_next_token_position(llama, windows):
     from zsfw.compression.statistics import distillation_loss
 
@@ -293,6 +338,10 @@ def test_distillation_with_the_streamed_driver_is_refused_in_one_line_before_any
     monkeypatch.setattr(pipeline, "factor_store", lambda *a, **k: pytest.fail("statistics ran"))
     with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with loss: distill needs execution.driver "
                                              "'memory', not 'streamed'"):
+        zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
+    r = _refined(steps=1, norms=True)
+    r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
+    with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with norms: true needs execution.driver"):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
 
 

@@ -46,6 +46,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """What ``factor_gradients`` can run the forward passes in: fp32, or autocast to bf16."""
 
 
+def normalizations(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's normalization layers with a weight (LayerNorm and the RMSNorm classes of
+    transformers' models), by name: what ``factor_gradients(norms=True)`` also differentiates."""
+    return {name: module for name, module in model.named_modules()
+            if (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"))
+            and isinstance(getattr(module, "weight", None), nn.Parameter)}
+
+
 def native_precision(device: torch.device) -> str:
     """``bf16`` where ``device`` multiplies bf16 natively (a CUDA GPU that supports it, a CPU with
     AVX-512-BF16 or AMX), else ``fp32``: what ``precision: auto`` runs in."""
@@ -82,6 +90,18 @@ class Correction:
         self._version = 0  # bumped by every install: the cached validation loss is of this state
         self._measured: tuple[int, float] | None = None
         self._teachers: dict[torch.dtype | None, nn.Module] = {}
+        self._norms = normalizations(model)
+        self.norms = list(self._norms)
+        self.norm_originals = {name: norm.weight.detach().clone() for name, norm in self._norms.items()}
+
+    def norm_weight(self, name: str) -> torch.Tensor:
+        return self._norms[name].weight.detach()
+
+    def set_norm(self, name: str, weight: torch.Tensor) -> None:
+        """Make ``weight`` normalization layer ``name``'s weight (cast to its dtype)."""
+        with torch.no_grad():
+            self._norms[name].weight.copy_(weight)
+        self._version += 1
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         """Make ``B @ A`` layer ``name``'s weight; the factors are kept as given (cast to the
@@ -103,10 +123,11 @@ class Correction:
         return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
 
     def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
-                         windows: str = "calibration", precision: str = "fp32"
-                         ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+                         windows: str = "calibration", precision: str = "fp32", norms: bool = False
+                         ) -> tuple[float, dict[str, tuple[torch.Tensor, ...]]]:
         """The loss and (∂L/∂B, ∂L/∂A) of every layer's current factors, from one pass with the
-        layers run as their factors (cheaper than the dense weights and their gradients).
+        layers run as their factors (cheaper than the dense weights and their gradients); with
+        ``norms`` also (∂L/∂weight,) of every normalization layer in ``norms``, by its name.
         ``loss``: ``next_token`` (the model's own) or ``distill`` (KL from the uncompressed
         model's predictions, see ``teacher``); ``windows``: a share of the gradient windows
         (``calibration``) or of the training windows (``training``); ``precision``: ``fp32``,
@@ -121,13 +142,15 @@ class Correction:
         for name, module in factored.items():
             self.model.set_submodule(name, module)
         try:
-            value, grads = self.driver.gradients({f"{name}.{part}": getattr(module, part)
-                                                  for name, module in factored.items() for part in "BA"},
+            value, grads = self.driver.gradients({**{f"{name}.{part}": getattr(module, part)
+                                                     for name, module in factored.items() for part in "BA"},
+                                                  **(self._norms if norms else {})},
                                                  share, objective, other)
         finally:
             for name in factored:
                 self.model.set_submodule(name, self.targets[name])
-        return value, {name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored}
+        return value, {**{name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored},
+                       **{name: (grads.pop(name),) for name in (self.norms if norms else ())}}
 
     def _windows(self, windows: str) -> torch.Tensor | None:
         """The windows ``factor_gradients`` shares out: None for the gradient windows."""
@@ -137,7 +160,8 @@ class Correction:
 
     def teacher(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The uncompressed model, for distillation: a copy (built once, dropped by ``close``)
-        with every target's original weight; it doubles the model's memory. With ``dtype`` its
+        with every target's original weight and every normalization layer's original weight; it
+        doubles the model's memory. With ``dtype`` its
         linear layers' weights are stored in ``dtype`` (for autocast to that dtype: cast once, not
         at every forward; half the copy's memory in bf16); embeddings and norms keep theirs."""
         if dtype not in self._teachers:
@@ -148,6 +172,9 @@ class Correction:
                     with torch.no_grad():
                         original.weight.copy_(self.originals[name])
                 teacher.set_submodule(name, original)
+            with torch.no_grad():
+                for name, weight in self.norm_originals.items():
+                    teacher.get_submodule(name).weight.copy_(weight)
             if dtype is not None:
                 for module in teacher.modules():
                     if isinstance(module, nn.Linear) and type(module.weight.data) is torch.Tensor:  # a tied head is untied
@@ -198,18 +225,22 @@ class Correction:
         self.plan, self.store, self.layers, self.factors = plan, store, plan.lowrank(), {}
         self._version += 1
 
-    def snapshot(self) -> tuple[AllocationPlan, FactorStore, Factors]:
-        """The current plan and the factors of every layer (cheap: installs replace factors,
-        never change them)."""
-        return self.plan, self.store, dict(self.factors)
+    def snapshot(self) -> tuple[AllocationPlan, FactorStore, Factors, dict[str, torch.Tensor]]:
+        """The current plan, the factors of every layer (cheap: installs replace factors, never
+        change them) and a copy of the normalization layers' weights."""
+        norms = {name: norm.weight.detach().clone() for name, norm in self._norms.items()}
+        return self.plan, self.store, dict(self.factors), norms
 
-    def restore(self, snapshot: tuple[AllocationPlan, FactorStore, Factors]) -> None:
-        """Go back to an earlier ``snapshot``: its plan (when a re-plan changed it) and factors."""
-        plan, store, factors = snapshot
+    def restore(self, snapshot: tuple[AllocationPlan, FactorStore, Factors, dict[str, torch.Tensor]]) -> None:
+        """Go back to an earlier ``snapshot``: its plan (when a re-plan changed it), factors and
+        normalization weights."""
+        plan, store, factors, norms = snapshot
         if plan is not self.plan:
             self._adopt(plan, store)
         for name, (B, A) in factors.items():
             self.install(name, B, A)
+        for name, weight in norms.items():
+            self.set_norm(name, weight)
 
     def close(self) -> None:
         """Remove the factor stores re-plans made and the teacher."""
