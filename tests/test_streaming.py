@@ -47,6 +47,26 @@ def test_streamed_groups_arrive_last_layer_first(llama, windows):
     assert order[0].startswith("model.layers.1.") and order[-1].startswith("model.layers.0.")
 
 
+def test_capturing_the_layers_arguments_runs_no_head(llama, windows, monkeypatch):
+    """The capture run stops after the last decoder layer: no (tokens × vocabulary) logits."""
+    from zsfw.compression import streaming
+
+    head_calls, at_forward = [], []
+    handle = llama.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+
+    def forward(self, *args):
+        at_forward.append(len(head_calls))
+        raise KeyboardInterrupt  # enough: the capture is done
+
+    monkeypatch.setattr(streaming._StreamedPass, "_forward", forward)
+    cal = CalibrationConfig(samples=4, sequence_length=32, batch_size=2)
+    targets = find_targets(llama, ["Linear"], ["lm_head"])
+    with pytest.raises(KeyboardInterrupt):
+        list(LayerStreamedDriver(llama, windows[:4], cal).statistics(targets, True, True))
+    handle.remove()
+    assert at_forward == [0]
+
+
 def test_compress_with_the_streamed_driver_gives_the_same_model(llama, windows):
     memory, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
     streamed, s_report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"driver": "streamed"}),

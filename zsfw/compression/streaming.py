@@ -67,6 +67,25 @@ def _layer_calls(layers: list[nn.Module]) -> Iterator[list[tuple[tuple, dict]]]:
             handle.remove()
 
 
+class _Stopped(Exception):
+    """Raised by ``_stop_after``'s hook to end a model's forward early."""
+
+
+@contextmanager
+def _stop_after(layer: nn.Module) -> Iterator[None]:
+    """End the model's forward right after ``layer`` (the block ends there, no error)."""
+    def stop(module, args, output):
+        raise _Stopped
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def _passthrough(layers: list[nn.Module], outputs: list[torch.Tensor]) -> Iterator[None]:
     """Every decoder layer returns its stored output instead of computing it (the last one the
@@ -126,10 +145,11 @@ class _StreamedPass(_InMemoryPass):
 
     def _capture(self, layers, batches, boundaries: "Boundaries") -> list[list[tuple]]:
         """Every layer's call arguments per micro-batch, and the first layer's input as boundary
-        0 (one cheap run of the model per batch, every layer passing its input through)."""
+        0 (one cheap run of the model per batch, every layer passing its input through, stopped
+        after the last layer: no final norm, no logits)."""
         calls: list[list[tuple]] = []
         for b, batch in enumerate(batches):
-            with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]):
+            with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]), _stop_after(layers[-1]):
                 self.driver.model(input_ids=batch.to(boundaries.device), use_cache=False)
             boundaries.put(0, b, recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"])
             calls.append([(args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
