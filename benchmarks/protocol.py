@@ -3,10 +3,11 @@
 Two protocols:
 
 - ``reference``: the tokens the authors' code was measured on (``shared/anchor/ANCHOR.md``).
-  The whole text is tokenized at once (no special tokens); ``random.seed(3)`` then 32 draws of
-  ``randint(0, 400000 - 512 - 1)`` give the 32×512 calibration windows (md5 of the int64 ids,
-  row-major, checked against ``REFERENCE_MD5``); evaluation is the last 8 full 2048-token windows,
-  fed as they are. Only figures on these tokens compare with the authors'.
+  The whole text is tokenized as if at once (no special tokens; ``zsfw``'s ``encode`` takes it
+  in pieces with the same 669,013 ids, checked against one call); ``random.seed(3)`` then 32
+  draws of ``randint(0, 400000 - 512 - 1)`` give the 32×512 calibration windows (md5 of the int64
+  ids, row-major, checked against ``REFERENCE_MD5``); evaluation is the last 8 full 2048-token
+  windows, fed as they are. Only figures on these tokens compare with the authors'.
 - ``zsfw``: the project's own text (``zsfw.sources``: the Wikipedia excerpt, stripped by zsfw),
   calibration drawn by the recipe (seed 0) from its first 400K tokens, evaluation on 8 × 2048
   tokens after them. For comparisons between zsfw variants only.
@@ -71,16 +72,18 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
     if not path.is_file():
         raise SystemExit(f"reference text {str(path)!r} not found; pass --text PATH to the "
                          f"anchor's wiki.txt")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    from zsfw.compression.calibration import encode
+
+    ids = encode(tokenizer, path.read_text(encoding="utf-8"))  # as if at once, in pieces (less memory)
     rng = random.Random(calibration_seed)
     starts = [rng.randint(0, CUT - calibration_length - 1) for _ in range(calibration_samples)]
-    calibration = torch.tensor([ids[s:s + calibration_length] for s in starts], dtype=torch.long)
-    full = len(ids) // EVAL_LEN
-    evaluation = torch.tensor([ids[w * EVAL_LEN:(w + 1) * EVAL_LEN] for w in range(full - EVAL_N, full)],
-                              dtype=torch.long)
+    calibration = torch.stack([ids[s:s + calibration_length] for s in starts])
+    full = ids.numel() // EVAL_LEN
+    evaluation = ids[(full - EVAL_N) * EVAL_LEN:full * EVAL_LEN].view(EVAL_N, EVAL_LEN).clone()
     md5 = ids_md5(calibration)
     held_out = held_out_starts(starts, validation_seed, calibration_length, training_samples, training_length)
-    validation, training = (torch.tensor([ids[s:s + size] for s in chosen], dtype=torch.long)
+    validation, training = (torch.stack([ids[s:s + size] for s in chosen]) if chosen else
+                            torch.zeros(0, size, dtype=torch.long)
                             for chosen, size in ((held_out[:VAL_N], CAL_LEN), (held_out[VAL_N:], training_length)))
     authors = (calibration_seed, calibration_samples, calibration_length) == (SEED, CAL_N, CAL_LEN)
     if check_md5 and authors and md5 != REFERENCE_MD5:

@@ -71,3 +71,46 @@ def test_d4_too_few_calibration_tokens_warn_and_far_too_few_are_refused(llama, w
     assert any(warning in r.message for r in caplog.records)
     with pytest.raises(CalibrationError, match=r"4 calibration tokens for '.*down_proj', whose input is 64 wide: at least 8"):
         zsfw.compress(llama, recipe(ratio=0.9, samples=1, sequence_length=4), windows[:1, :4])
+
+
+_TEXT = ("First line. \n \n = Title = \nA sentence, with 12 digits 345.\nAnother\tone ends here.\n\n"
+         "After a blank line: words; more words!\n  indented line\nlast 'quoted' it's fine.\r\nWindows end\n") * 6
+
+
+def _bpe(pre_tokenizer):
+    """A small BPE tokenizer trained offline on ``_TEXT`` with ``pre_tokenizer`` (and on texts
+    ending in a blank line, so that "\n\n" is one token there, as in SmolLM2's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizer
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel) else []
+    core.train_from_iterator([_TEXT, *["end.\n\n"] * 50], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"],
+                                                          initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+
+
+def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_one_call():
+    from tokenizers import pre_tokenizers
+    from zsfw.compression.calibration import _cuts, encode
+
+    tokenizer = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False))
+    whole = tokenizer(_TEXT, add_special_tokens=False)["input_ids"]
+    assert len(_cuts(_TEXT, 40)) > 10  # many pieces
+    assert encode(tokenizer, _TEXT, piece_chars=40).tolist() == whole
+    # why no cut follows a run of whitespace: the run would be one piece at a text's end
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids("end.\n\n") + ids("After") != ids("end.\n\nAfter")
+
+
+def test_a_tokenizer_that_marks_every_texts_start_gets_the_text_whole():
+    from tokenizers import pre_tokenizers
+    from zsfw.compression.calibration import _cuts, encode
+
+    tokenizer = _bpe(pre_tokenizers.Metaspace(prepend_scheme="always"))
+    whole = tokenizer(_TEXT, add_special_tokens=False)["input_ids"]
+    cut = _cuts(_TEXT, 40)[0]
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids(_TEXT[:cut]) + ids(_TEXT[cut:]) != whole  # pieces would differ here
+    assert encode(tokenizer, _TEXT, piece_chars=40).tolist() == whole

@@ -28,9 +28,9 @@ def every_step_hurts(monkeypatch):
     measured = Correction.validation_loss
 
     def validation_loss(self):
-        first = self.__dict__.setdefault("first", {n: t.weight.detach().clone() for n, t in self.targets.items()})
-        moved = (any(not torch.equal(t.weight, first[n]) for n, t in self.targets.items())
-                 or any(not torch.equal(self.norm_weight(n), w) for n, w in self.norm_originals.items()))
+        now = self.model.state_dict()
+        first = self.__dict__.setdefault("first", {k: v.clone() for k, v in now.items()})
+        moved = now.keys() != first.keys() or any(not torch.equal(v, first[k]) for k, v in now.items())
         return measured(self) + (1.0 if moved else 0.0)
 
     monkeypatch.setattr(Correction, "validation_loss", validation_loss)
@@ -162,13 +162,17 @@ def _refined(**options) -> dict:
     return recipe(ratio=0.5, storage="fp32", corrector={"name": "refine", **options})
 
 
-@pytest.mark.parametrize("keep_best, norms", [(True, False), (False, False), (True, True)])
-def test_refinement_that_only_hurts_returns_the_one_shot_state(llama, windows, every_step_hurts, keep_best, norms):
-    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
-    refined, report = zsfw.compress(copy.deepcopy(llama), _refined(steps=4, validate_every=2, keep_best=keep_best,
-                                                                   norms=norms),
-                                    windows, validation=patterned_windows(4, seed=1))
+@pytest.mark.parametrize("ratio, storage, options", [
+    (0.5, "fp32", {"keep_best": True}), (0.5, "fp32", {"keep_best": False}),
+    (0.5, "fp32", {"keep_best": True, "norms": True}), (0.8, "bf16", {"keep_best": True, "dense": True})])
+def test_refinement_that_only_hurts_returns_the_one_shot_state(llama, windows, every_step_hurts, ratio, storage,
+                                                               options):
+    one_shot, before = zsfw.compress(copy.deepcopy(llama), recipe(ratio=ratio, storage=storage), windows)
+    assert not options.get("dense") or any(layer.dense for layer in before.layers)  # there are dense layers to move
+    refined, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=ratio, storage=storage, corrector={
+        "name": "refine", "steps": 4, "validate_every": 2, **options}), windows, validation=patterned_windows(4, seed=1))
     assert _same_weights(refined, one_shot)
+    keep_best = options["keep_best"]
     assert [s["cycle"] for s in report.correction_steps] == [2, 4]
     assert not any(s["accepted"] for s in report.correction_steps)
     assert report.correction_result["result"] == ("kept" if keep_best else "reverted to one-shot")
@@ -258,7 +262,7 @@ def test_norm_gradients_are_the_models_own_and_trained_norms_are_kept(llama, win
     def check(corrector, problem):
         names = list(normalizations(problem.model))
         assert problem.norms == names and len(names) == 2 * llama.config.num_hidden_layers + 1
-        loss, grads = problem.factor_gradients((0, 1), norms=True)
+        loss, grads = problem.factor_gradients((0, 1), extra=names)
         model = problem.model
         weights = [model.get_submodule(n).weight for n in names]
         for w in weights:
@@ -283,10 +287,59 @@ def test_norm_gradients_are_the_models_own_and_trained_norms_are_kept(llama, win
                                                             llama.get_submodule(n).weight)]
     assert len(moved) == len(checked[0].norms)
     problem = checked[0]
-    problem.set_norm(problem.norms[0], torch.zeros_like(problem.norm_weight(problem.norms[0])))
+    problem.set_weight(problem.norms[0], torch.zeros_like(problem.module_weight(problem.norms[0])))
     teacher = problem.teacher()
     for name in problem.norms:
         assert torch.equal(teacher.get_submodule(name).weight, llama.get_submodule(name).weight)
+
+
+def test_dense_layers_gradients_are_the_models_own_and_trained_dense_layers_keep_their_bytes(llama, windows,
+                                                                                          monkeypatch):
+    """With ``dense`` the pass also gives each dense layer's gradient (of its stored bf16 weight,
+    that of the model as it runs); refine moves them at the plan's ranks and bytes, and the teacher
+    keeps the originals."""
+    from zsfw.compression import pipeline
+    from zsfw.compression.statistics import next_token_loss
+
+    correct, checked = pipeline.correct, []
+
+    def check(corrector, problem):
+        names = problem.dense
+        loss, grads = problem.factor_gradients((0, 1), extra=names)
+        weights = [problem.model.get_submodule(n).weight for n in names]
+        for w in weights:
+            w.requires_grad_(True)
+        expected = next_token_loss(problem.model, windows)
+        expected_grads = torch.autograd.grad(expected, weights)
+        for w in weights:
+            w.requires_grad_(False)
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+        for name, g in zip(names, expected_grads):
+            assert grads[name][0].dtype == torch.float32 and g.dtype == torch.bfloat16
+            torch.testing.assert_close(grads[name][0], g.float(), rtol=2e-2, atol=2e-3 * g.abs().max().item())
+        checked.append(problem)
+        return correct(corrector, problem)
+
+    monkeypatch.setattr(pipeline, "correct", check)
+    one_shot, before = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.8, storage="bf16"), windows)
+    refined, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.8, storage="bf16", corrector={
+        "name": "refine", "steps": 6, "lr": 3e-3, "validate_every": 3, "dense": True}),
+        windows, validation=patterned_windows(4, seed=1))
+    dense = [layer.name for layer in report.layers if layer.dense]
+    assert dense and dense == checked[0].dense == [layer.name for layer in before.layers if layer.dense]
+    assert [layer.bytes for layer in report.layers] == [layer.bytes for layer in before.layers]
+    assert report.correction_result["final"] < report.correction_result["one_shot"]
+    assert all(not torch.equal(refined.get_submodule(n).weight, one_shot.get_submodule(n).weight) for n in dense)
+    teacher = checked[0].teacher()
+    for name in dense:
+        assert torch.equal(teacher.get_submodule(name).weight, llama.get_submodule(name).weight)
+
+
+def test_training_a_quantized_dense_layer_is_refused_in_one_line(llama, windows):
+    r = recipe(ratio=0.5, storage="int8", corrector={"name": "refine", "steps": 1, "dense": True})
+    with pytest.raises(zsfw.ZsfwError, match=r"layer 'model\.layers\.\d\.[a-z_.]+' is stored as \w+ by storage "
+                                             r"'int8', which cannot be trained; train only the factors"):
+        zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
 
 
 def test_the_distillation_loss_is_the_mean_kl_from_the_teacher_per_next_token_position(llama, windows):
@@ -339,10 +392,11 @@ def test_distillation_with_the_streamed_driver_is_refused_in_one_line_before_any
     with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with loss: distill needs execution.driver "
                                              "'memory', not 'streamed'"):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
-    r = _refined(steps=1, norms=True)
-    r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
-    with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with norms: true needs execution.driver"):
-        zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
+    for option in ("norms", "dense"):
+        r = _refined(steps=1, **{option: True})
+        r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
+        with pytest.raises(zsfw.ZsfwError, match=f"corrector 'refine' with {option}: true needs execution.driver"):
+            zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
 
 
 def test_bf16_factor_gradients_are_fp32_close_to_the_fp32_ones_and_not_equal(llama, windows, monkeypatch):

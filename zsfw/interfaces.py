@@ -178,7 +178,8 @@ class CorrectionProblem(Protocol):
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B, A), its weight is B @ A
     gradient_windows: int  # how many windows ``gradients`` can share out
     training_windows: int  # how many ``factor_gradients(windows="training")`` can share out (0: none drawn)
-    norms: Sequence[str]  # the model's normalization layers (``factor_gradients(norms=True)``, ``set_norm``)
+    norms: Sequence[str]  # the model's normalization layers (``factor_gradients(extra=…)``, ``set_weight``)
+    dense: Sequence[str]  # the targets the plan keeps dense (likewise)
 
     def original(self, name: str) -> torch.Tensor: ...
 
@@ -195,7 +196,7 @@ class CorrectionProblem(Protocol):
         ...
 
     def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
-                         windows: str = "calibration", precision: str = "fp32", norms: bool = False
+                         windows: str = "calibration", precision: str = "fp32", extra: Sequence[str] = ()
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, ...]]]:
         """Calibration loss and (∂L/∂B, ∂L/∂A) of every layer's factors, like ``gradients``
         but with the layers run as their factors (for correctors that train them); ``loss:
@@ -203,15 +204,17 @@ class CorrectionProblem(Protocol):
         loss (in-memory driver only; a copy of the uncompressed model is kept meanwhile);
         ``windows: training`` shares out the training windows instead of the gradient windows;
         ``precision: bf16`` autocasts the forward passes to bf16 (in-memory driver only);
-        ``norms`` adds (∂L/∂weight,) of every normalization layer, by name (in-memory driver only)."""
+        ``extra`` names normalization and dense layers whose (∂L/∂weight,) to add, by name
+        (in-memory driver only)."""
         ...
 
-    def norm_weight(self, name: str) -> torch.Tensor:
-        """Normalization layer ``name``'s current weight."""
+    def module_weight(self, name: str) -> torch.Tensor:
+        """Normalization layer or dense layer ``name``'s current weight."""
         ...
 
-    def set_norm(self, name: str, weight: torch.Tensor) -> None:
-        """Make ``weight`` normalization layer ``name``'s weight (snapshots include it)."""
+    def set_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Make ``weight`` normalization layer or dense layer ``name``'s weight (snapshots include
+        it); refused for a dense layer whose storage format quantizes it."""
         ...
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:

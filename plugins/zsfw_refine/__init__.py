@@ -59,8 +59,10 @@ class RefineCorrector:
     stays fp32.
 
     ``norms: true`` trains the weights of the normalization layers too (RMSNorm/LayerNorm: a few
-    thousand numbers per layer, which rescale what the factors see), with the same optimizer and
-    schedule; they are part of every kept state. In-memory driver only.
+    thousand numbers per layer, which rescale what the factors see), and ``dense: true`` those of
+    the targets the plan keeps dense (they cost the same bytes whatever their values; an fp32
+    master copy and Adam's moments take 12 bytes a weight; float storage formats only), with the
+    same optimizer and schedule; they are part of every kept state. In-memory driver only.
     """
 
     name: ClassVar[str] = "refine"
@@ -68,7 +70,8 @@ class RefineCorrector:
     def __init__(self, steps: int = 64, lr: float = 1e-4, windows_per_step: int = 1,
                  validate_every: int = 8, seconds: float | None = None, keep_best: bool = True,
                  seed: int = 0, schedule: str = "constant", loss: str = "next_token",
-                 windows: str = "calibration", precision: str = "fp32", norms: bool = False) -> None:
+                 windows: str = "calibration", precision: str = "fp32", norms: bool = False,
+                 dense: bool = False) -> None:
         for option, value in (("steps", steps), ("windows_per_step", windows_per_step),
                               ("validate_every", validate_every)):
             if value < 1:
@@ -82,11 +85,11 @@ class RefineCorrector:
         self.schedule, self.loss = one_of("schedule", schedule, tuple(SCHEDULES)), one_of("loss", loss, LOSSES)
         self.windows = one_of("windows", windows, WINDOWS)
         self.precision = one_of("precision", precision, (*PRECISIONS, "auto"))
-        self.norms = norms
+        self.norms, self.dense = norms, dense
         self.needs_training = windows == "training"  # the pipeline then draws training windows
         memory_only = [f"{option}: {str(value).lower()}" for option, value, default in
-                       (("loss", loss, "next_token"), ("precision", precision, "fp32"), ("norms", norms, False))
-                       if value != default]
+                       (("loss", loss, "next_token"), ("precision", precision, "fp32"), ("norms", norms, False),
+                        ("dense", dense, False)) if value != default]
         self.needs_memory_driver = " and ".join(memory_only) or None  # refused before any work
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
@@ -94,10 +97,10 @@ class RefineCorrector:
         shares = max(1, count // self.windows_per_step)
         params = {name: [t.detach().to(torch.float32, copy=True) for t in problem.factors[name]]
                   for name in problem.layers}
-        norms = {name: problem.norm_weight(name).to(torch.float32, copy=True)
-                 for name in (problem.norms if self.norms else ())}
+        extra = [*(problem.norms if self.norms else ()), *(problem.dense if self.dense else ())]
+        weights = {name: problem.module_weight(name).to(torch.float32, copy=True) for name in extra}
         device = params[problem.layers[0]][0].device
-        optimizer = torch.optim.Adam([*(p for pair in params.values() for p in pair), *norms.values()], lr=self.lr,
+        optimizer = torch.optim.Adam([*(p for pair in params.values() for p in pair), *weights.values()], lr=self.lr,
                                      fused=device.type in ("cpu", "cuda"))  # one kernel: ~3× faster than the loop
         precision = native_precision(device) if self.precision == "auto" else self.precision
         best = (problem.validation_loss(), problem.snapshot())
@@ -106,11 +109,11 @@ class RefineCorrector:
         start, losses = time.perf_counter(), []
         for step in range(1, self.steps + 1):
             loss, grads = problem.factor_gradients((order[step - 1], shares), self.loss, self.windows, precision,
-                                                   self.norms)
+                                                   extra)
             losses.append(loss)
             for name, (B, A) in params.items():
                 B.grad, A.grad = (g.to(torch.float32) for g in grads.pop(name))
-            for name, weight in norms.items():
+            for name, weight in weights.items():
                 weight.grad = grads.pop(name)[0].to(torch.float32)
             done = progress(step - 1, self.steps, time.perf_counter() - start, self.seconds)
             for group in optimizer.param_groups:
@@ -118,8 +121,8 @@ class RefineCorrector:
             optimizer.step()
             for name, (B, A) in params.items():
                 problem.install(name, B.clone(), A.clone())
-            for name, weight in norms.items():
-                problem.set_norm(name, weight)
+            for name, weight in weights.items():
+                problem.set_weight(name, weight)
             out_of_time = self.seconds is not None and time.perf_counter() - start > self.seconds
             last = step == self.steps or out_of_time
             if step % self.validate_every == 0 or last:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -82,15 +84,59 @@ def _texts_of(dataset) -> list[str]:
     return [t for t in dataset[column] if t and t.strip()]
 
 
+PIECE_CHARS = 1 << 16
+"""About how many characters ``encode`` tokenizes at a time."""
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a lone newline between two non-space characters
+
+
+def _cuts(text: str, size: int) -> list[int]:
+    """Where ``encode`` cuts ``text``: about every ``size`` characters, just after a newline with
+    a non-space character on either side (byte-level BPE pre-tokenizers end a piece with such a
+    newline and start the next with the character after it; a longer run of whitespace could
+    be split differently at the end of a text, so none is cut)."""
+    cuts: list[int] = []
+    while (found := _CUT.search(text, (cuts[-1] if cuts else 0) + size)) is not None:
+        cuts.append(found.end())
+    return cuts
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode_into(ids: array, tokenizer, text: str, piece_chars: int) -> None:
+    cuts = _cuts(text, piece_chars)
+    if cuts:  # a tokenizer that marks the start of every text (a prefix space) must take it whole
+        left, right = text[max(0, cuts[0] - 256):cuts[0]], text[cuts[0]:cuts[0] + 256]
+        if _ids(tokenizer, left + right) != _ids(tokenizer, left) + _ids(tokenizer, right):
+            cuts = []
+    for start, end in zip([0, *cuts], [*cuts, len(text)]):
+        ids.extend(_ids(tokenizer, text[start:end]))
+
+
+def encode(tokenizer, text: str, piece_chars: int = PIECE_CHARS) -> torch.Tensor:
+    """The token ids of ``text`` (no special tokens), the same as tokenizing it at once, but
+    tokenized ``piece_chars`` characters at a time (cut where ``_cuts`` says; taken whole when
+    a probe of the first cut shows the tokenizer would tokenize the pieces differently), so a
+    long text's encoding (strings, offsets: hundreds of bytes a token) is never whole in memory."""
+    ids = array("q")
+    _encode_into(ids, tokenizer, text, piece_chars)
+    return _as_tensor(ids)
+
+
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One long stream of token ids: documents joined by EOS."""
-    ids: list[int] = []
+    """One long stream of token ids: documents joined by EOS (each tokenized as ``encode`` does)."""
+    ids = array("q")
     eos = tokenizer.eos_token_id
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
+    for text in texts:
+        _encode_into(ids, tokenizer, text, PIECE_CHARS)
         if eos is not None:
             ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+    return _as_tensor(ids)
+
+
+def _as_tensor(ids: array) -> torch.Tensor:
+    return torch.frombuffer(ids, dtype=torch.int64).clone() if ids else torch.zeros(0, dtype=torch.long)
 
 
 def _shuffled_chunks(tokens: torch.Tensor, samples: int, sequence_length: int, seed: int,

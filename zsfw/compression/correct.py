@@ -8,6 +8,10 @@ windows of the calibration text, never the gradient windows' own loss and never 
 text. Whatever the corrector does, the result is never worse there than the one-shot
 truncation: if the corrector's final state is, the one-shot factors come back.
 
+A corrector that trains may also train the weights of the normalization layers and of the
+targets the plan keeps dense (``extra`` in ``factor_gradients``, ``set_weight``); weights are
+replaced, never changed in place, so a snapshot holds references, not copies.
+
 A corrector may also re-plan (``replan``): re-profile and re-factorize the corrected model,
 re-score, re-allocate every rank from scratch at the recipe's ratio and truncate, as the Zero-Sum
 SVD authors do between cycles. The plan is then part of the state that snapshots keep, and a
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +33,7 @@ from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.statistics import autocast, distillation_loss, next_token_loss
 from zsfw.compression.store import FactorStore
 from zsfw.compression.truncate import kept_factors
-from zsfw.errors import one_of
+from zsfw.errors import RecipeError, one_of
 from zsfw.interfaces import Corrector
 from zsfw.modules import LowRankLinear
 
@@ -90,27 +94,46 @@ class Correction:
         self._version = 0  # bumped by every install: the cached validation loss is of this state
         self._measured: tuple[int, float] | None = None
         self._teachers: dict[torch.dtype | None, nn.Module] = {}
-        self._norms = normalizations(model)
-        self.norms = list(self._norms)
-        self.norm_originals = {name: norm.weight.detach().clone() for name, norm in self._norms.items()}
+        self.norms = list(normalizations(model))
 
-    def norm_weight(self, name: str) -> torch.Tensor:
-        return self._norms[name].weight.detach()
+    @property
+    def dense(self) -> list[str]:
+        """The targets the plan keeps dense (in their storage format's dense module)."""
+        return [name for name in self.targets if self.plan.is_dense(name)]
 
-    def set_norm(self, name: str, weight: torch.Tensor) -> None:
-        """Make ``weight`` normalization layer ``name``'s weight (cast to its dtype)."""
-        with torch.no_grad():
-            self._norms[name].weight.copy_(weight)
+    def module_weight(self, name: str) -> torch.Tensor:
+        """The current weight of normalization layer or dense layer ``name``."""
+        return self._trainable(name).weight.detach()
+
+    def set_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Make a copy of ``weight`` (in its dtype) the weight of normalization layer or dense
+        layer ``name``; the teacher and ``_adopt`` keep its original."""
+        module = self._trainable(name)
+        if name in self.norms or module is self.targets.get(name):  # else the target linear keeps it
+            self.originals.setdefault(name, module.weight.detach())
+        module.weight.data = weight.to(module.weight.dtype, copy=True)
         self._version += 1
+
+    def _trainable(self, name: str) -> nn.Module:
+        """Normalization layer or dense layer ``name``, refused when its weight is not a plain
+        floating-point tensor (a quantized storage format's)."""
+        module = self.model.get_submodule(name)
+        if name not in self.norms and not (name in self.targets and self.plan.is_dense(name)):
+            raise RuntimeError(f"{name!r} is neither a normalization layer nor a dense layer")  # a corrector bug
+        weight = module.weight.detach()
+        if type(weight) is not torch.Tensor or not weight.is_floating_point():
+            raise RecipeError(f"layer {name!r} is stored as {type(weight).__name__} by storage "
+                              f"{self.plan.format(name).name!r}, which cannot be trained; train only the "
+                              f"factors (no dense: true) or use storage bf16 or fp32")
+        return module
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         """Make ``B @ A`` layer ``name``'s weight; the factors are kept as given (cast to the
         weight's dtype), so pass tensors nothing will change afterwards."""
         weight = self.targets[name].weight
-        self.originals.setdefault(name, weight.detach().clone())
+        self.originals.setdefault(name, weight.detach())
         B, A = self.factors[name] = (B.to(weight.dtype), A.to(weight.dtype))
-        with torch.no_grad():  # the product of the factors as kept: a restored state is the same
-            torch.mm(B, A, out=weight)
+        weight.data = B @ A  # the product of the factors as kept: a restored state is the same
         self._version += 1
 
     def original(self, name: str) -> torch.Tensor:
@@ -123,11 +146,11 @@ class Correction:
         return self.driver.gradients({n: self.targets[n] for n in self.layers}, share)
 
     def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
-                         windows: str = "calibration", precision: str = "fp32", norms: bool = False
+                         windows: str = "calibration", precision: str = "fp32", extra: Sequence[str] = ()
                          ) -> tuple[float, dict[str, tuple[torch.Tensor, ...]]]:
         """The loss and (∂L/∂B, ∂L/∂A) of every layer's current factors, from one pass with the
-        layers run as their factors (cheaper than the dense weights and their gradients); with
-        ``norms`` also (∂L/∂weight,) of every normalization layer in ``norms``, by its name.
+        layers run as their factors (cheaper than the dense weights and their gradients); also
+        (∂L/∂weight,) of each normalization layer or dense layer named in ``extra``.
         ``loss``: ``next_token`` (the model's own) or ``distill`` (KL from the uncompressed
         model's predictions, see ``teacher``); ``windows``: a share of the gradient windows
         (``calibration``) or of the training windows (``training``); ``precision``: ``fp32``,
@@ -137,6 +160,7 @@ class Correction:
         objective = distillation_loss(self.teacher(dtype)) if one_of("loss", loss, LOSSES) == "distill" else None
         if dtype is not None:
             objective = autocast(objective or next_token_loss, dtype)
+        extras = {name: self._trainable(name) for name in extra}
         factored = {name: LowRankLinear.from_factors(*self.factors[name], self.targets[name].bias,
                                                      dtype or self.targets[name].weight.dtype) for name in self.layers}
         for name, module in factored.items():
@@ -144,13 +168,13 @@ class Correction:
         try:
             value, grads = self.driver.gradients({**{f"{name}.{part}": getattr(module, part)
                                                      for name, module in factored.items() for part in "BA"},
-                                                  **(self._norms if norms else {})},
+                                                  **extras},
                                                  share, objective, other)
         finally:
             for name in factored:
                 self.model.set_submodule(name, self.targets[name])
         return value, {**{name: (grads.pop(f"{name}.B"), grads.pop(f"{name}.A")) for name in factored},
-                       **{name: (grads.pop(name),) for name in (self.norms if norms else ())}}
+                       **{name: (grads.pop(name),) for name in extras}}
 
     def _windows(self, windows: str) -> torch.Tensor | None:
         """The windows ``factor_gradients`` shares out: None for the gradient windows."""
@@ -160,8 +184,8 @@ class Correction:
 
     def teacher(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The uncompressed model, for distillation: a copy (built once, dropped by ``close``)
-        with every target's original weight and every normalization layer's original weight; it
-        doubles the model's memory. With ``dtype`` its
+        with every target's and every normalization layer's original weight; it doubles the
+        model's memory. With ``dtype`` its
         linear layers' weights are stored in ``dtype`` (for autocast to that dtype: cast once, not
         at every forward; half the copy's memory in bf16); embeddings and norms keep theirs."""
         if dtype not in self._teachers:
@@ -173,8 +197,9 @@ class Correction:
                         original.weight.copy_(self.originals[name])
                 teacher.set_submodule(name, original)
             with torch.no_grad():
-                for name, weight in self.norm_originals.items():
-                    teacher.get_submodule(name).weight.copy_(weight)
+                for name in self.norms:
+                    if name in self.originals:
+                        teacher.get_submodule(name).weight.copy_(self.originals[name])
             if dtype is not None:
                 for module in teacher.modules():
                     if isinstance(module, nn.Linear) and type(module.weight.data) is torch.Tensor:  # a tied head is untied
@@ -203,8 +228,10 @@ class Correction:
             raise RuntimeError("this correction was built without a planner")  # a pipeline bug
         for name, linear in self.targets.items():
             self.model.set_submodule(name, linear)  # the statistics hooks are on these modules
-            with torch.no_grad():
-                linear.weight.copy_(weights[name] if name in weights else self.originals.get(name, linear.weight))
+            if name in weights:
+                linear.weight.data = weights[name].to(linear.weight.dtype, copy=True)
+            elif name in self.originals:
+                linear.weight.data = self.originals[name]
         store, plan = self.planner()
         self.stores.append(store)
         self._adopt(plan, store)
@@ -217,8 +244,7 @@ class Correction:
         for name, linear in self.targets.items():
             if plan.is_dense(name):
                 if name in self.originals:
-                    with torch.no_grad():
-                        linear.weight.copy_(self.originals[name])
+                    linear.weight.data = self.originals[name]
                 self.model.set_submodule(name, plan.format(name).dense_module(linear))
             else:
                 self.model.set_submodule(name, linear)
@@ -226,21 +252,23 @@ class Correction:
         self._version += 1
 
     def snapshot(self) -> tuple[AllocationPlan, FactorStore, Factors, dict[str, torch.Tensor]]:
-        """The current plan, the factors of every layer (cheap: installs replace factors, never
-        change them) and a copy of the normalization layers' weights."""
-        norms = {name: norm.weight.detach().clone() for name, norm in self._norms.items()}
-        return self.plan, self.store, dict(self.factors), norms
+        """The current plan, the factors of every layer and the weights of the normalization
+        layers and of the dense layers that can be trained (cheap: weights and factors are
+        replaced, never changed)."""
+        weights = {name: self.model.get_submodule(name).weight.detach() for name in (*self.norms, *self.dense)}
+        trainable = {name: w for name, w in weights.items() if type(w) is torch.Tensor and w.is_floating_point()}
+        return self.plan, self.store, dict(self.factors), trainable
 
     def restore(self, snapshot: tuple[AllocationPlan, FactorStore, Factors, dict[str, torch.Tensor]]) -> None:
         """Go back to an earlier ``snapshot``: its plan (when a re-plan changed it), factors and
-        normalization weights."""
-        plan, store, factors, norms = snapshot
+        the weights of the normalization and dense layers."""
+        plan, store, factors, weights = snapshot
         if plan is not self.plan:
             self._adopt(plan, store)
         for name, (B, A) in factors.items():
             self.install(name, B, A)
-        for name, weight in norms.items():
-            self.set_norm(name, weight)
+        for name, weight in weights.items():
+            self.set_weight(name, weight)
 
     def close(self) -> None:
         """Remove the factor stores re-plans made and the teacher."""
