@@ -87,6 +87,7 @@ def run_one(method: str, text: Path) -> dict:
             start = time.perf_counter()
             model, report = zsfw.compress(model, recipe, windows.calibration,
                                           output_dir=Path(out) / "model" if lazy else None,
+                                          tokenizer=tokenizer,  # saved with it: not loaded again
                                           validation=windows.validation,
                                           training=windows.training if training else None)
             cell.update(compress_seconds=time.perf_counter() - start, phases=report.timings,
