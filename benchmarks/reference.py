@@ -28,7 +28,8 @@ CELLS = HERE / ".reference-cells"
 RECIPES = {"uncompressed": None, "zero_sum": "zero_sum_oneshot.yaml", "uniform": "uniform_svd_llm.yaml",
            "zero_sum_streamed": "zero_sum_oneshot.yaml", "zero_sum_lazy": "zero_sum_oneshot.yaml",
            "zero_sum_2proc": "zero_sum_oneshot.yaml", "default": "zero_sum.yaml",
-           "zero_sum_refined": "zero_sum_refined.yaml", "zero_sum_corrected": "zero_sum_corrected.yaml",
+           "zero_sum_refined": "zero_sum_refined.yaml", "zero_sum_refined_pivga": "zero_sum_refined_pivga.yaml",
+           "zero_sum_corrected": "zero_sum_corrected.yaml",
            "zero_sum_corrected_published": "zero_sum_corrected.yaml",
            "zero_sum_corrected_rotating": "zero_sum_corrected.yaml",
            "zero_sum_replanned": "zero_sum_replanned.yaml", "zero_sum_pivga": "zero_sum_pivga.yaml",
@@ -45,6 +46,7 @@ AUTHORS = {"uncompressed": "19.13", "zero_sum": "41.66 (gradient from 32 windows
            "zero_sum_2proc": "41.66 (gradient from 32 windows)",
            "default": "41.66 (one shot; their correction: 42.34)",
            "zero_sum_refined": "41.66 (one shot; their correction: 42.34)",
+           "zero_sum_refined_pivga": "41.66 (one shot, bf16 factors; their correction: 42.34)",
            "zero_sum_corrected": "42.34 (3 stages, re-planning, gradient 1)",
            "zero_sum_corrected_published": "42.34 (3 stages, re-planning, gradient 1)",
            "zero_sum_corrected_rotating": "42.34 (3 stages, re-planning, gradient 1)",
@@ -121,7 +123,7 @@ def main() -> None:
                              "zero_sum_lazy: streamed, lazily loaded weights, boundaries on disk; "
                              "zero_sum_2proc: two processes under torchrun, one thread each; "
                              "default: recipes/zero_sum.yaml (one shot + refinement); zero_sum_refined: "
-                             "the longer refinement; zero_sum_corrected: the corrected recipe; _published: every step taken, "
+                             "the longer refinement (_pivga: with PivGa factors); zero_sum_corrected: the corrected recipe; _published: every step taken, "
                              "no keep-best; _rotating: 6 cycles over 4 rotating shares of the windows; "
                              "zero_sum_replanned: re-planning between cycles; zero_sum_pivga: the default "
                              "stored as PivGa; fermigrad: FermiGrad's allocation, one shot)")
