@@ -70,6 +70,12 @@ def native_precision(device: torch.device) -> str:
     return "fp32"
 
 
+def _plain_float(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a plain floating-point tensor (not a quantized format's subclass):
+    what a corrector can train and a snapshot keeps."""
+    return type(weight) is torch.Tensor and weight.is_floating_point()
+
+
 Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
 """Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
@@ -121,7 +127,7 @@ class Correction:
         if name not in self.norms and not (name in self.targets and self.plan.is_dense(name)):
             raise RuntimeError(f"{name!r} is neither a normalization layer nor a dense layer")  # a corrector bug
         weight = module.weight.detach()
-        if type(weight) is not torch.Tensor or not weight.is_floating_point():
+        if not _plain_float(weight):
             raise RecipeError(f"layer {name!r} is stored as {type(weight).__name__} by storage "
                               f"{self.plan.format(name).name!r}, which cannot be trained; train only the "
                               f"factors (no dense: true) or use storage bf16 or fp32")
@@ -256,8 +262,7 @@ class Correction:
         layers and of the dense layers that can be trained (cheap: weights and factors are
         replaced, never changed)."""
         weights = {name: self.model.get_submodule(name).weight.detach() for name in (*self.norms, *self.dense)}
-        trainable = {name: w for name, w in weights.items() if type(w) is torch.Tensor and w.is_floating_point()}
-        return self.plan, self.store, dict(self.factors), trainable
+        return self.plan, self.store, dict(self.factors), {n: w for n, w in weights.items() if _plain_float(w)}
 
     def restore(self, snapshot: tuple[AllocationPlan, FactorStore, Factors, dict[str, torch.Tensor]]) -> None:
         """Go back to an earlier ``snapshot``: its plan (when a re-plan changed it), factors and
@@ -268,7 +273,8 @@ class Correction:
         for name, (B, A) in factors.items():
             self.install(name, B, A)
         for name, weight in weights.items():
-            self.set_weight(name, weight)
+            if self.module_weight(name).data_ptr() != weight.data_ptr():  # replaced since: put it back
+                self.set_weight(name, weight)
 
     def close(self) -> None:
         """Remove the factor stores re-plans made and the teacher."""
