@@ -12,7 +12,7 @@ storage    byte cost of a layer, the module that holds it, and its empty skeleto
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -219,6 +219,13 @@ class CorrectionProblem(Protocol):
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         """Install the best rank-k (whitened) approximation of ``weight`` for layer ``name``."""
+        ...
+
+    def paired_moments(self) -> Iterator[Any]:
+        """Decoder layer by decoder layer, for each group of low-rank layers reading one input:
+        ``PairedMoments`` (names, E[x x̂ᵀ], E[x̂ x̂ᵀ], last) of the uncompressed model's inputs x
+        and this model's x̂ on the calibration windows; what is installed before the next group
+        is asked for shapes the inputs after it (sequential compensation; in-memory driver only)."""
         ...
 
     def replan(self, weights: dict[str, torch.Tensor]) -> None:

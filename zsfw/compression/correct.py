@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torch import nn
 from zsfw.allocation import AllocationPlan
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
+from zsfw.compression.sequential import PairedMoments, paired_moments
 from zsfw.compression.statistics import autocast, distillation_loss, next_token_loss
 from zsfw.compression.store import FactorStore
 from zsfw.compression.truncate import kept_factors
@@ -85,8 +86,10 @@ class Correction:
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
                  store: FactorStore, driver: Driver, validation: torch.Tensor,
-                 planner: Planner | None = None, training: torch.Tensor | None = None) -> None:
+                 planner: Planner | None = None, training: torch.Tensor | None = None,
+                 windows: torch.Tensor | None = None, batch_size: int = 1) -> None:
         self.model, self.targets, self.plan, self.store, self.driver = model, targets, plan, store, driver
+        self.windows, self.batch_size = windows, batch_size  # the calibration windows, for paired_moments
         self.validation, self.gradient_windows = validation, driver.gradient_windows
         self.training = training
         self.training_windows = 0 if training is None else training.shape[0]
@@ -214,6 +217,16 @@ class Correction:
                             module.bias = nn.Parameter(module.bias.detach().to(dtype))
             self._teachers[dtype] = teacher.eval().requires_grad_(False)
         return self._teachers[dtype]
+
+    def paired_moments(self) -> Iterator[PairedMoments]:
+        """For each group of the plan's low-rank layers that read one input, decoder layer by
+        decoder layer: E[x x̂ᵀ] and E[x̂ x̂ᵀ] of the uncompressed model's inputs x and this model's
+        x̂ over the calibration windows (forward only), each group's computed with what was
+        installed before it was asked for (``zsfw.compression.sequential``; in-memory driver only:
+        it runs the uncompressed copy ``teacher`` beside the model)."""
+        if self.windows is None:
+            raise RuntimeError("this correction was built without its calibration windows")  # a pipeline bug
+        return paired_moments(self.model, self.teacher(), list(self.layers), self.windows, self.batch_size)
 
     def retruncate(self, name: str, weight: torch.Tensor) -> None:
         S = self.store.whitener(name, weight.device)

@@ -111,7 +111,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
                                    validation)
 
         correction = corrector and Correction(model, targets, plan, store, driver, validation, replan,
-                                              training if trains else None)
+                                              training if trains else None, windows, m.calibration.batch_size)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, correction, writer)
         notes = store.notes

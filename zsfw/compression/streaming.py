@@ -109,6 +109,19 @@ def _passthrough(layers: list[nn.Module], outputs: list[torch.Tensor]) -> Iterat
             del layer.forward  # the class's forward shows through again
 
 
+def layer_arguments(model: nn.Module, layers: list[nn.Module], batch: torch.Tensor
+                    ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """The first decoder layer's input for ``batch`` and every layer's other call arguments
+    (masks, rotary embeddings: ``layer(hidden, *args, **kwargs)`` runs it), from one cheap run of
+    the model, every layer passing its input through, stopped after the last layer (no final
+    norm, no logits)."""
+    with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]), _stop_after(layers[-1]):
+        model(input_ids=batch, use_cache=False)
+    hidden = recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"]
+    return hidden, [(args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                    for args, kwargs in recorded]
+
+
 class _StreamedPass(_InMemoryPass):
     """The in-memory pass's bookkeeping, with the statistics gathered in the two sweeps."""
 
@@ -119,7 +132,7 @@ class _StreamedPass(_InMemoryPass):
             return
         model, cal = d.model, d.calibration
         layers = decoder_layers(model)
-        owner = _owners(self.targets, layers)
+        owner = owners(self.targets, layers)
         batches = [d.windows[i:i + cal.batch_size] for i in range(0, d.windows.shape[0], cal.batch_size)]
         n_grad = gradient_windows(d.windows, cal.gradient_samples, self.gradients)
         boundaries = Boundaries(d.offload, next(model.parameters()).device)
@@ -144,16 +157,12 @@ class _StreamedPass(_InMemoryPass):
                 boundaries.close()
 
     def _capture(self, layers, batches, boundaries: "Boundaries") -> list[list[tuple]]:
-        """Every layer's call arguments per micro-batch, and the first layer's input as boundary
-        0 (one cheap run of the model per batch, every layer passing its input through, stopped
-        after the last layer: no final norm, no logits)."""
+        """Every layer's call arguments per micro-batch, and the first layer's input as boundary 0."""
         calls: list[list[tuple]] = []
         for b, batch in enumerate(batches):
-            with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]), _stop_after(layers[-1]):
-                self.driver.model(input_ids=batch.to(boundaries.device), use_cache=False)
-            boundaries.put(0, b, recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"])
-            calls.append([(args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-                          for args, kwargs in recorded])
+            hidden, batch_calls = layer_arguments(self.driver.model, layers, batch.to(boundaries.device))
+            boundaries.put(0, b, hidden)
+            calls.append(batch_calls)
         return calls
 
     def _forward(self, layers, n_batches: int, boundaries: "Boundaries", calls) -> None:
@@ -254,15 +263,16 @@ class _StreamedPass(_InMemoryPass):
         return GroupStatistics(group, members, covariance, gradients)
 
 
-def _owners(targets: dict[str, nn.Linear], layers: list[nn.Module]) -> dict[str, int]:
-    """The index of the decoder layer holding each target; targets outside them are refused."""
+def owners(targets: dict[str, nn.Module], layers: list[nn.Module], who: str = "the streamed driver",
+           remedy: str = "use execution.driver 'memory' or leave them out with ignore") -> dict[str, int]:
+    """The index of the decoder layer holding each target; targets outside them are refused
+    (``who`` works inside them only; ``remedy`` says what to do instead)."""
     index = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
     found = {name: index.get(id(module)) for name, module in targets.items()}
     outside = [name for name, i in found.items() if i is None]
     if not layers or outside:
-        raise CalibrationError(f"the streamed driver compresses layers inside the decoder blocks only; "
-                               f"{outside[:3] or 'no decoder blocks were found'} are outside: use "
-                               f"execution.driver 'memory' or leave them out with ignore")
+        raise CalibrationError(f"{who} works on layers inside the decoder blocks only; "
+                               f"{outside[:3] or 'no decoder blocks were found'} are outside: {remedy}")
     return found
 
 
