@@ -506,3 +506,27 @@ def test_a_plan_with_every_layer_dense_has_nothing_to_correct(llama, windows, co
                                   windows)  # int8 dense layers cost about half: all stay dense
     assert all(layer.dense for layer in report.layers)
     assert report.correction_result == {} and report.correction_losses == []
+
+
+def test_a_chain_runs_its_correctors_in_turn_and_keeps_the_one_shot_when_all_hurt(llama, windows, every_step_hurts):
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    chain = {"name": "chain", "correctors": [{"name": "compensate"}, {"name": "refine", "steps": 2, "validate_every": 1}]}
+    model, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32", corrector=chain), windows,
+                                  validation=patterned_windows(4, seed=1))
+    assert [s["cycle"] for s in report.correction_steps] == [1, 2, 1, 2]  # two decoder layers, then two steps
+    assert len(report.correction_losses) == 2  # refine's
+    assert not any(s["accepted"] for s in report.correction_steps)
+    assert _same_weights(model, one_shot)
+
+
+def test_a_chain_asks_for_what_its_correctors_need(llama, windows):
+    chain = {"name": "chain", "correctors": ["compensate", {"name": "refine", "steps": 2, "windows": "training"}]}
+    r = recipe(ratio=0.5, storage="fp32", corrector=chain)
+    modifier = zsfw.load_recipe(r).modifier
+    assert modifier.training_windows == 8  # refine trains on training windows: they are drawn
+    r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
+    with pytest.raises(zsfw.ZsfwError, match="corrector 'chain' with compensate \\(its copy of the uncompressed "
+                                             "model\\) needs execution.driver 'memory'"):
+        zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
+    with pytest.raises(zsfw.ZsfwError, match="correctors must list at least one corrector"):
+        zsfw.plugins.create("corrector", "chain", {"correctors": []})

@@ -1,0 +1,45 @@
+"""Correctors in turn: e.g. sequential compensation, then refinement, on the same truncated model.
+
+    corrector: {name: chain, correctors: [{name: compensate}, {name: refine, steps: 24}]}
+
+Each corrector starts from the state the one before it left (each keeps its own best state);
+the pipeline keeps the end result only if it is no worse than the one-shot truncation on the
+validation windows, as for any corrector.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import zsfw
+from zsfw import CorrectionProblem
+from zsfw.recipe import PluginSpec
+
+
+class ChainCorrector:
+    """The correctors of ``correctors`` (each a name or ``{name, options…}``), in order."""
+
+    name: ClassVar[str] = "chain"
+
+    def __init__(self, correctors: list[Any]) -> None:
+        if not correctors:
+            raise ValueError("correctors must list at least one corrector, e.g. [{name: compensate}, {name: refine}]")
+        from zsfw import plugins  # not at import time: plugins imports this module
+
+        specs = [PluginSpec.model_validate(spec) for spec in correctors]
+        self.correctors = [plugins.create("corrector", spec.name, spec.options) for spec in specs]
+        self.needs_training = any(getattr(c, "needs_training", False) for c in self.correctors)
+        memory = [f"{spec.name} ({c.needs_memory_driver})" for spec, c in zip(specs, self.correctors)
+                  if getattr(c, "needs_memory_driver", None)]
+        self.needs_memory_driver = " and ".join(memory) or None  # refused before any work
+
+    def correct(self, problem: CorrectionProblem) -> list[float]:
+        losses: list[float] = []
+        for corrector in self.correctors:
+            losses += corrector.correct(problem)
+        return losses
+
+
+@zsfw.hookimpl
+def zsfw_register_correctors(register) -> None:
+    register(ChainCorrector)
