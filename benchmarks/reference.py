@@ -28,7 +28,7 @@ CELLS = HERE / ".reference-cells"
 RECIPES = {"uncompressed": None, "zero_sum": "zero_sum_oneshot.yaml", "uniform": "uniform_svd_llm.yaml",
            "zero_sum_streamed": "zero_sum_oneshot.yaml", "zero_sum_lazy": "zero_sum_oneshot.yaml",
            "zero_sum_2proc": "zero_sum_oneshot.yaml", "default": "zero_sum.yaml",
-           "zero_sum_refined": "zero_sum_refined.yaml", "zero_sum_refined_pivga": "zero_sum_refined_pivga.yaml",
+           "zero_sum_refined": "zero_sum_refined.yaml", "zero_sum_refined_bf16": "zero_sum_refined_bf16.yaml",
            "zero_sum_corrected": "zero_sum_corrected.yaml",
            "zero_sum_corrected_published": "zero_sum_corrected.yaml",
            "zero_sum_corrected_rotating": "zero_sum_corrected.yaml",
@@ -45,8 +45,8 @@ AUTHORS = {"uncompressed": "19.13", "zero_sum": "41.66 (gradient from 32 windows
            "zero_sum_lazy": "41.66 (gradient from 32 windows)",
            "zero_sum_2proc": "41.66 (gradient from 32 windows)",
            "default": "41.66 (one shot; their correction: 42.34)",
-           "zero_sum_refined": "41.66 (one shot; their correction: 42.34)",
-           "zero_sum_refined_pivga": "41.66 (one shot, bf16 factors; their correction: 42.34)",
+           "zero_sum_refined": "41.66 (one shot, bf16 factors; their correction: 42.34)",
+           "zero_sum_refined_bf16": "41.66 (one shot; their correction: 42.34)",
            "zero_sum_corrected": "42.34 (3 stages, re-planning, gradient 1)",
            "zero_sum_corrected_published": "42.34 (3 stages, re-planning, gradient 1)",
            "zero_sum_corrected_rotating": "42.34 (3 stages, re-planning, gradient 1)",
@@ -123,7 +123,7 @@ def main() -> None:
                              "zero_sum_lazy: streamed, lazily loaded weights, boundaries on disk; "
                              "zero_sum_2proc: two processes under torchrun, one thread each; "
                              "default: recipes/zero_sum.yaml (one shot + refinement); zero_sum_refined: "
-                             "the longer refinement (_pivga: with PivGa factors); zero_sum_corrected: the corrected recipe; _published: every step taken, "
+                             "the longer refinement with PivGa factors (_bf16: with bf16 factors); zero_sum_corrected: the corrected recipe; _published: every step taken, "
                              "no keep-best; _rotating: 6 cycles over 4 rotating shares of the windows; "
                              "zero_sum_replanned: re-planning between cycles; zero_sum_pivga: the default "
                              "stored as PivGa; fermigrad: FermiGrad's allocation, one shot)")
@@ -152,7 +152,7 @@ def _table(cells: list[dict]) -> str:
              "",
              f"Command: `python benchmarks/reference.py`. Machine: {protocol.machine_line()}.",
              f"Tokens: `shared/anchor` (calibration ids md5 {cells[0]['md5']}), SmolLM2-135M-Instruct "
-             "fp32, shipped recipes at ratio 0.8 (bf16 factors; zero_sum_pivga: PivGa factors in bf16 at the "
+             "fp32, shipped recipes at ratio 0.8 (bf16 factors; zero_sum_pivga and zero_sum_refined: PivGa factors in bf16 at the "
              "same bytes), PPL on the last 8×2048 tokens.",
              "",
              "`peak RSS`: the process's, loading and tokenizing the reference text included; `compress "
