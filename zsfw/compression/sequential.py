@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from zsfw.compression.streaming import _hidden, layer_arguments, owners
+from zsfw.compression.streaming import _hidden, _Stopped, layer_arguments, owners
 from zsfw.residency import decoder_layers
 
 
@@ -35,8 +35,9 @@ class PairedMoments:
     last: bool  # the last group of its decoder layer: the layer's output is computed after it
 
 
-class _Reached(Exception):
-    """Raised by ``_input_of``'s hook: the module's input is in hand, the rest is not needed."""
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input a module was called with (its first argument, positional or not)."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 @contextmanager
@@ -45,13 +46,13 @@ def _input_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     seen: list[torch.Tensor] = []
 
     def grab(mod, args, kwargs):
-        seen.append(args[0] if args else next(iter(kwargs.values())))
-        raise _Reached
+        seen.append(_first_input(args, kwargs))
+        raise _Stopped  # the input is in hand: the rest of the forward is not needed
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         yield seen
-    except _Reached:
+    except _Stopped:
         pass
     finally:
         handle.remove()
@@ -62,7 +63,7 @@ def _groups(layer: nn.Module, names: list[str], model: nn.Module, hidden: torch.
     call order, from one run of the layer (the inputs are held, so no two are confused)."""
     order: list[tuple[str, torch.Tensor]] = []
     handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda mod, args, kwargs, name=name: order.append((name, args[0] if args else next(iter(kwargs.values())))),
+        lambda mod, args, kwargs, name=name: order.append((name, _first_input(args, kwargs))),
         with_kwargs=True) for name in names]
     try:
         with torch.no_grad():
