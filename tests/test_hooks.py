@@ -129,6 +129,41 @@ def test_stage_options_are_part_of_the_cache_key(registered, llama, windows, tmp
     assert not run(2.0).statistics_cached  # same weights, other stage settings: a miss
 
 
+def test_a_cached_stage_result_is_loaded_instead_of_running_the_stage_again(registered, llama, windows, tmp_path):
+    def run(factor):
+        model = copy.deepcopy(llama)
+        _, report = zsfw.compress(model, recipe(ratio=1.0, stages=[{"name": "scale", "factor": factor}]),
+                                  windows, statistics_cache=tmp_path)
+        return model, report
+
+    first, report = run(0.5)
+    assert len(ScaleStage.calls) == 1 and "cached" not in report.stages[0]
+    again, report = run(0.5)
+    assert len(ScaleStage.calls) == 1  # loaded, not run
+    assert report.stages[0]["cached"] and report.stages[0]["summary"]["scaled"] == [
+        "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    assert report.statistics_cached  # the loaded weights are the stage's: the statistics key matches
+    assert torch.equal(_logits(first, windows), _logits(again, windows))
+    run(0.25)  # other options: a miss
+    assert len(ScaleStage.calls) == 2
+
+
+def test_an_unreadable_stage_entry_is_a_miss_and_the_stage_runs_again(registered, llama, windows, tmp_path, caplog):
+    def run():
+        model = copy.deepcopy(llama)
+        zsfw.compress(model, recipe(ratio=1.0, stages=[{"name": "scale", "factor": 0.5}]), windows,
+                      statistics_cache=tmp_path)
+        return model
+
+    first = run()
+    (entry,) = tmp_path.glob("stage-*")
+    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    again = run()
+    assert len(ScaleStage.calls) == 2 and "unreadable" in caplog.text
+    assert torch.equal(_logits(first, windows), _logits(again, windows))
+    assert (entry / "model.safetensors").stat().st_size > 100  # recorded again
+
+
 def test_a_model_aware_allocator_gets_the_problem_and_exact_soft_gradients(registered, llama, windows):
     _, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.9, allocator="probe"),
                               windows)

@@ -1,11 +1,14 @@
-"""An on-disk cache of calibration statistics and factorizations: another ratio, allocator or
-storage format skips the calibration pass and the SVDs.
+"""An on-disk cache of pre-compression stages' results, calibration statistics and factorizations:
+another ratio, allocator or storage format skips the stages, the calibration pass and the SVDs.
 
 The statistics (C per input group, G per target, token count, loss) depend only on the model's
 weights (after any pre-compression stage), the calibration windows, the targets and the
 statistics settings; the factorization (each layer's whitened SVD, S per group, the scores) also
 on whitening, damping and the scorer. Neither depends on the ratio, allocator or storage format.
 Keys are SHA-256 digests of all of those, so any change of a weight, a token or a setting misses.
+
+A stage's result (the model's weights after it, and its summary) depends on the weights before
+it, the stage's name and options, and the windows it is given (calibration, training, validation).
 
 Statistics entries are folders of one safetensors file per input group plus an index, written
 group by group as the pass yields them; factorization entries are ``FactorStore`` folders. Both
@@ -25,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from zsfw.compression.driver import StatisticsPass
@@ -46,12 +49,15 @@ def _update(hasher, tensor: torch.Tensor) -> None:
     hasher.update(data.view(torch.uint8).numpy())
 
 
-def statistics_key(model: nn.Module, targets: list[str], windows: torch.Tensor, settings: dict) -> str:
-    """SHA-256 of everything the statistics depend on."""
+def _digest(header: dict, tensors: list[torch.Tensor | None], model: nn.Module) -> str:
+    """SHA-256 of ``header`` (JSON), the tensors (None marks an absent one) and every weight of ``model``."""
     hasher = hashlib.sha256()
-    hasher.update(json.dumps({"version": CACHE_VERSION, "targets": sorted(targets),
-                              "settings": settings}, sort_keys=True, default=str).encode())
-    _update(hasher, windows)
+    hasher.update(json.dumps({"version": CACHE_VERSION, **header}, sort_keys=True, default=str).encode())
+    for tensor in tensors:
+        if tensor is None:
+            hasher.update(b"none")
+        else:
+            _update(hasher, tensor)
     weights = residency(model)
     if weights.lazy:
         weights.fingerprint(hasher)
@@ -60,6 +66,17 @@ def statistics_key(model: nn.Module, targets: list[str], windows: torch.Tensor, 
             hasher.update(name.encode())
             _update(hasher, tensor)
     return hasher.hexdigest()
+
+
+def statistics_key(model: nn.Module, targets: list[str], windows: torch.Tensor, settings: dict) -> str:
+    """SHA-256 of everything the statistics depend on."""
+    return _digest({"targets": sorted(targets), "settings": settings}, [windows], model)
+
+
+def stage_key(model: nn.Module, stage: dict, targets: list[str], windows: list[torch.Tensor | None]) -> str:
+    """SHA-256 of everything a stage's result depends on: the weights before it, its name and
+    options (``stage``), the targets and the windows it is given."""
+    return _digest({"stage": stage, "targets": sorted(targets)}, windows, model)
 
 
 def factorization_key(statistics_key: str, settings: dict) -> str:
@@ -124,6 +141,45 @@ class StatisticsCache:
 
     def factors_path(self, key: str) -> Path:
         return self.directory / f"factors-{key[:32]}"
+
+    def stage_path(self, key: str) -> Path:
+        return self.directory / f"stage-{key[:32]}"
+
+    def stage(self, key: str, model: nn.Module) -> dict | None:
+        """Load the cached result of a stage into ``model`` and return the stage's summary, or None
+        (a miss, the model untouched; unreadable entries warn)."""
+        path = self.stage_path(key)
+        if not path.is_dir():
+            return None
+        try:
+            index = json.loads((path / "index.json").read_text())
+            if index.get("key") != key:
+                return None
+            with safe_open(path / "model.safetensors", framework="pt") as f:  # readable before loading
+                stored = set(f.keys())
+            missing = [n for n in stored if n not in model.state_dict()]
+            if missing:
+                raise KeyError(f"{missing[0]} is not a weight of this model")
+            load_model(model, path / "model.safetensors", strict=False,
+                       device=str(next(model.parameters()).device))
+        except _UNREADABLE as exc:
+            log.warning("stage cache entry %s is unreadable (%s: %s); running the stage again",
+                        path, type(exc).__name__, exc)
+            shutil.rmtree(path, ignore_errors=True)  # zsfw's own cache entry, not the user's data
+            return None
+        log.info("stage result from the cache: %s", path)
+        return index["summary"]
+
+    def record_stage(self, key: str, model: nn.Module, summary: dict) -> None:
+        """Store the model's weights after a stage and its summary under ``key``."""
+        tmp = work_folder(self.directory, ".stage-")
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            (tmp / "index.json").write_text(json.dumps({"key": key, "summary": summary}, default=str))
+            if not self.stage_path(key).exists():
+                os.replace(tmp, self.stage_path(key))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def statistics(self, key: str) -> StatisticsPass | None:
         """The cached statistics for ``key``, or None (a miss; unreadable entries warn)."""

@@ -52,7 +52,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
     With ``output_dir`` it is saved there (an existing folder only with ``overwrite``); with
-    ``statistics_cache`` statistics and factorizations are reused when model, data and settings match.
+    ``statistics_cache`` stages' results, statistics and factorizations are reused when model, data and
+    settings match.
     A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
     calibration text), by default ``calibration.validation_samples`` windows drawn from ``dataset``'s
     text apart from the calibration windows. A training stage (prehab), or a corrector set to
@@ -85,7 +86,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         release_free_heap()  # what tokenizing the text left behind is not carried through the passes
     if m.stages:
         with report.phase("stages"):
-            report.stages = run_stages(m.stages, model, targets, windows, training, validation)
+            report.stages = run_stages(m.stages, model, targets, windows, training, validation,
+                                       open_cache(statistics_cache))
     driver = driver_for(m.execution, model, windows, m.calibration)
     every_component = (getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
                        or chooses_formats(storage))  # which member format keeps the most is not known yet
