@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -130,8 +130,22 @@ class _RecordingPass:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
 
 
+def _read_entry(path: Path, key: str, what: str, instead: str, read: Callable[[Path, dict], Any]) -> Any:
+    """``read(path, index)`` of the entry at ``path`` when its index names ``key``; None when there is
+    none, or when it cannot be read (then a warning, and the entry is removed to be made again)."""
+    if not path.is_dir():
+        return None
+    try:
+        index = json.loads((path / "index.json").read_text())
+        return read(path, index) if index.get("key") == key else None
+    except _UNREADABLE as exc:
+        log.warning("%s cache entry %s is unreadable (%s: %s); %s", what, path, type(exc).__name__, exc, instead)
+        shutil.rmtree(path, ignore_errors=True)  # zsfw's own cache entry, not the user's data
+        return None
+
+
 class StatisticsCache:
-    """Statistics and factorization entries in ``directory``, one per key."""
+    """Stage results, statistics and factorization entries in ``directory``, one per key."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -148,13 +162,7 @@ class StatisticsCache:
     def stage(self, key: str, model: nn.Module) -> dict | None:
         """Load the cached result of a stage into ``model`` and return the stage's summary, or None
         (a miss, the model untouched; unreadable entries warn)."""
-        path = self.stage_path(key)
-        if not path.is_dir():
-            return None
-        try:
-            index = json.loads((path / "index.json").read_text())
-            if index.get("key") != key:
-                return None
+        def load(path: Path, index: dict) -> dict:
             with safe_open(path / "model.safetensors", framework="pt") as f:  # readable before loading
                 stored = set(f.keys())
             missing = [n for n in stored if n not in model.state_dict()]
@@ -162,13 +170,10 @@ class StatisticsCache:
                 raise KeyError(f"{missing[0]} is not a weight of this model")
             load_model(model, path / "model.safetensors", strict=False,
                        device=str(next(model.parameters()).device))
-        except _UNREADABLE as exc:
-            log.warning("stage cache entry %s is unreadable (%s: %s); running the stage again",
-                        path, type(exc).__name__, exc)
-            shutil.rmtree(path, ignore_errors=True)  # zsfw's own cache entry, not the user's data
-            return None
-        log.info("stage result from the cache: %s", path)
-        return index["summary"]
+            log.info("stage result from the cache: %s", path)
+            return index["summary"]
+
+        return _read_entry(self.stage_path(key), key, "stage", "running the stage again", load)
 
     def record_stage(self, key: str, model: nn.Module, summary: dict) -> None:
         """Store the model's weights after a stage and its summary under ``key``."""
@@ -183,24 +188,14 @@ class StatisticsCache:
 
     def statistics(self, key: str) -> StatisticsPass | None:
         """The cached statistics for ``key``, or None (a miss; unreadable entries warn)."""
-        path = self.statistics_path(key)
-        if not path.is_dir():
-            return None
-        try:
-            index = json.loads((path / "index.json").read_text())
-            if index.get("key") != key:
-                return None
+        def read(path: Path, index: dict) -> StatisticsPass:
             for entry in index["groups"]:  # every file present and readable before using any
                 with safe_open(path / entry["file"], framework="pt"):
                     pass
-            cached = _CachedPass(path, index)
-        except _UNREADABLE as exc:
-            log.warning("statistics cache entry %s is unreadable (%s: %s); recomputing it",
-                        path, type(exc).__name__, exc)
-            shutil.rmtree(path, ignore_errors=True)  # zsfw's own cache entry, not the user's data
-            return None
-        log.info("calibration statistics from the cache: %s", path)
-        return cached
+            log.info("calibration statistics from the cache: %s", path)
+            return _CachedPass(path, index)
+
+        return _read_entry(self.statistics_path(key), key, "statistics", "recomputing it", read)
 
     def record(self, key: str, source: StatisticsPass) -> StatisticsPass:
         """``source`` passed through, stored under ``key`` once it has been read to the end."""
