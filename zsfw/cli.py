@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output folder (only an empty one or a zsfw output)")
     p.add_argument("--statistics-cache", type=Path, default=None,
-                   help="folder caching calibration statistics across runs (same model, data and "
-                        "statistics settings: another ratio or allocator skips the pass)")
+                   help="folder caching stages' results, calibration statistics and factorizations across "
+                        "runs (same model, data and settings: another ratio or allocator skips them)")
     p.add_argument("--held-out", type=int, default=4, metavar="N",
                    help="windows of the calibration text, never used for calibration, on which "
                         "perplexity is measured before and after (0: no before/after comparison)")
