@@ -14,7 +14,11 @@ the target keeps at ``ratio`` as bf16 factors, 1 − ‖U_kᵀM‖²/‖M‖² (
 stable rank can also fall by raising σ₁), with U_k M's top-k left singular vectors tracked by one
 step of subspace iteration per training step from an exact SVD at the start (its gradient is the
 exact tail's wherever U_k is exact). λ_t rises from ``lambda_init`` to ``lambda_max`` over the
-first ``warmup`` steps. The training windows are held out from the calibration and validation
+first ``warmup`` steps. With ``shrink`` s > 0 (tail surrogate) the rank term also takes a
+proximal step after every Adam step: M's tail beyond rank k is scaled by 1 − s_t (s_t warming up
+like λ), the proximal operator of a penalty on the tail energy. Adam moves every entry of Δ by
+about its learning rate whatever the penalty's size, so λ alone turns the step more than it
+lengthens it; the proximal step removes a set share of the tail per step. The training windows are held out from the calibration and validation
 windows. Every ``validate_every`` steps the state is judged by what it is for: the validation
 loss of the model with every target truncated to that rank k in whitened coordinates; the best
 state, Δ = 0 included, is kept, so prehab never makes that truncation worse on the validation
@@ -84,7 +88,7 @@ class PrehabStage:
 
     def __init__(self, steps: int = 32, lr: float = 2e-5, lambda_init: float = 0.0, lambda_max: float = 1e-3,
                  warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float = 1e-4,
-                 power_iterations: int = 2, validate_every: int = 8, seed: int = 0) -> None:
+                 power_iterations: int = 2, validate_every: int = 8, seed: int = 0, shrink: float = 0.0) -> None:
         checks = [(steps >= 1, f"steps must be >= 1, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
                   (0 <= lambda_init <= lambda_max, f"need 0 <= lambda_init <= lambda_max, got {lambda_init}, "
                                                    f"{lambda_max}"),
@@ -93,13 +97,16 @@ class PrehabStage:
                   (0 < ratio <= 1, f"ratio must be in (0, 1], got {ratio}"),
                   (damping > 0, f"damping must be > 0, got {damping}"),
                   (power_iterations >= 1, f"power_iterations must be >= 1, got {power_iterations}"),
-                  (validate_every >= 1, f"validate_every must be >= 1, got {validate_every}")]
+                  (validate_every >= 1, f"validate_every must be >= 1, got {validate_every}"),
+                  (0 <= shrink < 1, f"shrink must be in [0, 1), got {shrink}"),
+                  (shrink == 0 or surrogate == "tail", f"shrink needs surrogate 'tail', not {surrogate!r}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         self.steps, self.lr, self.lambda_init, self.lambda_max = steps, lr, lambda_init, lambda_max
         self.warmup, self.surrogate, self.ratio, self.damping = warmup, surrogate, ratio, damping
         self.power_iterations, self.validate_every, self.seed = power_iterations, validate_every, seed
+        self.shrink = shrink
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
               training: torch.Tensor, validation: torch.Tensor | None = None) -> dict[str, Any]:
@@ -134,11 +141,13 @@ class PrehabStage:
                     lm = next_token_loss(model, window)
                     rank = torch.stack([self._surrogate(weighted[n] + deltas[n].to(weighted[n]), vectors, n)
                                         for n in deltas]).mean()
-                    lam = self.lambda_max if step > self.warmup else (
-                        self.lambda_init + (self.lambda_max - self.lambda_init) * step / max(1, self.warmup))
+                    ramp = 1.0 if step > self.warmup else step / max(1, self.warmup)
+                    lam = self.lambda_init + (self.lambda_max - self.lambda_init) * ramp
                     optimizer.zero_grad(set_to_none=True)
                     (lm + lam * rank).backward()
                     optimizer.step()
+                    if self.shrink:
+                        self._shrink_tails(weighted, deltas, vectors, self.shrink * ramp)
                     history.append((lm.item(), rank.item()))
                     if judge and (step % self.validate_every == 0 or step == self.steps):
                         checks.append({"step": step, "truncated_validation_loss": judge()})
@@ -175,6 +184,16 @@ class PrehabStage:
             S = S.to(torch.promote_types(targets[members[0]].weight.dtype, torch.float32))
             out.update({name: S for name in members})
         return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _shrink_tails(weighted: dict[str, torch.Tensor], deltas: dict[str, nn.Parameter],
+                      bases: dict[str, torch.Tensor], share: float) -> None:
+        """Scale each M = W S + Δ's part outside its tracked top-k left subspace by 1 − ``share``."""
+        for n, d in deltas.items():
+            M = weighted[n] + d.to(weighted[n])
+            U = bases[n]
+            d.sub_((share * (M - U @ (U.mT @ M))).to(d))
 
     def _surrogate(self, M: torch.Tensor, vectors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """The rank surrogate of M = W S + Δ (differentiable in Δ); ``vectors`` holds each target's
