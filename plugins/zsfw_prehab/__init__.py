@@ -18,8 +18,8 @@ first ``warmup`` steps. With ``shrink`` s > 0 (tail surrogate) the rank term als
 proximal step after every Adam step: M's tail beyond rank k is scaled by 1 − s_t (s_t warming up
 like λ), the proximal operator of a penalty on the tail energy. Adam moves every entry of Δ by
 about its learning rate whatever the penalty's size, so λ alone turns the step more than it
-lengthens it; the proximal step removes a set share of the tail per step. The training windows are held out from the calibration and validation
-windows. Every ``validate_every`` steps the state is judged by what it is for: the validation
+lengthens it; the proximal step removes a set share of the tail per step. The training windows
+are held out from the calibration and validation windows. Every ``validate_every`` steps the state is judged by what it is for: the validation
 loss of the model with every target truncated to that rank k in whitened coordinates; the best
 state, Δ = 0 included, is kept, so prehab never makes that truncation worse on the validation
 windows. At the end Δ is folded into the weights (in float64); the pipeline's statistics pass then

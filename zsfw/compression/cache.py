@@ -165,7 +165,7 @@ class StatisticsCache:
         def load(path: Path, index: dict) -> dict:
             with safe_open(path / "model.safetensors", framework="pt") as f:  # readable before loading
                 stored = set(f.keys())
-            missing = [n for n in stored if n not in model.state_dict()]
+            missing = sorted(stored - model.state_dict().keys())  # the model's names, built once
             if missing:
                 raise KeyError(f"{missing[0]} is not a weight of this model")
             load_model(model, path / "model.safetensors", strict=False,
