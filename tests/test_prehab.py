@@ -108,6 +108,38 @@ def test_prehab_in_a_recipe_trains_on_held_out_windows_and_statistics_see_its_we
     assert stage["name"] == "prehab" and len(stage["summary"]["dense_calibration_ppl"]) == 2
 
 
+def test_with_ranks_plan_prehab_aims_at_the_recipes_own_plan_of_the_model_before_it(llama, windows, monkeypatch,
+                                                                                    tmp_path):
+    from zsfw.compression.driver import InMemoryDriver
+
+    training, validation = patterned_windows(4, seed=2), patterned_windows(2, seed=3)
+
+    def run(ratio, stages):
+        return zsfw.compress(copy.deepcopy(llama), recipe(ratio=ratio, stages=stages), windows, training=training,
+                             validation=validation, statistics_cache=tmp_path)[1]
+
+    plain = run(0.6, [])  # what zero_sum keeps of the model as it is; its statistics are cached
+    expected = {layer.name: layer.rank for layer in plain.layers if not layer.dense}
+    assert 0 < len(expected) and len(set(expected.values())) > 1  # not a uniform rank
+    seen, passes = [], []
+    apply, statistics = PrehabStage.apply, InMemoryDriver.statistics
+
+    def spy(self, model, targets, *args, plan=None, **kwargs):
+        seen.append(self._kept({n: t.weight for n, t in targets.items()}, plan))
+        return apply(self, model, targets, *args, plan=plan, **kwargs)
+
+    monkeypatch.setattr(PrehabStage, "apply", spy)
+    monkeypatch.setattr(InMemoryDriver, "statistics", lambda self, *a: passes.append(1) or statistics(self, *a))
+    prehab = {"name": "prehab", "steps": 2, "lr": 1e-4, "surrogate": "tail", "ranks": "plan", "validate_every": 1}
+    report = run(0.6, [prehab])
+    assert seen == [expected]
+    summary = report.stages[0]["summary"]
+    assert summary["truncated_targets"] == len(expected) and summary["kept_components"] == sum(expected.values())
+    assert len(passes) == 1  # the plan came from the plain run's cached statistics: one pass, after prehab
+    assert run(0.6, [prehab]).stages[0]["cached"] and len(seen) == 1  # a cached stage needs no plan
+    assert "cached" not in run(0.7, [prehab]).stages[0] and len(seen) == 2  # another plan: a miss
+
+
 def test_the_truncated_loss_is_the_loss_of_the_whitened_truncation(llama, windows):
     model = copy.deepcopy(llama).double()
     targets = find_targets(model, ["Linear"], ["lm_head"])
@@ -156,7 +188,8 @@ def test_prehab_with_a_tensor_dataset_needs_training_windows(llama, windows):
                                               ({"surrogate": "nuclear"}, "surrogate must be one of"),
                                               ({"lambda_init": 1.0, "lambda_max": 0.1}, "lambda_init <= lambda_max"),
                                               ({"shrink": 1.0, "surrogate": "tail"}, "shrink must be in"),
-                                              ({"shrink": 0.1}, "shrink needs surrogate 'tail'")])
+                                              ({"shrink": 0.1}, "shrink needs surrogate 'tail'"),
+                                              ({"ranks": "mean"}, "ranks must be one of")])
 def test_options_are_checked(options, message):
     from zsfw.errors import PluginError
 

@@ -50,7 +50,9 @@ def zsfw_register_stages(register: Register) -> None:
     order after the calibration windows are drawn and before the statistics pass, and each gets
     the model, the target linear layers and the calibration windows. A stage may change any
     weight in place. Its name and options enter the statistics and factorization cache keys
-    (and the changed weights do anyway); the summary it returns is recorded in the report.
+    (and the changed weights do anyway); the summary it returns is recorded in the report. A
+    stage may ask for training and validation windows (``needs_training``) and for the plan
+    compression would make of the model before it (``needs_plan``).
     """
 
 

@@ -166,7 +166,9 @@ class Stage(Protocol):
         summary (JSON-able) that the report records under the stage's name. A stage that sets
         ``needs_training = True`` is called with ``training=`` too, windows of the same text
         held out from calibration and validation to learn from, and ``validation=``, the
-        windows to judge its steps on (None when the run has none)."""
+        windows to judge its steps on (None when the run has none). One that sets
+        ``needs_plan = True`` is called with ``plan=`` too: the ``AllocationPlan`` the recipe's
+        scorer, allocator, storage and ratio make of the model before the stage."""
         ...
 
 

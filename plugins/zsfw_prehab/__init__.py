@@ -10,11 +10,15 @@ trained, with Adam, on
 
 where ``rank`` is a surrogate: the stable rank ‖M‖_F² / ‖M‖_2² (‖M‖_2 by power iteration,
 warm-started across steps), or with ``surrogate: tail`` the share of M's energy beyond the rank k
-the target keeps at ``ratio`` as bf16 factors, 1 − ‖U_kᵀM‖²/‖M‖² (what truncation pays; the
+the target keeps, 1 − ‖U_kᵀM‖²/‖M‖² (what truncation pays; the
 stable rank can also fall by raising σ₁), with U_k M's top-k left singular vectors tracked by one
 step of subspace iteration per training step from an exact SVD at the start (its gradient is the
 exact tail's wherever U_k is exact). λ_t rises from ``lambda_init`` to ``lambda_max`` over the
-first ``warmup`` steps. With ``shrink`` s > 0 (tail surrogate) the rank term also takes a
+first ``warmup`` steps. The rank k each target keeps is, with ``ranks: uniform`` (the default),
+the one rank at ``ratio`` of its bytes as bf16 factors; with ``ranks: plan``, the rank the recipe's
+own allocator gives it (zero_sum's plan, say, of the model before prehab, at the recipe's ratio
+and storage), so prehab trains toward the truncation that compression will make rather than a
+uniform one; targets the plan keeps dense are left out of the rank term. With ``shrink`` s > 0 (tail surrogate) the rank term also takes a
 proximal step after every Adam step: M's tail beyond rank k is scaled by 1 − s_t (s_t warming up
 like λ), the proximal operator of a penalty on the tail energy. Adam moves every entry of Δ by
 about its learning rate whatever the penalty's size, so λ alone turns the step more than it
@@ -38,10 +42,12 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import zsfw
+from zsfw.allocation import AllocationPlan
 from zsfw.compression.linalg import whitening_factor
 from zsfw.compression.statistics import collect, next_token_loss
 
 SURROGATES = ("stable_rank", "tail")
+RANKS = ("uniform", "plan")
 
 
 class _Whitened(nn.Module):
@@ -85,10 +91,12 @@ class PrehabStage:
 
     name: ClassVar[str] = "prehab"
     needs_training: ClassVar[bool] = True
+    needs_plan: bool = False  # True with ranks: plan
 
     def __init__(self, steps: int = 32, lr: float = 2e-5, lambda_init: float = 0.0, lambda_max: float = 1e-3,
                  warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float = 1e-4,
-                 power_iterations: int = 2, validate_every: int = 8, seed: int = 0, shrink: float = 0.0) -> None:
+                 power_iterations: int = 2, validate_every: int = 8, seed: int = 0, shrink: float = 0.0,
+                 ranks: str = "uniform") -> None:
         checks = [(steps >= 1, f"steps must be >= 1, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
                   (0 <= lambda_init <= lambda_max, f"need 0 <= lambda_init <= lambda_max, got {lambda_init}, "
                                                    f"{lambda_max}"),
@@ -99,6 +107,7 @@ class PrehabStage:
                   (power_iterations >= 1, f"power_iterations must be >= 1, got {power_iterations}"),
                   (validate_every >= 1, f"validate_every must be >= 1, got {validate_every}"),
                   (0 <= shrink < 1, f"shrink must be in [0, 1), got {shrink}"),
+                  (ranks in RANKS, f"ranks must be one of {list(RANKS)}, got {ranks!r}"),
                   (shrink == 0 or surrogate == "tail", f"shrink needs surrogate 'tail', not {surrogate!r}")]
         for ok, message in checks:
             if not ok:
@@ -106,21 +115,23 @@ class PrehabStage:
         self.steps, self.lr, self.lambda_init, self.lambda_max = steps, lr, lambda_init, lambda_max
         self.warmup, self.surrogate, self.ratio, self.damping = warmup, surrogate, ratio, damping
         self.power_iterations, self.validate_every, self.seed = power_iterations, validate_every, seed
-        self.shrink = shrink
+        self.shrink, self.ranks, self.needs_plan = shrink, ranks, ranks == "plan"
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
-              training: torch.Tensor, validation: torch.Tensor | None = None) -> dict[str, Any]:
+              training: torch.Tensor, validation: torch.Tensor | None = None,
+              plan: AllocationPlan | None = None) -> dict[str, Any]:
         device = next(model.parameters()).device
         probe = windows[:8].to(device)
         before = _dense_loss(model, probe)
         whiteners = self._whiteners(model, targets, windows)
         weighted = {name: targets[name].weight.detach().to(whiteners[name]) @ whiteners[name] for name in targets}
-        kept = {name: kept_rank(*w.shape, self.ratio) for name, w in weighted.items()}
+        kept = self._kept(weighted, plan)
         generator = torch.Generator().manual_seed(self.seed)
         # the tail's warm start is each M's top-k left basis at Δ = 0: the first validation check
         # computes those SVDs anyway, so it hands the bases over instead of a second pass
         vectors = ({} if self.surrogate == "tail" else
-                   {name: torch.randn(w.shape[1], generator=generator).to(w) for name, w in weighted.items()})
+                   {name: torch.randn(weighted[name].shape[1], generator=generator).to(weighted[name])
+                    for name in kept})
         order = torch.randperm(training.shape[0], generator=generator).tolist()
         trained = [p for p in model.parameters() if p.requires_grad]
         for p in trained:
@@ -133,14 +144,14 @@ class PrehabStage:
                 initial = judge(vectors if self.surrogate == "tail" else None) if judge else None
                 if self.surrogate == "tail" and not vectors:
                     vectors.update({n: torch.linalg.svd(w, full_matrices=False).U[:, :kept[n]]
-                                    for n, w in weighted.items()})
+                                    for n, w in weighted.items() if n in kept})
                 best = (initial, 0, None) if judge else None  # (validation loss, step, Δ): Δ = 0 first
                 optimizer = torch.optim.Adam(deltas.values(), lr=self.lr)
                 for step in tqdm(range(1, self.steps + 1), desc="prehab", unit="step"):
                     window = training[order[(step - 1) % len(order)]][None].to(device)
                     lm = next_token_loss(model, window)
                     rank = torch.stack([self._surrogate(weighted[n] + deltas[n].to(weighted[n]), vectors, n)
-                                        for n in deltas]).mean()
+                                        for n in kept]).mean() if kept else torch.zeros(())
                     ramp = 1.0 if step > self.warmup else step / max(1, self.warmup)
                     lam = self.lambda_init + (self.lambda_max - self.lambda_init) * ramp
                     optimizer.zero_grad(set_to_none=True)
@@ -165,7 +176,8 @@ class PrehabStage:
             for p in trained:
                 p.requires_grad_(True)
         after = _dense_loss(model, probe)
-        summary = {"steps": self.steps, "training_loss": [history[0][0], history[-1][0]],
+        summary = {"steps": self.steps, "ranks": self.ranks, "truncated_targets": len(kept),
+                   "kept_components": sum(kept.values()), "training_loss": [history[0][0], history[-1][0]],
                    "surrogate": [history[0][1], history[-1][1]], "dense_calibration_loss": [before, after],
                    "dense_calibration_ppl": [math.exp(before), math.exp(after)]}
         if best is not None:
@@ -185,14 +197,22 @@ class PrehabStage:
             out.update({name: S for name in members})
         return out
 
+    def _kept(self, weighted: dict[str, torch.Tensor], plan: AllocationPlan | None) -> dict[str, int]:
+        """The rank each truncated target keeps: uniform at ``ratio``, or the plan's (dense ones left out)."""
+        if self.ranks == "uniform":
+            return {name: kept_rank(*w.shape, self.ratio) for name, w in weighted.items()}
+        if plan is None:
+            raise ValueError("prehab with ranks: plan needs the pipeline's plan (plan=)")
+        return {name: plan.rank(name) for name in weighted if not plan.is_dense(name)}
+
     @staticmethod
     @torch.no_grad()
     def _shrink_tails(weighted: dict[str, torch.Tensor], deltas: dict[str, nn.Parameter],
                       bases: dict[str, torch.Tensor], share: float) -> None:
         """Scale each M = W S + Δ's part outside its tracked top-k left subspace by 1 − ``share``."""
-        for n, d in deltas.items():
+        for n, U in bases.items():
+            d = deltas[n]
             M = weighted[n] + d.to(weighted[n])
-            U = bases[n]
             d.sub_((share * (M - U @ (U.mT @ M))).to(d))
 
     def _surrogate(self, M: torch.Tensor, vectors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -221,16 +241,16 @@ def kept_rank(out_features: int, in_features: int, ratio: float) -> int:
 def truncated_loss(model: nn.Module, deltas: dict[str, nn.Parameter], weighted: dict[str, torch.Tensor],
                    kept: dict[str, int], windows: torch.Tensor, bases: dict[str, torch.Tensor] | None = None
                    ) -> float:
-    """The next-token loss on ``windows`` with every target's M = W S + Δ truncated to its rank
-    ``kept`` (by setting Δ to M_k − W S for the measurement); Δ comes back as it was. ``bases``,
+    """The next-token loss on ``windows`` with every target in ``kept`` truncated: M = W S + Δ to
+    its rank k (by setting Δ to M_k − W S for the measurement); Δ comes back as it was. ``bases``,
     when given, receives each M's top-k left singular vectors."""
     saved = {n: d.detach().clone() for n, d in deltas.items()}
     try:
         with torch.no_grad():
-            for n, d in deltas.items():
+            for n, k in kept.items():
+                d = deltas[n]
                 M = weighted[n] + d.to(weighted[n])
                 U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
-                k = kept[n]
                 if bases is not None:
                     bases[n] = U[:, :k]
                 d.copy_((U[:, :k] * sigma[:k]) @ Vh[:k] - weighted[n])

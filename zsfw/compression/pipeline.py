@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from zsfw.checkpoint.save import CheckpointWriter, expected_bytes
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
-from zsfw.compression.cache import open_cache
+from zsfw.compression.cache import StatisticsCache, open_cache
 from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
@@ -33,7 +33,7 @@ from zsfw.compression.driver import gradient_share
 from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
-from zsfw.compression.stages import run_stages
+from zsfw.compression.stages import Planner, run_stages
 from zsfw.compression.store import FactorStore
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
@@ -84,13 +84,24 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         if trains:
             training = _training(training, drawn.training, m, corrector)
         release_free_heap()  # what tokenizing the text left behind is not carried through the passes
-    if m.stages:
-        with report.phase("stages"):
-            report.stages = run_stages(m.stages, model, targets, windows, training, validation,
-                                       open_cache(statistics_cache))
     driver = driver_for(m.execution, model, windows, m.calibration)
     every_component = (getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
                        or chooses_formats(storage))  # which member format keeps the most is not known yet
+
+    def planned(cache: StatisticsCache | None, modifier: ZeroSumSVDModifier = m) -> tuple[FactorStore, AllocationPlan]:
+        """Statistics, factorization and the allocator's plan of the model as it is now."""
+        again = factor_store(model, targets, windows, modifier, scorer, driver, cache, Report(recipe={}),
+                             None if every_component else storage)
+        try:
+            return again, allocate(allocator, m.allocator.name, m.ratio, storage, again, targets, driver, validation)
+        except BaseException:
+            again.close()
+            raise
+
+    if m.stages:
+        with report.phase("stages"):
+            report.stages = run_stages(m.stages, model, targets, windows, training, validation,
+                                       open_cache(statistics_cache), _planner(planned, statistics_cache, m))
     store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache),
                                          report, None if every_component else storage,
                                          bool(corrector) or chooses_formats(storage)))
@@ -106,13 +117,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         if lazy:  # its layers are saved as they are truncated
             writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
 
-        def replan() -> tuple[FactorStore, AllocationPlan]:  # what a re-planning corrector runs
-            again = factor_store(model, targets, windows, m, scorer, driver, None, Report(recipe={}),
-                                 None if every_component else storage)
-            return again, allocate(allocator, m.allocator.name, m.ratio, storage, again, targets, driver,
-                                   validation)
-
-        correction = corrector and Correction(model, targets, plan, store, driver, validation, replan,
+        correction = corrector and Correction(model, targets, plan, store, driver, validation,
+                                              lambda: planned(None),  # what a re-planning corrector runs
                                               training if trains else None, windows, m.calibration.batch_size)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, correction, writer)
@@ -136,6 +142,23 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             save.save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite,
                       writer=writer)
     return model, report
+
+
+def _planner(planned: Callable[..., tuple[FactorStore, AllocationPlan]], statistics_cache: str | Path | None,
+             m: ZeroSumSVDModifier) -> Planner:
+    """What a stage that aims at the allocation gets: the plan of the model before it (its
+    statistics cached like a run without stages, so that run's entry serves it)."""
+    def plan() -> AllocationPlan:
+        if distributed.launched():
+            raise RecipeError("a stage that aims at the allocation plan (prehab ranks: plan) cannot run across "
+                              "several processes yet; run without torchrun")
+        store, result = planned(open_cache(statistics_cache), m.model_copy(update={"stages": []}))
+        store.close()
+        return result
+
+    settings = {"ratio": m.ratio, "whiten": m.whiten, "damping": m.damping, "calibration": m.calibration.model_dump(),
+                **{kind: getattr(m, kind).model_dump() for kind in ("scorer", "allocator", "storage")}}
+    return Planner(plan, settings)
 
 
 def _check_execution(m: ZeroSumSVDModifier, allocator: Any, corrector: Any, output_dir: str | Path | None,

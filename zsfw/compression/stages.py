@@ -3,7 +3,10 @@
 They run in recipe order on the model, its target layers and the calibration windows (Low-Rank
 Prehab is one); a stage that declares ``needs_training = True`` also gets ``training=``, windows
 held out from calibration and validation, and ``validation=``, the windows it may judge its steps on
-(None when the run has none). Their names and options enter the cache keys; their
+(None when the run has none). A stage that declares ``needs_plan = True`` also gets ``plan=``,
+the ``AllocationPlan`` the recipe's own scorer, allocator, storage and ratio make of the model as
+the stage finds it (what compression would keep if it ran now; Prehab aims at those ranks). Their
+names and options (and, for a stage given a plan, the settings that make it) enter the cache keys; their
 summaries go to the report. With a cache, a stage's result (the weights after it and its summary)
 is stored, and a later run with the same weights, stage options and windows loads it instead of
 running the stage again (``"cached": true`` in its report entry).
@@ -11,31 +14,50 @@ running the stage again (``"cached": true`` in its report entry).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from zsfw import plugins
+from zsfw.allocation import AllocationPlan
 from zsfw.compression.cache import StatisticsCache, stage_key
+from zsfw.errors import RecipeError
 from zsfw.recipe import PluginSpec
+
+
+@dataclass
+class Planner:
+    """How the pipeline plans the model as it is now: ``plan()`` runs statistics, factorization,
+    scores and the allocator; ``settings`` are what that depends on besides the weights and windows."""
+
+    plan: Callable[[], AllocationPlan]
+    settings: dict[str, Any]
 
 
 def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.Linear],
                windows: torch.Tensor, training: torch.Tensor | None = None,
-               validation: torch.Tensor | None = None, cache: StatisticsCache | None = None
-               ) -> list[dict[str, Any]]:
-    """Apply each stage (or load its cached result); returns per stage its name, options and summary."""
+               validation: torch.Tensor | None = None, cache: StatisticsCache | None = None,
+               planner: Planner | None = None) -> list[dict[str, Any]]:
+    """Apply each stage (or load its cached result); returns per stage its name, options and summary.
+    A stage that needs a plan gets ``planner.plan()`` of the model before it (only when it runs)."""
     done = []
     for spec in specs:
         stage = plugins.create("stage", spec.name, spec.options)
         trains = getattr(stage, "needs_training", False)
+        plans = getattr(stage, "needs_plan", False)
+        if plans and planner is None:
+            raise RecipeError(f"stage {spec.name!r} with options {spec.options} needs the pipeline's allocation "
+                              f"plan: run it from zsfw.compress (or the CLI), not on its own")
         extra = {"training": training, "validation": validation} if trains else {}
-        key = cache and stage_key(model, spec.model_dump(), list(targets),
-                                  [windows, training, validation] if trains else [windows])
+        key = cache and stage_key(model, spec.model_dump() | ({"plan": planner.settings} if plans else {}),
+                                  list(targets), [windows, training, validation] if trains else [windows])
         summary = cache and cache.stage(key, model)
         cached = summary is not None
         if not cached:
+            if plans:
+                extra["plan"] = planner.plan()
             summary = stage.apply(model, targets, windows, **extra) or {}
             if cache:
                 cache.record_stage(key, model, summary)
