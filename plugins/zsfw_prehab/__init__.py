@@ -10,24 +10,25 @@ trained, with Adam, on
 
 where ``rank`` is a surrogate: the stable rank ‖M‖_F² / ‖M‖_2² (‖M‖_2 by power iteration,
 warm-started across steps), or with ``surrogate: tail`` the share of M's energy beyond the rank k
-the target keeps, 1 − ‖U_kᵀM‖²/‖M‖² (what truncation pays; the
-stable rank can also fall by raising σ₁), with U_k M's top-k left singular vectors tracked by one
-step of subspace iteration per training step from an exact SVD at the start (its gradient is the
-exact tail's wherever U_k is exact). λ_t rises from ``lambda_init`` to ``lambda_max`` over the
-first ``warmup`` steps. The rank k each target keeps is, with ``ranks: uniform`` (the default),
-the one rank at ``ratio`` of its bytes as bf16 factors; with ``ranks: plan``, the rank the recipe's
-own allocator gives it (zero_sum's plan, say, of the model before prehab, at the recipe's ratio
-and storage), so prehab trains toward the truncation that compression will make rather than a
-uniform one; targets the plan keeps dense are left out of the rank term. With ``shrink`` s > 0 (tail surrogate) the rank term also takes a
+the target keeps, 1 − ‖U_kᵀM‖²/‖M‖² (what truncation pays; the stable rank can also fall by raising
+σ₁), with U_k M's top-k left singular vectors tracked by one step of subspace iteration per training
+step from an exact SVD at the start (its gradient is the exact tail's wherever U_k is exact). λ_t
+rises from ``lambda_init`` to ``lambda_max`` over the first ``warmup`` steps. The rank k each target
+keeps is, with ``ranks: uniform`` (the default), the one rank at ``ratio`` of its bytes as bf16
+factors; with ``ranks: plan``, the rank the recipe's own allocator gives it (zero_sum's plan, say,
+of the model before prehab, at the recipe's ratio and storage), so prehab trains toward the
+truncation that compression will make rather than a uniform one; targets the plan keeps dense are
+left out of the rank term. With ``shrink`` s > 0 (tail surrogate) the rank term also takes a
 proximal step after every Adam step: M's tail beyond rank k is scaled by 1 − s_t (s_t warming up
-like λ), the proximal operator of a penalty on the tail energy. Adam moves every entry of Δ by
-about its learning rate whatever the penalty's size, so λ alone turns the step more than it
-lengthens it; the proximal step removes a set share of the tail per step. The training windows
-are held out from the calibration and validation windows. Every ``validate_every`` steps the state is judged by what it is for: the validation
-loss of the model with every target truncated to that rank k in whitened coordinates; the best
-state, Δ = 0 included, is kept, so prehab never makes that truncation worse on the validation
-windows. At the end Δ is folded into the weights (in float64); the pipeline's statistics pass then
-runs on the prehabbed model (the published code reuses the stale whitening: not here).
+like λ), the proximal operator of a penalty on the tail energy. Adam moves every entry of Δ by about
+its learning rate whatever the penalty's size, so λ alone turns the step more than it lengthens it;
+the proximal step removes a set share of the tail per step. The training windows are held out from
+the calibration and validation windows. Every ``validate_every`` steps the state is judged by what
+it is for: the validation loss of the model with every target truncated to that rank k in whitened
+coordinates; the best state, Δ = 0 included, is kept, so prehab never makes that truncation worse on
+the validation windows. At the end Δ is folded into the weights (in float64); the pipeline's
+statistics pass then runs on the prehabbed model (the published code reuses the stale whitening: not
+here).
 """
 
 from __future__ import annotations
