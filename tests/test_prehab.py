@@ -195,3 +195,17 @@ def test_options_are_checked(options, message):
 
     with pytest.raises(PluginError, match=message):
         plugins.create("stage", "prehab", options)
+
+
+def test_a_stage_that_needs_a_plan_is_refused_without_one(llama, windows):
+    from zsfw.compression.stages import run_stages
+    from zsfw.errors import RecipeError
+    from zsfw.recipe import PluginSpec
+
+    model = copy.deepcopy(llama)
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    spec = PluginSpec(name="prehab", options={"ranks": "plan"})
+    with pytest.raises(RecipeError, match=r"stage 'prehab' .* needs the pipeline's allocation plan"):
+        run_stages([spec], model, targets, windows[:4], patterned_windows(2, seed=2))
+    with pytest.raises(ValueError, match=r"ranks: plan needs the pipeline's plan"):
+        PrehabStage(ranks="plan").apply(model, targets, windows[:4], patterned_windows(2, seed=2))
