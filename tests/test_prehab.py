@@ -140,6 +140,32 @@ def test_with_ranks_plan_prehab_aims_at_the_recipes_own_plan_of_the_model_before
     assert "cached" not in run(0.7, [prehab]).stages[0] and len(seen) == 2  # another plan: a miss
 
 
+def test_with_ranks_plan_prehab_whitens_with_the_plans_factors_unless_given_its_own_damping(llama, windows,
+                                                                                           monkeypatch):
+    import zsfw_prehab
+
+    model = copy.deepcopy(llama)
+    targets = find_targets(model, ["Linear"], ["lm_head"])
+    own = _whiteners(model, targets, windows)  # its own pass, at the recipe's default damping
+    given, passes = {}, []
+    apply, collect = PrehabStage.apply, zsfw_prehab.collect
+
+    def spy(self, model, targets, *args, whiteners=None, **kwargs):
+        given.update(whiteners)
+        return apply(self, model, targets, *args, whiteners=whiteners, **kwargs)
+
+    monkeypatch.setattr(PrehabStage, "apply", spy)
+    monkeypatch.setattr(zsfw_prehab, "collect", lambda *a, **k: passes.append(1) or collect(*a, **k))
+    prehab = {"name": "prehab", "steps": 1, "lr": 1e-4, "surrogate": "tail", "ranks": "plan"}
+    held_out = {"training": patterned_windows(4, seed=2), "validation": patterned_windows(2, seed=3)}
+    zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab]), windows, **held_out)
+    assert not passes and set(given) == set(targets)  # the plan's S, for every target: no pass of its own
+    for name, S in own.items():
+        torch.testing.assert_close(given[name].to(S), S, rtol=1e-5, atol=1e-7)
+    zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab | {"damping": 1e-3}]), windows, **held_out)
+    assert passes == [1]  # another damping than the plan's: its own S
+
+
 def test_the_truncated_loss_is_the_loss_of_the_whitened_truncation(llama, windows):
     model = copy.deepcopy(llama).double()
     targets = find_targets(model, ["Linear"], ["lm_head"])
@@ -209,3 +235,14 @@ def test_a_stage_that_needs_a_plan_is_refused_without_one(llama, windows):
         run_stages([spec], model, targets, windows[:4], patterned_windows(2, seed=2))
     with pytest.raises(ValueError, match=r"ranks: plan needs the pipeline's plan"):
         PrehabStage(ranks="plan").apply(model, targets, windows[:4], patterned_windows(2, seed=2))
+
+
+def test_under_torchrun_a_stage_aimed_at_the_plan_is_refused_before_any_work(llama, windows, monkeypatch):
+    from zsfw.errors import RecipeError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: one of two processes
+    monkeypatch.setattr(PrehabStage, "apply", lambda *a, **k: pytest.fail("the stage ran"))
+    prehab = {"name": "prehab", "surrogate": "tail", "ranks": "plan"}
+    with pytest.raises(RecipeError, match=r"^stage 'prehab' \(it aims at the allocation plan\) cannot be used "
+                                          r"across several processes yet; run without torchrun"):
+        zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab]), windows)

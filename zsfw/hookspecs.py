@@ -52,7 +52,7 @@ def zsfw_register_stages(register: Register) -> None:
     weight in place. Its name and options enter the statistics and factorization cache keys
     (and the changed weights do anyway); the summary it returns is recorded in the report. A
     stage may ask for training and validation windows (``needs_training``) and for the plan
-    compression would make of the model before it (``needs_plan``).
+    compression would make of the model before it and its whitening factors (``needs_plan``).
     """
 
 

@@ -168,7 +168,9 @@ class Stage(Protocol):
         held out from calibration and validation to learn from, and ``validation=``, the
         windows to judge its steps on (None when the run has none). One that sets
         ``needs_plan = True`` is called with ``plan=`` too: the ``AllocationPlan`` the recipe's
-        scorer, allocator, storage and ratio make of the model before the stage."""
+        scorer, allocator, storage and ratio make of the model before the stage, and
+        ``whiteners=``, each target's whitening factor S (S Sᵀ = C plus the recipe's damping) that
+        plan was made with ({} when the recipe does not whiten)."""
         ...
 
 

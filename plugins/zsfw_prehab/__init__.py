@@ -28,7 +28,9 @@ it is for: the validation loss of the model with every target truncated to that 
 coordinates; the best state, Δ = 0 included, is kept, so prehab never makes that truncation worse on
 the validation windows. At the end Δ is folded into the weights (in float64); the pipeline's
 statistics pass then runs on the prehabbed model (the published code reuses the stale whitening: not
-here).
+here). With ``ranks: plan`` the whitening S is the one the plan was made with (the recipe's damping),
+handed over by the pipeline, so prehab runs no calibration pass of its own; with ``ranks: uniform``,
+or an explicit ``damping``, it computes S from the calibration windows.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from zsfw.compression.statistics import collect, next_token_loss
 
 SURROGATES = ("stable_rank", "tail")
 RANKS = ("uniform", "plan")
+DAMPING = 1e-4  # its own whitening's, relative to the mean diagonal of C (the recipe's default)
 
 
 class _Whitened(nn.Module):
@@ -95,7 +98,7 @@ class PrehabStage:
     needs_plan: bool = False  # True with ranks: plan
 
     def __init__(self, steps: int = 32, lr: float = 2e-5, lambda_init: float = 0.0, lambda_max: float = 1e-3,
-                 warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float = 1e-4,
+                 warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float | None = None,
                  power_iterations: int = 2, validate_every: int = 8, seed: int = 0, shrink: float = 0.0,
                  ranks: str = "uniform") -> None:
         checks = [(steps >= 1, f"steps must be >= 1, got {steps}"), (lr > 0, f"lr must be > 0, got {lr}"),
@@ -104,7 +107,7 @@ class PrehabStage:
                   (warmup >= 0, f"warmup must be >= 0, got {warmup}"),
                   (surrogate in SURROGATES, f"surrogate must be one of {list(SURROGATES)}, got {surrogate!r}"),
                   (0 < ratio <= 1, f"ratio must be in (0, 1], got {ratio}"),
-                  (damping > 0, f"damping must be > 0, got {damping}"),
+                  (damping is None or damping > 0, f"damping must be > 0, got {damping}"),
                   (power_iterations >= 1, f"power_iterations must be >= 1, got {power_iterations}"),
                   (validate_every >= 1, f"validate_every must be >= 1, got {validate_every}"),
                   (0 <= shrink < 1, f"shrink must be in [0, 1), got {shrink}"),
@@ -120,11 +123,12 @@ class PrehabStage:
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
               training: torch.Tensor, validation: torch.Tensor | None = None,
-              plan: AllocationPlan | None = None) -> dict[str, Any]:
+              plan: AllocationPlan | None = None, whiteners: dict[str, torch.Tensor] | None = None
+              ) -> dict[str, Any]:
         device = next(model.parameters()).device
         probe = windows[:8].to(device)
         before = _dense_loss(model, probe)
-        whiteners = self._whiteners(model, targets, windows)
+        whiteners = self._whiteners(model, targets, windows, whiteners)
         weighted = {name: targets[name].weight.detach().to(whiteners[name]) @ whiteners[name] for name in targets}
         kept = self._kept(weighted, plan)
         generator = torch.Generator().manual_seed(self.seed)
@@ -186,15 +190,21 @@ class PrehabStage:
                            initial_truncated_validation_loss=initial)
         return summary
 
-    def _whiteners(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor
-                   ) -> dict[str, torch.Tensor]:
-        """Each target's S (fp32; float64 for a float64 model) from C of the calibration windows
-        (forward only, one per input group)."""
+    def _whiteners(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+                   given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each target's S (fp32; float64 for a float64 model): the plan's (``given``, with ranks:
+        plan and no ``damping`` of its own), else from C of the calibration windows (forward only,
+        one per input group)."""
+        def typed(S: torch.Tensor, name: str) -> torch.Tensor:
+            return S.to(torch.promote_types(targets[name].weight.dtype, torch.float32))
+
+        if self.ranks == "plan" and self.damping is None and given and set(targets) <= set(given):
+            shared: dict[int, torch.Tensor] = {}  # one tensor per group, as computed below
+            return {name: shared.setdefault(id(given[name]), typed(given[name], name)) for name in targets}
         stats = collect(model, targets, windows, moments=True, gradients=False, desc="prehab whitening")
         out = {}
         for group, members in stats.groups.items():
-            S = whitening_factor(stats.covariances.pop(group), self.damping).S
-            S = S.to(torch.promote_types(targets[members[0]].weight.dtype, torch.float32))
+            S = typed(whitening_factor(stats.covariances.pop(group), self.damping or DAMPING).S, members[0])
             out.update({name: S for name in members})
         return out
 

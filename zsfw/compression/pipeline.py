@@ -99,9 +99,10 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             raise
 
     if m.stages:
+        planner = _planner(planned, statistics_cache, m, next(iter(targets.values())).weight.device)
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows, training, validation,
-                                       open_cache(statistics_cache), _planner(planned, statistics_cache, m))
+                                       open_cache(statistics_cache), planner)
     store = driver.gathered(factor_store(model, targets, windows, m, scorer, driver, open_cache(statistics_cache),
                                          report, None if every_component else storage,
                                          bool(corrector) or chooses_formats(storage)))
@@ -145,16 +146,21 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
 
 
 def _planner(planned: Callable[..., tuple[FactorStore, AllocationPlan]], statistics_cache: str | Path | None,
-             m: ZeroSumSVDModifier) -> Planner:
+             m: ZeroSumSVDModifier, device: torch.device) -> Planner:
     """What a stage that aims at the allocation gets: the plan of the model before it (its
-    statistics cached like a run without stages, so that run's entry serves it)."""
-    def plan() -> AllocationPlan:
-        if distributed.launched():
-            raise RecipeError("a stage that aims at the allocation plan (prehab ranks: plan) cannot run across "
-                              "several processes yet; run without torchrun")
+    statistics cached like a run without stages, so that run's entry serves it) and the whitening
+    factors it was made with (on ``device``; one tensor per input group), so the stage need not
+    compute them again."""
+    def plan() -> tuple[AllocationPlan, dict[str, torch.Tensor]]:
         store, result = planned(open_cache(statistics_cache), m.model_copy(update={"stages": []}))
-        store.close()
-        return result
+        try:
+            groups: dict[str, torch.Tensor] = {}
+            for name, group in store.whitener_of.items():
+                if group not in groups:
+                    groups[group] = store.whitener(name, device)
+            return result, {name: groups[group] for name, group in store.whitener_of.items()}
+        finally:
+            store.close()
 
     settings = {"ratio": m.ratio, "whiten": m.whiten, "damping": m.damping, "calibration": m.calibration.model_dump(),
                 **{kind: getattr(m, kind).model_dump() for kind in ("scorer", "allocator", "storage")}}
@@ -180,8 +186,10 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, corrector: Any, outp
             raise RecipeError(f"a lazily loaded model needs {', '.join(needs)}; or load it with "
                               f"execution.weights 'resident' (recipes/zero_sum_oneshot.yaml has no corrector)")
     if distributed.launched():
+        planning = [s.name for s in m.stages if getattr(plugins.create("stage", s.name, s.options), "needs_plan", False)]
         unsupported = [what for what, used in (("a corrector", m.corrector), ("a statistics cache", statistics_cache),
-                                               (f"allocator {m.allocator.name!r}", model_aware)) if used]
+                                               (f"allocator {m.allocator.name!r}", model_aware),
+                                               (f"stage {', '.join(map(repr, planning))} (it aims at the allocation plan)", planning)) if used]
         if unsupported:
             raise RecipeError(f"{' and '.join(unsupported)} cannot be used across several processes yet; "
                               f"run without torchrun (recipes/zero_sum_oneshot.yaml has no corrector)")

@@ -5,7 +5,8 @@ Prehab is one); a stage that declares ``needs_training = True`` also gets ``trai
 held out from calibration and validation, and ``validation=``, the windows it may judge its steps on
 (None when the run has none). A stage that declares ``needs_plan = True`` also gets ``plan=``,
 the ``AllocationPlan`` the recipe's own scorer, allocator, storage and ratio make of the model as
-the stage finds it (what compression would keep if it ran now; Prehab aims at those ranks). Their
+the stage finds it (what compression would keep if it ran now; Prehab aims at those ranks), and
+``whiteners=``, each target's whitening factor S that plan was made with ({} without whitening). Their
 names and options (and, for a stage given a plan, the settings that make it) enter the cache keys; their
 summaries go to the report. With a cache, a stage's result (the weights after it and its summary)
 is stored, and a later run with the same weights, stage options and windows loads it instead of
@@ -30,9 +31,10 @@ from zsfw.recipe import PluginSpec
 @dataclass
 class Planner:
     """How the pipeline plans the model as it is now: ``plan()`` runs statistics, factorization,
-    scores and the allocator; ``settings`` are what that depends on besides the weights and windows."""
+    scores and the allocator and returns the plan and each target's whitening factor S it used;
+    ``settings`` are what that depends on besides the weights and windows."""
 
-    plan: Callable[[], AllocationPlan]
+    plan: Callable[[], tuple[AllocationPlan, dict[str, torch.Tensor]]]
     settings: dict[str, Any]
 
 
@@ -41,7 +43,8 @@ def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.
                validation: torch.Tensor | None = None, cache: StatisticsCache | None = None,
                planner: Planner | None = None) -> list[dict[str, Any]]:
     """Apply each stage (or load its cached result); returns per stage its name, options and summary.
-    A stage that needs a plan gets ``planner.plan()`` of the model before it (only when it runs)."""
+    A stage that needs a plan gets ``planner.plan()`` of the model before it (only when it runs):
+    ``plan=`` and ``whiteners=``."""
     done = []
     for spec in specs:
         stage = plugins.create("stage", spec.name, spec.options)
@@ -57,7 +60,7 @@ def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.
         cached = summary is not None
         if not cached:
             if plans:
-                extra["plan"] = planner.plan()
+                extra["plan"], extra["whiteners"] = planner.plan()
             summary = stage.apply(model, targets, windows, **extra) or {}
             if cache:
                 cache.record_stage(key, model, summary)
