@@ -160,8 +160,9 @@ def test_with_ranks_plan_prehab_whitens_with_the_plans_factors_unless_given_its_
     held_out = {"training": patterned_windows(4, seed=2), "validation": patterned_windows(2, seed=3)}
     zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab]), windows, **held_out)
     assert not passes and set(given) == set(targets)  # the plan's S, for every target: no pass of its own
-    for name, S in own.items():
-        torch.testing.assert_close(given[name].to(S), S, rtol=1e-5, atol=1e-7)
+    for name, S in own.items():  # in the model's dtype: no float64 copy beside the stage's
+        assert given[name].dtype == S.dtype == torch.float32
+        torch.testing.assert_close(given[name], S, rtol=1e-5, atol=1e-7)
     zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, stages=[prehab | {"damping": 1e-3}]), windows, **held_out)
     assert passes == [1]  # another damping than the plan's: its own S
 

@@ -170,7 +170,8 @@ class Stage(Protocol):
         ``needs_plan = True`` is called with ``plan=`` too: the ``AllocationPlan`` the recipe's
         scorer, allocator, storage and ratio make of the model before the stage, and
         ``whiteners=``, each target's whitening factor S (S Sᵀ = C plus the recipe's damping) that
-        plan was made with ({} when the recipe does not whiten)."""
+        plan was made with, in the targets' dtype but at least fp32 ({} when the recipe does not
+        whiten)."""
         ...
 
 

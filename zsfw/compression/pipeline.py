@@ -99,7 +99,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             raise
 
     if m.stages:
-        planner = _planner(planned, statistics_cache, m, next(iter(targets.values())).weight.device)
+        weight = next(iter(targets.values())).weight
+        planner = _planner(planned, statistics_cache, m, weight.device,
+                           torch.promote_types(weight.dtype, torch.float32))
         with report.phase("stages"):
             report.stages = run_stages(m.stages, model, targets, windows, training, validation,
                                        open_cache(statistics_cache), planner)
@@ -146,10 +148,11 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
 
 
 def _planner(planned: Callable[..., tuple[FactorStore, AllocationPlan]], statistics_cache: str | Path | None,
-             m: ZeroSumSVDModifier, device: torch.device) -> Planner:
+             m: ZeroSumSVDModifier, device: torch.device, dtype: torch.dtype) -> Planner:
     """What a stage that aims at the allocation gets: the plan of the model before it (its
     statistics cached like a run without stages, so that run's entry serves it) and the whitening
-    factors it was made with (on ``device``; one tensor per input group), so the stage need not
+    factors it was made with (one tensor per input group, on the targets' ``device`` in their
+    ``dtype`` but at least fp32: not a float64 copy beside the stage's own), so the stage need not
     compute them again."""
     def plan() -> tuple[AllocationPlan, dict[str, torch.Tensor]]:
         store, result = planned(open_cache(statistics_cache), m.model_copy(update={"stages": []}))
@@ -157,7 +160,7 @@ def _planner(planned: Callable[..., tuple[FactorStore, AllocationPlan]], statist
             groups: dict[str, torch.Tensor] = {}
             for name, group in store.whitener_of.items():
                 if group not in groups:
-                    groups[group] = store.whitener(name, device)
+                    groups[group] = store.whitener(name, device).to(dtype)
             return result, {name: groups[group] for name, group in store.whitener_of.items()}
         finally:
             store.close()
@@ -186,10 +189,12 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, corrector: Any, outp
             raise RecipeError(f"a lazily loaded model needs {', '.join(needs)}; or load it with "
                               f"execution.weights 'resident' (recipes/zero_sum_oneshot.yaml has no corrector)")
     if distributed.launched():
-        planning = [s.name for s in m.stages if getattr(plugins.create("stage", s.name, s.options), "needs_plan", False)]
+        planning = ", ".join(repr(s.name) for s in m.stages
+                             if getattr(plugins.create("stage", s.name, s.options), "needs_plan", False))
         unsupported = [what for what, used in (("a corrector", m.corrector), ("a statistics cache", statistics_cache),
                                                (f"allocator {m.allocator.name!r}", model_aware),
-                                               (f"stage {', '.join(map(repr, planning))} (it aims at the allocation plan)", planning)) if used]
+                                               (f"stage {planning} (it aims at the allocation plan)", planning))
+                       if used]
         if unsupported:
             raise RecipeError(f"{' and '.join(unsupported)} cannot be used across several processes yet; "
                               f"run without torchrun (recipes/zero_sum_oneshot.yaml has no corrector)")
