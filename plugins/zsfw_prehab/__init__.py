@@ -199,8 +199,7 @@ class PrehabStage:
             return S.to(torch.promote_types(targets[name].weight.dtype, torch.float32))
 
         if self.ranks == "plan" and self.damping is None and given and set(targets) <= set(given):
-            shared: dict[int, torch.Tensor] = {}  # one tensor per group, as computed below
-            return {name: shared.setdefault(id(given[name]), typed(given[name], name)) for name in targets}
+            return {name: typed(given[name], name) for name in targets}  # already typed: the same tensors
         stats = collect(model, targets, windows, moments=True, gradients=False, desc="prehab whitening")
         out = {}
         for group, members in stats.groups.items():
