@@ -67,6 +67,29 @@ def test_autoload_can_be_disabled(fresh_plugins, monkeypatch):
     assert "first_order" in plugins.names("scorer")  # built-ins still load
 
 
+def test_every_shipped_plugin_is_a_built_in():
+    """The distribution's entry points and the built-ins are the same set of modules."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["project"]["entry-points"]["zsfw"]
+    assert sorted(shipped.values()) == sorted(plugins.DEFAULT_PLUGINS)
+
+
+def test_default_recipe_runs_with_autoload_disabled(fresh_plugins, monkeypatch, llama, windows):
+    """The default recipe's corrector (refine) and a storage list (auto) need no entry points."""
+    monkeypatch.setenv("ZSFW_DISABLE_PLUGIN_AUTOLOAD", "1")
+    recipe = zsfw.load_recipe(None).to_dict()
+    modifier = recipe["zero_sum_stage"]["compression_modifiers"]["ZeroSumSVDModifier"]
+    modifier["calibration"].update(samples=4, sequence_length=32, validation_samples=2)
+    modifier["corrector"].update(steps=2, validate_every=1)
+    modifier.update(ratio=0.3, storage=["bf16", "int8"])  # below int8's 0.5: some layers low rank
+    model, report = zsfw.compress(llama, recipe, windows)
+    assert report.correction_result  # refine ran
+    assert {l.format for l in report.layers} <= {"bf16", "int8"}  # auto chose among the list
+
+
 def test_broken_plugin_becomes_a_warning_naming_it(fresh_plugins):
     _install_fake_distribution(fresh_plugins, "zsfw_broken", "raise ImportError('no numpy 9')", "broken")
     with pytest.warns(UserWarning, match=r"zsfw plugin 'broken' \(from zsfw_broken 1.2.3\) failed to load.*no numpy 9"):

@@ -22,7 +22,11 @@ from zsfw import hookspecs
 from zsfw.errors import PluginError
 
 ENTRY_POINT_GROUP = "zsfw"
-DEFAULT_PLUGINS = ("zsfw_zerosum", "zsfw_baselines", "zsfw_dense", "zsfw_torchao", "zsfw_packed")
+# Every shipped plugin, registered first so the built-in recipes work with autoload disabled; the
+# same modules are also the distribution's entry points (pyproject.toml), as a third party's would be.
+DEFAULT_PLUGINS = ("zsfw_zerosum", "zsfw_baselines", "zsfw_dense", "zsfw_torchao", "zsfw_packed",
+                   "zsfw_refine", "zsfw_pivga", "zsfw_fermigrad", "zsfw_prehab", "zsfw_auto",
+                   "zsfw_compensate", "zsfw_chain")
 KINDS = {
     "stage": "zsfw_register_stages",
     "scorer": "zsfw_register_scorers",
