@@ -5,10 +5,14 @@
     print(report.table())
 
 Public API: ``compress``, ``load``, ``save``, ``evaluate``, ``generate``, ``export``,
-``load_recipe``. Plugin API (what a plugin may import from ``zsfw``, and nothing else is
-promised): ``hookimpl``, the protocols and data of ``zsfw.interfaces``, the budget, plan and
-frontier of ``zsfw.allocation``, the modules of ``zsfw.modules``, the score and factor helpers,
-and the errors of ``zsfw.errors``. See ``zsfw.hookspecs`` for the hooks.
+``load_recipe``. Plugin API (what a plugin may import from ``zsfw`` and ``zsfw.errors``, and
+nothing else is promised; a test holds the shipped plugins to it): ``hookimpl``, the protocols
+and data of ``zsfw.interfaces``, the budget, plan and frontier of ``zsfw.allocation``, the
+modules of ``zsfw.modules``, the score, whitening and factor helpers, the calibration pass
+(``collect_statistics``, ``next_token_loss``), what a correction problem's gradients can be
+asked for (``CORRECTION_LOSSES``, ``CORRECTION_WINDOWS``, ``CORRECTION_PRECISIONS``,
+``native_precision``), ``create_component`` for composite plugins, and the errors of
+``zsfw.errors``. See ``zsfw.hookspecs`` for the hooks.
 
 ``import zsfw`` is cheap: names load on first use, and zsfw's ``transformers`` quantizer (which
 makes ``from_pretrained`` of a zsfw folder build the compressed modules) is registered as soon as
@@ -26,13 +30,14 @@ from zsfw.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-_LAZY = {  # public name -> the module that defines it
+_LAZY = {  # public name -> the module that defines it ("module:attribute" where names differ)
     # the pipeline and its surroundings
     "compress": "zsfw.compression.pipeline", "evaluate": "zsfw.eval.perplexity",
     "generate": "zsfw.serve.generate", "export": "zsfw.serve.export",
     "save": "zsfw.checkpoint.save", "load": "zsfw.checkpoint.load",
     "load_recipe": "zsfw.recipe", "Recipe": "zsfw.recipe", "ZeroSumSVDModifier": "zsfw.recipe",
     "register_plugin": "zsfw.plugins", "storage_format": "zsfw.plugins",
+    "create_component": "zsfw.plugins",
     # the plugin API
     "LayerSpectrum": "zsfw.interfaces", "LayerScores": "zsfw.interfaces",
     "StorageFormat": "zsfw.interfaces", "Scorer": "zsfw.interfaces", "Allocator": "zsfw.interfaces",
@@ -43,7 +48,13 @@ _LAZY = {  # public name -> the module that defines it
     "DropFrontier": "zsfw.allocation", "rank_of": "zsfw.allocation", "useful_rank": "zsfw.allocation",
     "LowRankLinear": "zsfw.modules", "StoredLinear": "zsfw.modules", "weight_as": "zsfw.modules",
     "first_order_scores": "zsfw.compression.linalg", "lowrank_factors": "zsfw.compression.linalg",
-    "whitened_svd": "zsfw.compression.linalg",
+    "whitened_svd": "zsfw.compression.linalg", "whitening_factor": "zsfw.compression.linalg",
+    "collect_statistics": "zsfw.compression.statistics:collect",
+    "next_token_loss": "zsfw.compression.statistics",
+    "CORRECTION_LOSSES": "zsfw.compression.correct:LOSSES",
+    "CORRECTION_WINDOWS": "zsfw.compression.correct:WINDOWS",
+    "CORRECTION_PRECISIONS": "zsfw.compression.correct:PRECISIONS",
+    "native_precision": "zsfw.compression.correct",
 }
 __all__ = ["hookimpl", "ZsfwError", "RecipeError", "PluginError", "CalibrationError",
            "AllocationError", "CheckpointError", "DestinationError", "NonFiniteError", *_LAZY,
@@ -53,7 +64,8 @@ __all__ = ["hookimpl", "ZsfwError", "RecipeError", "PluginError", "CalibrationEr
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'zsfw' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    module, _, attribute = _LAZY[name].partition(":")
+    return getattr(importlib.import_module(module), attribute or name)
 
 
 def _register_quantizer() -> None:

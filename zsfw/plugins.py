@@ -225,9 +225,15 @@ def create(kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
         raise PluginError(f"{kind} {name!r} rejected its options {options}: {exc}") from exc
 
 
-def storage_format(spec: Any) -> Any:
-    """A storage format from a recipe's spelling of one: a name, or ``{name, <options>}``."""
+def create_component(kind: str, spec: Any) -> Any:
+    """A ``kind`` component from a recipe's spelling of one: a name, or ``{name, <options>}``
+    (what a composite plugin, such as a chain of correctors, builds its members with)."""
     from zsfw.recipe import PluginSpec
 
     spec = PluginSpec.model_validate(spec)
-    return create("storage", spec.name, spec.options)
+    return create(kind, spec.name, spec.options)
+
+
+def storage_format(spec: Any) -> Any:
+    """A storage format from a recipe's spelling of one: a name, or ``{name, <options>}``."""
+    return create_component("storage", spec)

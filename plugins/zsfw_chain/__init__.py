@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import zsfw
 from zsfw import CorrectionProblem
-from zsfw.recipe import PluginSpec
 
 
 class ChainCorrector:
@@ -24,12 +23,9 @@ class ChainCorrector:
     def __init__(self, correctors: list[Any]) -> None:
         if not correctors:
             raise ValueError("correctors must list at least one corrector, e.g. [{name: compensate}, {name: refine}]")
-        from zsfw import plugins  # not at import time: plugins imports this module
-
-        specs = [PluginSpec.model_validate(spec) for spec in correctors]
-        self.correctors = [plugins.create("corrector", spec.name, spec.options) for spec in specs]
+        self.correctors = [zsfw.create_component("corrector", spec) for spec in correctors]
         self.needs_training = any(getattr(c, "needs_training", False) for c in self.correctors)
-        memory = [f"{spec.name} ({c.needs_memory_driver})" for spec, c in zip(specs, self.correctors)
+        memory = [f"{c.name} ({c.needs_memory_driver})" for c in self.correctors
                   if getattr(c, "needs_memory_driver", None)]
         self.needs_memory_driver = " and ".join(memory) or None  # refused before any work
 

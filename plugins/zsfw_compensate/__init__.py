@@ -28,7 +28,7 @@ import torch
 
 import zsfw
 from zsfw import CorrectionProblem
-from zsfw.compression.linalg import lowrank_factors, whitened_svd, whitening_factor
+from zsfw import lowrank_factors, whitened_svd, whitening_factor
 from zsfw.errors import one_of
 
 JUDGES = ("layer", "none")

@@ -109,7 +109,7 @@ class FermiGradAllocator:
         """The starting plan: zero_sum's, or the uniform rank of every layer."""
         if self.initial == "uniform":
             return AllocationPlan(layers, budget, {l.name: budget.uniform_rank(l) for l in layers})
-        return zsfw.plugins.create("allocator", "zero_sum").allocate(layers, budget)
+        return zsfw.create_component("allocator", "zero_sum").allocate(layers, budget)
 
     @staticmethod
     def _hard_loss(problem, layers, plan: AllocationPlan) -> float:

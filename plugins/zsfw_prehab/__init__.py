@@ -45,9 +45,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import zsfw
-from zsfw.allocation import AllocationPlan
-from zsfw.compression.linalg import whitening_factor
-from zsfw.compression.statistics import collect, next_token_loss
+from zsfw import AllocationPlan, next_token_loss, whitening_factor
+from zsfw import collect_statistics as collect
 
 SURROGATES = ("stable_rank", "tail")
 RANKS = ("uniform", "plan")

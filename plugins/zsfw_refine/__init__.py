@@ -11,7 +11,8 @@ import torch
 
 import zsfw
 from zsfw import CorrectionProblem
-from zsfw.compression.correct import LOSSES, PRECISIONS, WINDOWS, native_precision
+from zsfw import (CORRECTION_LOSSES as LOSSES, CORRECTION_PRECISIONS as PRECISIONS,
+                  CORRECTION_WINDOWS as WINDOWS, native_precision)
 from zsfw.errors import one_of
 
 
