@@ -5,7 +5,7 @@ calibration from the first 400K tokens of the Wikipedia text, wiki PPL on 8 wind
 tokens after them, text calibration never saw) and on the news text. Each method runs in its own
 process so that its peak RSS is its own.
 
-    python benchmarks/compress_cost.py            # runs everything, writes its RESULTS.md section
+    python benchmarks/compress_cost.py            # runs everything, writes its log section
     python benchmarks/compress_cost.py --method zero_sum --json out.json   # one method
 """
 

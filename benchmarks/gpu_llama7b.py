@@ -6,7 +6,7 @@ on an H100/H200-class GPU (the paper's own code: 15.9 min for LLaMA-7B).
 Random weights (memory and time do not depend on the values), written once in bf16 safetensors
 shards (13.5 GB: the lent GPU machine's disk holds it). Run it where a GPU is lent:
 
-    python benchmarks/gpu_llama7b.py                              # the measurement, RESULTS.md section
+    python benchmarks/gpu_llama7b.py                              # the measurement, log section
     python benchmarks/gpu_llama7b.py --device cpu --layers 2 --shrink 8 --samples 2 --length 256 --no-results
                                                                   # a small check that the script runs
 """
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--shrink", type=int, default=1, help="widths and heads divided by this (a check)")
     parser.add_argument("--folder", type=Path, help="where the random checkpoint is written (default: "
                                                     "the zsfw cache)")
-    parser.add_argument("--no-results", action="store_true", help="print only; leave RESULTS.md as it is")
+    parser.add_argument("--no-results", action="store_true", help="print only; leave the log as it is")
     args = parser.parse_args()
     from zsfw.sources import cache_dir
 

@@ -5,7 +5,7 @@ For every target of SmolLM2-135M-Instruct, from the reference protocol's cached 
 components at k = ratio × its bf16 break-even rank mn/(m+n), stored as plain bf16 factors and as
 pivga (bf16); the relative error of each in the whitened norm ‖(Ŵ − W_k) S‖ / ‖W_k S‖, next to
 the truncation error ‖(W − W_k) S‖ / ‖W S‖ at the same k; and the time ``PivGaLinear.from_factors``
-takes. Writes its section of RESULTS.md.
+takes. Writes its section of the log (``log/pivga.md``).
 
     python benchmarks/pivga_error.py --cache /tmp/zsfw-reference-cache
 """

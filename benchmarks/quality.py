@@ -9,7 +9,7 @@ resumes where it stopped; delete a cell's file to re-run it. The calibration sta
 shared through zsfw's statistics cache, so a cell that differs from a finished one only by
 ratio, allocator or format skips the calibration pass.
 
-    python benchmarks/quality.py               # the full grid, then RESULTS.md and quality.png
+    python benchmarks/quality.py               # the full grid, then its log section and quality.png
     python benchmarks/quality.py --quick       # 3 cells, 8 calibration windows, 2 eval windows
     python benchmarks/quality.py --only zero_sum@0.8/bf16 uniform@0.8/bf16
 """

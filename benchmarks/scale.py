@@ -6,7 +6,7 @@ The checkpoint is written tensor by tensor (never a whole model in memory), fp32
 shards. The compression runs in its own process so its peak RSS is its own; the target is a peak
 RSS of at most half the fp32 weights, proof that they are never all resident.
 
-    python benchmarks/scale.py                 # writes the checkpoint once, runs, writes its RESULTS.md section
+    python benchmarks/scale.py                 # writes the checkpoint once, runs, writes its log section
     python benchmarks/scale.py --samples 8     # more calibration windows (time grows, memory does not)
 """
 

@@ -12,7 +12,7 @@ per decoded token and multiply-accumulates per prefill token (linear layers and 
 
 In the fp32 model, bf16 factors run two ways: as loaded (cast to fp32 on every call, memory
 kept at 2 bytes per factor weight) and upcast once after loading (``bf16→fp32`` rows: exact, 4
-bytes per factor weight, no cast). Results go between markers in RESULTS.md (a re-run replaces
+bytes per factor weight, no cast). Results go between markers in the log, ``log/`` (a re-run replaces
 its section) and the compiled speedups beside their limits to ``speed.png``.
 
     python benchmarks/speed.py                 # fp32 + bf16, ratios 0.8 and 0.6, bf16/int8 factors
@@ -142,7 +142,7 @@ def main() -> None:
                         help="leave out the bf16→fp32 rows (bf16 factors upcast once at load)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile 32 compiled decode steps of each variant")
-    parser.add_argument("--section", help="the RESULTS.md section (and plot name) to write; "
+    parser.add_argument("--section", help="the log section (and plot name) to write; "
                                           "default: speed (quick: speed-quick)")
     args = parser.parse_args()
     import logging

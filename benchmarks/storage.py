@@ -4,7 +4,7 @@ For each format: compress (zero_sum on zsfw's protocol, ``protocol.zsfw_windows`
 Wikipedia calibration tokens, statistics shared through the statistics cache so only the first
 format runs the calibration pass), save, then in a fresh process time ``zsfw.load`` and measure
 held-out Wikipedia PPL of the reloaded model (8 windows × 2048 tokens after token 400000).
-Writes its section of RESULTS.md.
+Writes its section of the log (``log/storage-formats.md``).
 
     python benchmarks/storage.py
 """

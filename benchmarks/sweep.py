@@ -12,7 +12,7 @@ calibration windows and each other. PPL is measured on the reference evaluation 
 factorizations come from ``--cache`` after the first run with the same (possibly prehabbed)
 weights, so ``compress s`` may not include the calibration pass: the cell records every phase.
 Every run appends one JSON line to ``benchmarks/sweep.jsonl`` and rewrites the table of all of them
-in RESULTS.md.
+in ``log/sweep.md``.
 
     python benchmarks/sweep.py --corrector '{"name": "refine", "lr": 1e-4}' --seed 4
     python benchmarks/sweep.py --allocator '{"name": "fermigrad", "seed": 5}' --seed 5
