@@ -12,7 +12,7 @@ import pytest
 
 from zsfw import plugins
 from zsfw.cli import build_parser
-from zsfw.recipe import CalibrationConfig, ExecutionConfig, ZeroSumSVDModifier
+from zsfw.recipe import CalibrationConfig, ExecutionConfig, ZeroSumSVDModifier, default_modifier, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -144,3 +144,9 @@ def test_the_recipe_reference_names_every_key_and_every_plugin_option():
             missing += [f"{kind} {name}: {option}" for option in sorted(plugins.option_names(kind, name) or ())
                         if f"`{option}`" not in text and f"{option}:" not in text]
     assert not missing, f"docs/recipes.md does not mention {missing}"
+
+
+def test_the_recipe_reference_shows_the_defaults():
+    """docs/recipes.md's "every key" block is a valid recipe equal to the built-in default."""
+    block = next(b for b in _blocks((REPO / "docs" / "recipes.md").read_text(), "yaml") if "execution:" in b)
+    assert load_recipe(block).modifier == default_modifier()
