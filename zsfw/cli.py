@@ -144,9 +144,9 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from zsfw.errors import ZsfwError
-
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zsfw`` argument parser, built without running anything (the docs' commands are
+    checked against it)."""
     from zsfw import __version__
 
     parser = argparse.ArgumentParser(prog="zsfw", description=__doc__)
@@ -216,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_inspect)
     p = sub.add_parser("plugins", help="list registered stages, scorers, allocators, correctors, formats")
     p.set_defaults(run=_plugins)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zsfw.errors import ZsfwError
+
+    args = build_parser().parse_args(argv)
     from zsfw.memory import return_large_frees_to_the_os
 
     return_large_frees_to_the_os()

@@ -1,7 +1,8 @@
 """Whitening, whitened SVD, first-order scores and truncation, in float64.
 
-Notation follows DESIGN.md: W is out×in (y = W x), C = E[x xᵀ] the input second moment, S the
-lower-triangular factor with S Sᵀ = C + damping. Then ‖(W − W')X‖ = ‖(W − W')S‖ for the
+Notation follows docs/how-it-works.md (sections "Whitening", "The whitened SVD", "Scores"): W is
+out×in (y = W x), C = E[x xᵀ] the input second moment, S the lower-triangular factor with
+S Sᵀ = C + damping. Then ‖(W − W')X‖ = ‖(W − W')S‖ for the
 calibration inputs, so the best rank-k layer is the truncated SVD of W S mapped back by S⁻¹.
 ``S is None`` means no whitening (plain SVD of W). No explicit inverse is ever formed.
 """
