@@ -241,3 +241,28 @@ def test_r8_run_settings_are_one_line_errors(tmp_path, tokenizer, capsys, option
     tokenizer.save_pretrained(tmp_path / "model")
     assert main(["run", str(tmp_path / "model"), "--prompt", "w1 w2", "--no-compile", *options]) == 2
     _one_line_error(capsys, expected)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("billion laughs", ["r.yaml: its YAML aliases expand to", "more than the 100000"]),
+    ("latin-1 recipe", ["r.yaml: byte 5 (0xe9) is not UTF-8 text", "recipes must be UTF-8"]),
+    ("number text", ["cal.jsonl' line 2: \"text\" is a JSON number, not a string"]),
+    ("not an object", ["cal.jsonl' line 1 is a JSON array, not an object"]),
+])
+def test_r5_r10_r11_unreadable_recipes_and_calibration_lines_are_one_line(tmp_path, tokenizer, capsys, case,
+                                                                       expected):
+    from helpers import billion_laughs, tiny_llama
+
+    command = _tiny_model_folder(tmp_path, tiny_llama(), tokenizer)
+    if case == "billion laughs":
+        (tmp_path / "r.yaml").write_text(billion_laughs())
+    elif case == "latin-1 recipe":
+        (tmp_path / "r.yaml").write_bytes("# café\ns:\n  m:\n    ZeroSumSVDModifier: {}\n".encode("latin-1"))
+    else:
+        (tmp_path / "cal.jsonl").write_text('{"text": "w1 w2"}\n{"text": 5}\n' if case == "number text"
+                                            else '["w1 w2"]\n["w3"]\n')
+        command[-1] = str(tmp_path / "cal.jsonl")
+    assert main([*command, "--output", str(tmp_path / "out")]) == 2
+    message = _one_line_error(capsys, *expected)
+    assert len(message) < 500
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ import torch
 import yaml
 
 import zsfw
+from helpers import billion_laughs
 from zsfw.compression.targets import find_targets
 from zsfw.errors import RecipeError, TargetError
 from zsfw.recipe import load_recipe
@@ -99,26 +100,16 @@ def test_every_shipped_recipe_compresses_the_tiny_model(path, llama, windows):
         assert torch.isfinite(model(input_ids=windows[:2]).logits).all()
 
 
-def _billion_laughs(levels: int = 10, width: int = 10) -> str:
-    """A 20-line recipe whose ``ignore`` expands to ``width ** levels`` strings through nested
-    aliases."""
-    lines = ["s:", "  m:", "    ZeroSumSVDModifier:", "      targets: [Linear]", "      ignore:"]
-    lines.append("        - &l0 [" + ", ".join(["lol"] * width) + "]")
-    for level in range(1, levels):
-        lines.append(f"        - &l{level} [" + ", ".join([f"*l{level - 1}"] * width) + "]")
-    return "\n".join(lines) + "\n"
-
-
 def test_r5_nested_aliases_are_refused_in_one_short_line(tmp_path):
     path = tmp_path / "laughs.yaml"
-    path.write_text(_billion_laughs())
+    path.write_text(billion_laughs())
     for recipe in (path, path.read_text()):
         with pytest.raises(RecipeError, match=r"aliases expand to \d+ values, more than the 100000") as info:
             load_recipe(recipe)
         assert "\n" not in str(info.value) and len(str(info.value)) < 500
     # aliases that expand to little are YAML a recipe may use
     with pytest.raises(RecipeError, match=r"ignore\.0: Input should be a valid string \(got \['lol'"):
-        load_recipe(_billion_laughs(levels=2, width=3))
+        load_recipe(billion_laughs(levels=2, width=3))
     aliased = load_recipe("s:\n  m:\n    ZeroSumSVDModifier:\n      targets: &t ['re:.*mlp.*']\n"
                           "      ignore: *t\n")
     assert aliased.modifier.ignore == aliased.modifier.targets == ["re:.*mlp.*"]
