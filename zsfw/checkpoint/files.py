@@ -24,7 +24,7 @@ def read_config(directory: str | Path) -> dict:
     except OSError as exc:
         raise CheckpointError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8/16/32
-        where = (f"{exc.msg} at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
+        where = (f"{exc.msg}: line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
                  else str(exc))
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({where}); the folder's config is "
                               f"damaged: save or copy the model again") from None
