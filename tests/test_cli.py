@@ -211,7 +211,8 @@ def test_r6_compressing_a_zsfw_output_is_refused_before_calibration(tmp_path, ll
 
 
 @pytest.mark.parametrize("config,expected", [
-    ('{"model_type": "llama", "quantization_config": {"quant', "is not valid JSON (Unterminated string starting at: line 1, column 49)"),
+    ('{"model_type": "llama", "quantization_config": {"quant',
+     "is not valid JSON (Unterminated string starting at: line 1, column 49)"),
     ('[1, 2]', "holds a JSON list, not an object"),
 ], ids=["truncated", "list"])
 def test_r9_inspect_of_a_damaged_config_is_one_line(tmp_path, capsys, config, expected):
