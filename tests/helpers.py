@@ -89,3 +89,13 @@ def source_model(folder: str, execution: dict):
     if execution.get("weights") == "lazy":
         return lazy_model(Path(folder))
     return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def billion_laughs(levels: int = 10, width: int = 10) -> str:
+    """A 15-line recipe whose ``ignore`` expands to ``width ** levels`` strings through nested
+    YAML aliases ("billion laughs")."""
+    lines = ["s:", "  m:", "    ZeroSumSVDModifier:", "      targets: [Linear]", "      ignore:"]
+    lines.append("        - &l0 [" + ", ".join(["lol"] * width) + "]")
+    for level in range(1, levels):
+        lines.append(f"        - &l{level} [" + ", ".join([f"*l{level - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"

@@ -37,6 +37,38 @@ def test_missing_or_mixed_sources_are_errors(tmp_path):
         load_texts([1, 2])
 
 
+GOOD_LINE = '{"text": "w1 w2"}'
+
+
+@pytest.mark.parametrize("lines,expected", [
+    ([GOOD_LINE, '{"text": 5}'], r"line 2: \"text\" is a JSON number, not a string"),
+    (['{"text": 5}', '{"text": 6}'], r"line 1: \"text\" is a JSON number, not a string"),
+    ([GOOD_LINE] * 3 + ['{"text": ["w1"]}'], r"line 4: \"text\" is a JSON array, not a string"),
+    ([GOOD_LINE, '{"text": {"a": 1}}'], r"line 2: \"text\" is a JSON object, not a string"),
+    ([GOOD_LINE, "[1, 2]"], r"line 2 is a JSON array, not an object"),
+    ([GOOD_LINE, "7"], r"line 2 is a JSON number, not an object"),
+    ([GOOD_LINE, '{"text": "w3'], r"line 2 is not valid JSON \(Unterminated string starting at: column 10\)"),
+    ([GOOD_LINE, '{"text": "w1 caf\u00e9"}'], r"line 2 is not UTF-8 \(at byte offset 16 of the line\)"),
+], ids=["number", "all numbers", "array late", "object", "array line", "number line", "invalid", "latin-1"])
+def test_r11_a_bad_json_line_is_named(tmp_path, lines, expected):
+    path = tmp_path / "cal.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(CalibrationError, match=f"calibration data '{path}' {expected}; each line must be "
+                                               f"a JSON object with a string \"text\"") as info:
+        load_texts(path)
+    assert "\n" not in str(info.value)
+
+
+def test_r11_a_non_string_text_column_is_named(tmp_path):
+    import datasets
+
+    with pytest.raises(CalibrationError, match=r"column 'text' holds Value\('int64'\), not strings"):
+        load_texts(datasets.Dataset.from_dict({"text": [1, 2]}))
+    (tmp_path / "cal.json").write_text(json.dumps([{"text": 1}, {"text": 2}]))  # one JSON document
+    with pytest.raises(CalibrationError, match=r"cal\.json': dataset column 'text' holds Value\('int64'\)"):
+        load_texts(tmp_path / "cal.json")
+
+
 def test_windows_are_deterministic_distinct_and_within_max_tokens(tokenizer):
     tokens = tokenize(tokenizer, _docs())
     assert tokens.numel() == 40 * 31  # 30 words + EOS per document

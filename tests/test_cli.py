@@ -1,6 +1,7 @@
 """`zsfw compress` end to end on a tiny saved model, and model-loading errors."""
 
 import json
+import re
 
 import pytest
 
@@ -193,3 +194,76 @@ def test_d13_compress_without_output_says_so_before_the_work(tmp_path, llama, to
     out = captured.out.strip().splitlines()
     assert "w.err =" in captured.out and out[-2].startswith("compressed 14 layers")
     assert out[-1] == "not saved (no --output)"
+
+
+def test_r6_compressing_a_zsfw_output_is_refused_before_calibration(tmp_path, llama, tokenizer, windows, capsys):
+    import zsfw
+    from helpers import recipe
+
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    zsfw.compress(llama, recipe(), windows, output_dir=tmp_path / "small", tokenizer=tokenizer)
+    command[2], command[-1] = str(tmp_path / "small"), str(tmp_path / "missing.txt")  # --model, --dataset
+    # the calibration text does not exist: read first, it would be the error
+    assert main([*command, "--output", str(tmp_path / "again")]) == 2
+    _one_line_error(capsys, f"model {str(tmp_path / 'small')!r} is already compressed by zsfw",
+                    "compress the original model instead")
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("config,expected", [
+    ('{"model_type": "llama", "quantization_config": {"quant',
+     "is not valid JSON (Unterminated string starting at: line 1, column 49)"),
+    ('[1, 2]', "holds a JSON list, not an object"),
+], ids=["truncated", "list"])
+def test_r9_inspect_of_a_damaged_config_is_one_line(tmp_path, capsys, config, expected):
+    from zsfw.checkpoint.destination import is_zsfw_output
+    from zsfw.checkpoint.inspect import saved_modules
+    from zsfw.errors import CheckpointError
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        saved_modules(tmp_path)
+    assert not is_zsfw_output(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 2
+    _one_line_error(capsys, str(tmp_path / "config.json"), expected, "save or copy the model again")
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--max-new-tokens", "0"], "--max-new-tokens) must be at least 1, got 0"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens) must be at least 1, got -1"),
+    (["--sample", "--temperature", "0"], "--temperature) must be > 0 when sampling, got 0.0"),
+    (["--top-p", "2"], "--top-p) must be in (0, 1], got 2.0"),
+    (["--max-new-tokens", "100000"], "is 100002 tokens, more than the model's context of 128"),
+], ids=["zero", "negative", "temperature 0", "top-p 2", "past the context"])
+def test_r8_run_settings_are_one_line_errors(tmp_path, tokenizer, capsys, options, expected):
+    from helpers import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert main(["run", str(tmp_path / "model"), "--prompt", "w1 w2", "--no-compile", *options]) == 2
+    _one_line_error(capsys, expected)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("billion laughs", ["r.yaml: its YAML aliases expand to", "more than the 100000"]),
+    ("latin-1 recipe", ["r.yaml: byte 5 (0xe9) is not UTF-8 text", "recipes must be UTF-8"]),
+    ("number text", ["cal.jsonl' line 2: \"text\" is a JSON number, not a string"]),
+    ("not an object", ["cal.jsonl' line 1 is a JSON array, not an object"]),
+])
+def test_r5_r10_r11_unreadable_recipes_and_calibration_lines_are_one_line(tmp_path, tokenizer, capsys, case,
+                                                                       expected):
+    from helpers import billion_laughs, tiny_llama
+
+    command = _tiny_model_folder(tmp_path, tiny_llama(), tokenizer)
+    if case == "billion laughs":
+        (tmp_path / "r.yaml").write_text(billion_laughs())
+    elif case == "latin-1 recipe":
+        (tmp_path / "r.yaml").write_bytes("# café\ns:\n  m:\n    ZeroSumSVDModifier: {}\n".encode("latin-1"))
+    else:
+        (tmp_path / "cal.jsonl").write_text('{"text": "w1 w2"}\n{"text": 5}\n' if case == "number text"
+                                            else '["w1 w2"]\n["w3"]\n')
+        command[-1] = str(tmp_path / "cal.jsonl")
+    assert main([*command, "--output", str(tmp_path / "out")]) == 2
+    message = _one_line_error(capsys, *expected)
+    assert len(message) < 500
+    assert not (tmp_path / "out").exists()

@@ -136,3 +136,13 @@ def test_plain_svd_without_whitening(llama, windows):
         assert torch.allclose(kept, best, atol=1e-5 * sigma[0].item()), layer.name
         checked += 1
     assert checked > 0
+
+
+def test_r6_a_compressed_model_is_not_compressed_again(llama, windows, tmp_path):
+    from zsfw.errors import ModelLoadError
+
+    zsfw.compress(llama, _recipe(), windows, output_dir=tmp_path / "small")
+    for model in (llama, zsfw.load(tmp_path / "small")):  # in memory, and loaded back
+        # no calibration data: were it drawn before the check, the error would be about that
+        with pytest.raises(ModelLoadError, match="is already compressed by zsfw .* compress the original model"):
+            zsfw.compress(model, _recipe(), None)

@@ -5,6 +5,7 @@ import torch
 import yaml
 
 import zsfw
+from helpers import billion_laughs
 from zsfw.compression.targets import find_targets
 from zsfw.errors import RecipeError, TargetError
 from zsfw.recipe import load_recipe
@@ -97,3 +98,55 @@ def test_every_shipped_recipe_compresses_the_tiny_model(path, llama, windows):
     assert 0 < report.total_bytes <= report.budget_bytes  # (bytes as written: tests/test_checkpoint.py)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=windows[:2]).logits).all()
+
+
+def test_r5_nested_aliases_are_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text(billion_laughs())
+    for recipe in (path, path.read_text()):
+        with pytest.raises(RecipeError, match=r"aliases expand to \d+ values, more than the 100000") as info:
+            load_recipe(recipe)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 500
+    # aliases that expand to little are YAML a recipe may use
+    with pytest.raises(RecipeError, match=r"ignore\.0: Input should be a valid string \(got \['lol'"):
+        load_recipe(billion_laughs(levels=2, width=3))
+    aliased = load_recipe("s:\n  m:\n    ZeroSumSVDModifier:\n      targets: &t ['re:.*mlp.*']\n"
+                          "      ignore: *t\n")
+    assert aliased.modifier.ignore == aliased.modifier.targets == ["re:.*mlp.*"]
+
+
+def test_r5_huge_values_are_cut_short_in_messages():
+    shared: list = ["lol"] * 10
+    for _ in range(9):  # 10**10 strings if expanded, 100 lists in memory
+        shared = [shared] * 10
+    with pytest.raises(RecipeError, match=r"ignore\.0: .*valid string \(got \[\[\[") as info:
+        load_recipe({"s": {"m": {"ZeroSumSVDModifier": {"ignore": shared}}}})
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 500 and "(and 9 more error(s)" in message
+    with pytest.raises(RecipeError, match=r"valid regex") as info:
+        load_recipe({"s": {"m": {"ZeroSumSVDModifier": {"targets": ["re:(" + "x" * 100_000]}}}})
+    assert len(str(info.value)) < 500
+
+
+def test_r5_self_referencing_aliases_and_bad_yaml_are_one_line():
+    with pytest.raises(RecipeError, match="aliases expand to"):
+        load_recipe("s: &a\n  m: *a\n")
+    with pytest.raises(RecipeError, match=r"<yaml string>: not valid YAML: expected ',' or ']', "
+                                          r"but got '<stream end>' at line 2, column 3$"):
+        load_recipe("s: [1,\n b")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_r10_utf16_and_utf8_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(("# café\n" + GOOD).encode(encoding))
+    assert load_recipe(path).modifier == load_recipe(GOOD).modifier
+
+
+def test_r10_a_recipe_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(("# café\n" + GOOD).encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1\.yaml: byte 5 \(0xe9\) is not UTF-8 text .*"
+                                          r"recipes must be UTF-8") as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)

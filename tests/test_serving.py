@@ -145,3 +145,31 @@ def test_pt2_package_runs_without_zsfw_and_gives_the_same_logits(qwen2, windows,
     name = "auto" if isinstance(storage, list) else storage  # a list of formats is storage: auto
     assert '"seq": [\n        2,\n        64\n      ]' in manifest and f'"name": "{name}"' in manifest
     assert (tmp_path / "model.tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({"max_new_tokens": 0}, r"max_new_tokens \(--max-new-tokens\) must be at least 1, got 0"),
+    ({"max_new_tokens": -1}, r"must be at least 1, got -1"),
+    ({"do_sample": True, "temperature": 0.0}, r"temperature \(--temperature\) must be > 0 when sampling, got 0\.0"),
+    ({"do_sample": True, "temperature": float("nan")}, r"must be > 0 when sampling, got nan"),
+    ({"top_p": 0.0}, r"top_p \(--top-p\) must be in \(0, 1\], got 0\.0"),
+    ({"top_p": 1.5}, r"must be in \(0, 1\], got 1\.5"),
+    ({"max_new_tokens": 126}, r"a prompt of 3 tokens plus max_new_tokens 126 .* is 129 tokens, more than the "
+                              r"model's context of 128 \(max_position_embeddings\)"),
+    ({"max_new_tokens": 100_000}, r"is 100003 tokens, more than the model's context of 128"),
+], ids=["zero", "negative", "temperature 0", "temperature nan", "top_p 0", "top_p 1.5", "one past", "huge"])
+def test_r8_generation_settings_are_checked(tokenizer, settings, expected):
+    from helpers import tiny_llama
+    from zsfw.errors import ServingError
+    from zsfw.serve.generate import generate
+
+    with pytest.raises(ServingError, match=expected):
+        generate(tiny_llama(), tokenizer, "w1 w2 w3", compile=False, buckets=(8,), **settings)
+
+
+def test_r8_a_continuation_that_fills_the_context_exactly_is_generated(tokenizer):
+    from helpers import tiny_llama
+    from zsfw.serve.generate import generate
+
+    text, = generate(tiny_llama(), tokenizer, "w1 w2 w3", max_new_tokens=125, compile=False, buckets=(8,))
+    assert len(tokenizer(text)["input_ids"]) == 125  # the word tokenizer: one token per word, no EOS made

@@ -11,10 +11,11 @@ from pathlib import Path
 def _compress(args: argparse.Namespace) -> int:
     from zsfw.compression import distributed
     from zsfw.compression.calibration import drawn_windows, text_tokens
-    from zsfw.compression.pipeline import compress
+    from zsfw.checkpoint.destination import is_zsfw_output
+    from zsfw.compression.pipeline import already_compressed, compress
     from zsfw.eval.gains import snapshot, summary
-    from zsfw.models import load_model
-    from zsfw.errors import RecipeError
+    from zsfw.models import DEFAULT_MODEL, load_model
+    from zsfw.errors import ModelLoadError, RecipeError
     from zsfw.recipe import load_recipe
     from zsfw.residency import compute_device, place
 
@@ -26,6 +27,8 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         print("zsfw: no --output: the compressed model is measured, then discarded (pass --output "
               "DIR to keep it)", file=sys.stderr)
+    if args.model != DEFAULT_MODEL and is_zsfw_output(Path(args.model).expanduser()):
+        raise ModelLoadError(already_compressed(args.model))
     lazy = recipe.modifier.execution.weights == "lazy"
     if lazy and args.output is None:
         raise RecipeError("execution.weights 'lazy' writes the model as its layers are compressed: "
@@ -95,9 +98,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from zsfw.serve.generate import generate
+    from zsfw.serve.generate import check_settings, generate
     from zsfw.models import load_model
 
+    check_settings(args.max_new_tokens, args.sample, args.temperature, args.top_p)  # before the load
     model, tokenizer = load_model(args.model)
     if not args.no_compile:
         print("compiling the model for decoding (about 25 s on a 2-core CPU the first time; "

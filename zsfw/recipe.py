@@ -19,7 +19,9 @@ names the source, the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import codecs
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -30,6 +32,23 @@ from zsfw import plugins
 from zsfw.errors import PluginError, RecipeError
 
 MODIFIER_NAME = "ZeroSumSVDModifier"
+
+MAX_YAML_NODES = 100_000
+"""The most nodes a recipe's YAML may hold once its aliases are expanded: a recipe has a few
+hundred; nested aliases ("billion laughs") would otherwise expand to billions when the values
+are validated, printed or saved."""
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 4, 60, 60
+SHOWN_CHARS = 120
+"""The longest a recipe value is shown in an error message."""
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to at most ``SHOWN_CHARS`` characters, without building the whole
+    repr of a huge or deeply nested value (an error message quotes what the user wrote)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 class PluginSpec(BaseModel):
@@ -121,7 +140,7 @@ class ExecutionConfig(BaseModel):
         except (RuntimeError, ValueError):
             kind = None
         if kind not in ("cpu", "cuda"):
-            raise ValueError(f"device {value!r} is not 'cpu', 'cuda' or 'cuda:N'")
+            raise ValueError(f"device {shown(value)} is not 'cpu', 'cuda' or 'cuda:N'")
         return value
 
     @model_validator(mode="after")
@@ -187,7 +206,7 @@ class ZeroSumSVDModifier(BaseModel):
                 try:
                     re.compile(v[3:])
                 except re.error as exc:
-                    raise ValueError(f"{v!r} is not a valid regex: {exc}") from exc
+                    raise ValueError(f"{shown(v)} is not a valid regex: {exc}") from exc
         return values
 
 
@@ -243,8 +262,8 @@ def load_recipe(recipe: RecipeLike = None) -> Recipe:
         path = Path(recipe)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        source, text = str(path), path.read_text()
-        recipe = _parse_yaml(text, source)
+        source = str(path)
+        recipe = _parse_yaml(_decoded(path.read_bytes(), source), source)
     elif isinstance(recipe, str):
         source = "<yaml string>"
         recipe = _parse_yaml(recipe, source)
@@ -258,16 +277,68 @@ def _looks_like_path(text: str) -> bool:
     return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.exists(text))
 
 
-def _parse_yaml(text: str, source: str) -> Any:
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _decoded(data: bytes, source: str) -> str:
+    """A recipe file's text: UTF-8, or UTF-8/UTF-16 after a byte-order mark (what YAML allows);
+    anything else is refused naming the first byte that is not UTF-8."""
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
     try:
-        return yaml.safe_load(text)
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{source}: byte {exc.start} (0x{data[exc.start]:02x}) is not {encoding.upper()} "
+                          f"text ({exc.reason}); recipes must be UTF-8 (or UTF-16 with a byte-order "
+                          f"mark): save the file as UTF-8") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in ``text``, refused when its aliases expand past ``MAX_YAML_NODES``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, set())
+        if size > MAX_YAML_NODES:
+            raise RecipeError(f"{source}: its YAML aliases expand to {size} values, more than the "
+                              f"{MAX_YAML_NODES} a recipe may hold; write the values out instead of "
+                              f"nesting aliases")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: not valid YAML: {exc}") from exc
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if problem and mark else exc
+        raise RecipeError(f"{source}: not valid YAML: {' '.join(str(where).split())}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: its YAML is nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many nodes ``node`` stands for once every alias in it is expanded (an alias is the
+    node it names: counted once per use). ``sizes`` memoizes shared nodes, so this takes time
+    in the nodes written, not in the expansion; a node that contains itself counts as
+    unbounded."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        return MAX_YAML_NODES + 1
+    open_.add(key)
+    children: list = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    sizes[key] = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(key)
+    return sizes[key]
 
 
 def _single(mapping: Any, where: str, what: str, source: str) -> tuple[str, Any]:
     if not isinstance(mapping, dict) or len(mapping) != 1:
-        got = list(mapping) if isinstance(mapping, dict) else type(mapping).__name__
+        got = shown(list(mapping)) if isinstance(mapping, dict) else type(mapping).__name__
         raise RecipeError(f"{source}: {where} must hold exactly one {what}, got {got}")
     return next(iter(mapping.items()))
 
@@ -278,7 +349,7 @@ def _from_dict(data: dict, source: str) -> Recipe:
     name, args = _single(modifiers, f"{stage}.{group}", f"modifier ({MODIFIER_NAME})", source)
     where = f"{stage}.{group}.{name}"
     if name != MODIFIER_NAME:
-        raise RecipeError(f"{source}: {where}: unknown modifier {name!r}; allowed: {MODIFIER_NAME}")
+        raise RecipeError(f"{source}: {where}: unknown modifier {shown(name)}; allowed: {MODIFIER_NAME}")
     try:
         modifier = ZeroSumSVDModifier.model_validate(args or {})
     except ValidationError as exc:
@@ -287,17 +358,18 @@ def _from_dict(data: dict, source: str) -> Recipe:
 
 
 def _describe(exc: ValidationError, source: str, where: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        key = ".".join([where, *loc])
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
-            allowed = ", ".join(parent.model_fields) if parent else "see the docs"
-            lines.append(f"{source}: {key}: unknown key; allowed keys: {allowed}")
-        else:
-            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+    """The first validation error in one line (the value it got cut short), and how many more."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join([where, *loc])
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+        line = f"{source}: {key}: unknown key; allowed keys: {allowed}"
+    else:
+        line = f"{source}: {key}: {' '.join(err['msg'].split())} (got {shown(err.get('input'))})"
+    return line + (f" (and {len(errors) - 1} more error(s) in this recipe)" if len(errors) > 1 else "")
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -17,15 +17,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from zsfw.checkpoint.files import read_config
 from zsfw.checkpoint.schema import QUANT_METHOD
-from zsfw.errors import DestinationError
+from zsfw.errors import CheckpointError, DestinationError
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
@@ -35,10 +35,10 @@ SPACE_MARGIN = 1.05  # headroom over the predicted bytes (headers, tokenizer, re
 def is_zsfw_output(folder: Path) -> bool:
     """Whether ``folder`` holds a model saved by zsfw (a config with a zsfw quantization_config)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_config(folder).get("quantization_config")
+    except CheckpointError:
         return False
-    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
 
 
 def check_destination(out: str | os.PathLike, overwrite: bool, protected: Iterable[str | os.PathLike] = (),

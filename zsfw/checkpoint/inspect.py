@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
-from zsfw.checkpoint.files import checkpoint_files
+from zsfw.checkpoint.files import checkpoint_files, read_config
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import QUANT_METHOD, owner_of
 from zsfw.errors import CheckpointError
@@ -32,11 +31,8 @@ class SavedModule:
 
 def saved_modules(directory: str | Path) -> list[SavedModule]:
     """Every compressed module of a saved model, with the bytes its tensors take on disk."""
-    config_file = Path(directory) / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{str(directory)!r} has no config.json: not a saved model folder")
-    config = json.loads(config_file.read_text()).get("quantization_config") or {}
-    if config.get("quant_method") != QUANT_METHOD:
+    config = read_config(directory).get("quantization_config")
+    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{str(directory)!r} is not a zsfw checkpoint (no zsfw "
                               f"quantization_config in its config.json)")
     records = ZsfwConfig(**{k: v for k, v in config.items() if k != "quant_method"}).records()

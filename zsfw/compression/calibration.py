@@ -8,6 +8,7 @@ windows; a seeded permutation picks which windows are used.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ def load_texts(source: DatasetLike, split: str = "train") -> list[str]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.exists():
-            return _texts_of(_load_local(path))
+            return _local_texts(path)
         if not isinstance(source, str) or path.suffix in _BUILDERS or source.startswith((".", "/", "~")):
             raise CalibrationError(f"calibration data {str(source)!r} does not exist")
         import datasets
@@ -52,7 +53,9 @@ def load_texts(source: DatasetLike, split: str = "train") -> list[str]:
     return texts
 
 
-def _load_local(path: Path):
+def _local_texts(path: Path) -> list[str]:
+    """The documents of a local file or folder; for JSON lines that cannot be read, or whose
+    ``text`` is not a string, the error names the file and the line."""
     import datasets
 
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
@@ -64,10 +67,17 @@ def _load_local(path: Path):
                                f"use one kind per folder")
     if all(p.stat().st_size == 0 for p in files):
         raise CalibrationError(f"calibration data {str(path)!r} is empty; give a text file or folder")
+    builder = builders.pop()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+        return _texts_of(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train"))
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError, OSError) as exc:
+        located = _json_lines_problem([p for p in files if p.suffix == ".jsonl"]) if builder == "json" else None
+        if located:
+            raise CalibrationError(f"calibration data {located}; each line must be a JSON object "
+                                   f"with a string \"text\"") from None
+        if isinstance(exc, CalibrationError):  # from _texts_of
+            raise CalibrationError(f"calibration data {str(path)!r}: {exc}") from None
         cause = exc.__cause__ or exc.__context__ or exc
         first = (str(cause).strip().splitlines() or [""])[0]
         raise CalibrationError(f"calibration data {str(path)!r} cannot be read as "
@@ -75,12 +85,41 @@ def _load_local(path: Path):
                                f"{first}); give UTF-8 text, JSON lines or parquet") from None
 
 
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+               dict: "object", type(None): "null"}
+
+
+def _json_lines_problem(files: list[Path]) -> str | None:
+    """Where the first line of JSON-lines ``files`` that is not a JSON object with a string (or
+    null, or no) ``text`` is, and what it holds; None when every line is one."""
+    for path in files:
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                where = f"{str(path)!r} line {number}"
+                try:
+                    record = json.loads(line.decode("utf-8").rstrip("\r\n")) if line.strip() else {}
+                except UnicodeDecodeError as exc:
+                    return f"{where} is not UTF-8 (at byte offset {exc.start} of the line)"
+                except ValueError as exc:
+                    return f"{where} is not valid JSON ({exc.msg}: column {exc.colno})"
+                if not isinstance(record, dict):
+                    return f"{where} is a JSON {_JSON_TYPES[type(record)]}, not an object"
+                text = record.get("text")
+                if text is not None and not isinstance(text, str):
+                    return f"{where}: \"text\" is a JSON {_JSON_TYPES[type(text)]}, not a string"
+    return None
+
+
 def _texts_of(dataset) -> list[str]:
     columns = dataset.column_names
     column = "text" if "text" in columns else next(
-        (c for c in columns if dataset.features[c].dtype == "string"), None)
+        (c for c in columns if getattr(dataset.features[c], "dtype", None) == "string"), None)
     if column is None:
         raise CalibrationError(f"dataset has no text column; columns: {columns}")
+    feature = dataset.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise CalibrationError(f"dataset column {column!r} holds {feature}, not strings; give the "
+                               f"documents as strings")
     return [t for t in dataset[column] if t and t.strip()]
 
 

@@ -22,7 +22,7 @@ from zsfw.allocation import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
 from zsfw.checkpoint import save
 from zsfw.checkpoint.save import CheckpointWriter, expected_bytes
-from zsfw.checkpoint.hf_quantizer import ZsfwConfig
+from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
 from zsfw.compression.cache import StatisticsCache, open_cache
@@ -37,7 +37,7 @@ from zsfw.compression.stages import Planner, run_stages
 from zsfw.compression.store import FactorStore
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
-from zsfw.errors import CalibrationError, RecipeError
+from zsfw.errors import CalibrationError, ModelLoadError, RecipeError
 from zsfw.memory import release_free_heap
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
 from zsfw.residency import compute_device, place, residency
@@ -62,6 +62,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
+    if zsfw_config(getattr(model, "config", None)) is not None:  # its factors' A/B would be targets
+        raise ModelLoadError(already_compressed(getattr(model, "name_or_path", "") or type(model).__name__))
     targets = find_targets(model, m.targets, m.ignore)
     if output_dir is not None:
         check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")],
@@ -145,6 +147,14 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             save.save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite,
                       writer=writer)
     return model, report
+
+
+def already_compressed(model: str) -> str:
+    """Why ``model``, already compressed by zsfw, is not compressed again (its low-rank factors
+    would be factorized as if they were the model's layers)."""
+    return (f"model {model!r} is already compressed by zsfw (its config has a zsfw "
+            f"quantization_config); compressing a compressed model is not supported: compress the "
+            f"original model instead, at the ratio you want")
 
 
 def _planner(planned: Callable[..., tuple[FactorStore, AllocationPlan]], statistics_cache: str | Path | None,

@@ -62,17 +62,36 @@ def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def check_settings(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
+    """Refuse decoding settings ``generate`` cannot honour, before the prompts are tokenized
+    (transformers would fail deep inside, or loop on a cache sized for them)."""
+    if max_new_tokens < 1:
+        raise ServingError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
+    if do_sample and not temperature > 0:  # also NaN; greedy decoding is do_sample=False
+        raise ServingError(f"temperature (--temperature) must be > 0 when sampling, got {temperature}; "
+                           f"for greedy decoding leave sampling off (no --sample)")
+    if not 0 < top_p <= 1:
+        raise ServingError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
+
+
 def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              compile: bool = True, buckets: tuple[int, ...] = BUCKETS, seed: int = 0) -> list[str]:
     """Continuations of ``prompts`` (greedy unless ``do_sample``), one string per prompt."""
     from transformers import GenerationConfig
 
+    check_settings(max_new_tokens, do_sample, temperature, top_p)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and longest + max_new_tokens > context:
+        raise ServingError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} "
+                           f"(--max-new-tokens) is {longest + max_new_tokens} tokens, more than the "
+                           f"model's context of {context} (max_position_embeddings); ask for fewer "
+                           f"new tokens or shorten the prompt")
     bucket = bucket_of(longest, buckets)
     batch = tokenizer(prompts, return_tensors="pt", padding="max_length", max_length=bucket)
     device = next(model.parameters()).device
