@@ -2,11 +2,14 @@
 misses; an unreadable entry is recomputed. Hits are observed through the report and the log."""
 
 import copy
+import json
 import os
 import logging
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import zsfw
 from helpers import recipe
@@ -107,3 +110,67 @@ def test_d9_leftovers_of_killed_runs_are_swept_and_a_run_leaves_nothing(llama, w
     assert sorted(p.name for p in spill.iterdir()) == [alive.name]
     zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=cache)
     assert not list(cache.glob(".*")) and len(_entries(cache, "factors")) == 1
+
+
+@pytest.fixture(scope="module")
+def populated(windows, tmp_path_factory):
+    """A trained tiny Llama, the logits of its compression without a cache, and a cache filled by
+    the same compression."""
+    from helpers import tiny_llama, train_briefly
+
+    base = train_briefly(tiny_llama(), windows)
+    uncached, _ = zsfw.compress(copy.deepcopy(base), _recipe(), windows)
+    cache = tmp_path_factory.mktemp("cache")
+    zsfw.compress(copy.deepcopy(base), _recipe(), windows, statistics_cache=cache)
+    with torch.no_grad():
+        return base, uncached(input_ids=windows).logits, cache
+
+
+def _flip(key):
+    """Damage: one byte in the middle of tensor ``key`` of a safetensors file inverted."""
+    def damage(path):
+        data = bytearray(path.read_bytes())
+        start = 8 + int.from_bytes(data[:8], "little")
+        begin, end = json.loads(data[8:start])[key]["data_offsets"]
+        data[start + (begin + end) // 2] ^= 0xFF
+        path.write_bytes(data)
+    return damage
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("entry, file, damage", [
+    ("statistics", "group-00000.safetensors", _flip("C")),  # R2: a model that outputs NaN
+    ("factors", "factors.model.layers.0.self_attn.q_proj.safetensors", _flip("B")),  # R2: another model
+    ("factors", "index.safetensors", _flip("scores:model.layers.1.mlp.down_proj")),  # R2: another plan
+    ("factors", "factors.model.layers.1.mlp.up_proj.safetensors", _truncate),  # R4: read lazily, later
+    ("statistics", "group-00001.safetensors", _truncate),  # R4
+], ids=["flipped C", "flipped factor", "flipped score", "truncated factor", "truncated statistics"])
+def test_r2_r4_a_damaged_file_is_a_warned_miss_and_the_run_gives_the_uncached_model(
+        populated, windows, tmp_path, caplog, entry, file, damage):
+    base, uncached, filled = populated
+    cache = tmp_path / "cache"
+    shutil.copytree(filled, cache)
+    (path,) = cache.glob(f"{entry}-*/{file}")
+    damage(path)
+
+    def run():
+        if entry == "statistics":  # read only when the factorization misses (as with another damping)
+            for factors in cache.glob("factors-*"):
+                shutil.rmtree(factors)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="zsfw"):
+            model, report = zsfw.compress(copy.deepcopy(base), _recipe(), windows, statistics_cache=cache)
+        return model, report, [r.message for r in caplog.records if r.name == "zsfw.compression.cache"]
+
+    model, report, warnings = run()
+    assert len(warnings) == 1 and str(path.parent) in warnings[0] and f"(ValueError: {file} " in warnings[0], warnings
+    assert not report.factors_cached and report.statistics_cached == (entry == "factors")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, uncached)
+    rewritten, original = load_file(path), load_file(filled / path.parent.name / file)
+    assert rewritten.keys() == original.keys() and all(torch.equal(rewritten[k], original[k]) for k in original)
+    _, report, warnings = run()  # the rewritten entry is whole: a hit, no warning
+    assert not warnings and (report.factors_cached if entry == "factors" else report.statistics_cached)

@@ -12,8 +12,11 @@ it, the stage's name and options, and the windows it is given (calibration, trai
 
 Statistics entries are folders of one safetensors file per input group plus an index, written
 group by group as the pass yields them; factorization entries are ``FactorStore`` folders. Both
-are written under a hidden temporary name and renamed into place when complete. An entry that
-cannot be read is a miss, with a warning, and is recomputed.
+are written under a hidden temporary name and renamed into place when complete. Every entry lists
+its files' SHA-256 digests (``zsfw.checksums``), and is checked against them when it is opened,
+before anything of it is used (a factor store is read lazily, long after the cache said "hit").
+An entry that cannot be read or does not match is a miss, with a warning naming the entry and the
+file, and is removed and recomputed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
+from zsfw.checksums import check_sums, sha256_of, write_sums
 from zsfw.compression.driver import StatisticsPass
 from zsfw.compression.statistics import GroupStatistics
 from zsfw.checkpoint.destination import work_folder
@@ -39,7 +43,7 @@ from zsfw.residency import residency
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: entries list their files' SHA-256 digests
 _UNREADABLE = (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError)
 
 
@@ -112,36 +116,48 @@ class _RecordingPass:
     def __iter__(self) -> Iterator[GroupStatistics]:
         tmp = work_folder(self.directory, ".statistics-")
         try:
-            groups = []
+            groups, digests = [], {}
             for i, stats in enumerate(self.source):
                 tensors = {f"G:{n}": g.contiguous() for n, g in stats.gradients.items()}
                 if stats.covariance is not None:
                     tensors["C"] = stats.covariance.contiguous()
-                groups.append({"file": f"group-{i:05d}.safetensors", "group": stats.group,
-                               "members": stats.members})
-                save_file(tensors, tmp / groups[-1]["file"])
+                name = f"group-{i:05d}.safetensors"
+                groups.append({"file": name, "group": stats.group, "members": stats.members})
+                save_file(tensors, tmp / name)
+                digests[name] = sha256_of(tmp / name)  # at once, while in the page cache
                 yield stats
             self.tokens, self.loss = self.source.tokens, self.source.loss
             (tmp / "index.json").write_text(json.dumps(
                 {"key": self.key, "tokens": self.tokens, "loss": repr(self.loss), "groups": groups}))
+            write_sums(tmp, digests | {"index.json": sha256_of(tmp / "index.json")})
             if not self.final.exists():
                 os.replace(tmp, self.final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
 
 
-def _read_entry(path: Path, key: str, what: str, instead: str, read: Callable[[Path, dict], Any]) -> Any:
-    """``read(path, index)`` of the entry at ``path`` when its index names ``key``; None when there is
-    none, or when it cannot be read (then a warning, and the entry is removed to be made again)."""
+def _read_entry(path: Path, what: str, instead: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)`` of the entry at ``path`` once its files match their digests; None when there is
+    none, or when it cannot be read or does not match (then a warning, and the entry is removed to
+    be made again)."""
     if not path.is_dir():
         return None
     try:
-        index = json.loads((path / "index.json").read_text())
-        return read(path, index) if index.get("key") == key else None
+        check_sums(path)
+        return read(path)
     except _UNREADABLE as exc:
         log.warning("%s cache entry %s is unreadable (%s: %s); %s", what, path, type(exc).__name__, exc, instead)
         shutil.rmtree(path, ignore_errors=True)  # zsfw's own cache entry, not the user's data
         return None
+
+
+def _indexed(key: str, read: Callable[[Path, dict], Any]) -> Callable[[Path], Any]:
+    """A reader of an entry with an ``index.json``: ``read(path, index)`` when the index names
+    ``key``, else None."""
+    def reader(path: Path) -> Any:
+        index = json.loads((path / "index.json").read_text())
+        return read(path, index) if index.get("key") == key else None
+    return reader
 
 
 class StatisticsCache:
@@ -173,7 +189,7 @@ class StatisticsCache:
             log.info("stage result from the cache: %s", path)
             return index["summary"]
 
-        return _read_entry(self.stage_path(key), key, "stage", "running the stage again", load)
+        return _read_entry(self.stage_path(key), "stage", "running the stage again", _indexed(key, load))
 
     def record_stage(self, key: str, model: nn.Module, summary: dict) -> None:
         """Store the model's weights after a stage and its summary under ``key``."""
@@ -181,6 +197,7 @@ class StatisticsCache:
         try:
             save_model(model, str(tmp / "model.safetensors"))
             (tmp / "index.json").write_text(json.dumps({"key": key, "summary": summary}, default=str))
+            write_sums(tmp, {name: sha256_of(tmp / name) for name in ("model.safetensors", "index.json")})
             if not self.stage_path(key).exists():
                 os.replace(tmp, self.stage_path(key))
         finally:
@@ -189,13 +206,11 @@ class StatisticsCache:
     def statistics(self, key: str) -> StatisticsPass | None:
         """The cached statistics for ``key``, or None (a miss; unreadable entries warn)."""
         def read(path: Path, index: dict) -> StatisticsPass:
-            for entry in index["groups"]:  # every file present and readable before using any
-                with safe_open(path / entry["file"], framework="pt"):
-                    pass
             log.info("calibration statistics from the cache: %s", path)
             return _CachedPass(path, index)
 
-        return _read_entry(self.statistics_path(key), key, "statistics", "recomputing it", read)
+        return _read_entry(self.statistics_path(key), "statistics", "recomputing it",
+                           _indexed(key, read))
 
     def record(self, key: str, source: StatisticsPass) -> StatisticsPass:
         """``source`` passed through, stored under ``key`` once it has been read to the end."""
@@ -204,14 +219,8 @@ class StatisticsCache:
 
     def factors(self, key: str) -> FactorStore | None:
         """The cached factorization for ``key``, or None (a miss; unreadable entries warn)."""
-        path = self.factors_path(key)
-        try:
-            return FactorStore.open(path, key)
-        except _UNREADABLE as exc:
-            log.warning("factorization cache entry %s is unreadable (%s: %s); recomputing it",
-                        path, type(exc).__name__, exc)
-            shutil.rmtree(path, ignore_errors=True)
-            return None
+        return _read_entry(self.factors_path(key), "factorization", "recomputing it",
+                           lambda path: FactorStore.open(path, key))
 
     def new_factors(self, key: str) -> FactorStore:
         """An empty store that becomes the entry for ``key`` when committed."""

@@ -6,7 +6,9 @@ and scores allocators need in memory.
 One object owns its folder, its keys and its cleanup. A temporary store lives in a fresh folder
 and is removed by ``close``. A store created by the factorization cache is written in a hidden
 folder of the cache and becomes an entry only when ``commit`` renames it into place; ``close``
-of an uncommitted one removes it, so a failed or interrupted run never leaves a half entry.
+of an uncommitted one removes it, so a failed or interrupted run never leaves a half entry. An
+entry's files are hashed as they are written and listed in its ``SHA256SUMS`` (the cache checks
+them when it opens the entry, see ``zsfw.compression.cache``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zsfw.checkpoint.destination import work_folder
+from zsfw.checksums import sha256_of, write_sums
 from zsfw.allocation import useful_rank
 from zsfw.interfaces import LayerScores, StorageFormat
 
@@ -53,6 +56,7 @@ class FactorStore:
         self.tokens = 0
         self.loss = float("nan")
         self.committed = False
+        self.digests: dict[str, str] = {}  # file -> its SHA-256, for a cache entry
 
     @classmethod
     def temporary(cls, spill: StorageFormat | None = None, whiteners: bool = True) -> "FactorStore":
@@ -62,6 +66,13 @@ class FactorStore:
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
+
+    def _save(self, tensors: dict[str, torch.Tensor], path: Path,
+              metadata: dict[str, str] | None = None) -> None:
+        """Write a file of the store; a cache entry's is hashed at once, while still in the page cache."""
+        save_file(tensors, path, metadata=metadata)
+        if self.final is not None:
+            self.digests[path.name] = sha256_of(path)
 
     def kept_rank(self, layer: LayerScores) -> int:
         """How many of the layer's top components are kept: every one, or with ``spill`` as many
@@ -73,14 +84,14 @@ class FactorStore:
 
     def put_whitener(self, group: str, S: torch.Tensor) -> None:
         if self.whiteners:
-            save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+            self._save({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
 
     def put_layer(self, scores: LayerScores, B: torch.Tensor, A: torch.Tensor,
                   group: str | None, note: str = "") -> None:
         """A layer's factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its kept components (to disk,
         fp32) and its spectrum and scores (kept in memory)."""
-        save_file({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
-                  self._path(f"factors.{scores.name}"))
+        self._save({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
+                   self._path(f"factors.{scores.name}"))
         self.layers[scores.name] = scores
         if group is not None:
             self.whitener_of[scores.name] = group
@@ -99,18 +110,19 @@ class FactorStore:
         return None if group is None else load_file(self._path(f"S.{group}"))["S"].to(device)
 
     def commit(self) -> None:
-        """Write the index and, for a cache entry, rename the folder into place."""
+        """Write the index and, for a cache entry, its ``SHA256SUMS`` and rename the folder into place."""
         tensors = {}
         for name, layer in self.layers.items():
             tensors[f"sigma:{name}"] = layer.sigma.contiguous()
             tensors[f"scores:{name}"] = layer.scores.contiguous()
         shapes = {name: [l.out_features, l.in_features, l.has_bias] for name, l in self.layers.items()}
-        save_file(tensors, self.directory / INDEX, metadata={
+        self._save(tensors, self.directory / INDEX, metadata={
             "key": self.key, "shapes": json.dumps(shapes, sort_keys=True),
             "whitener_of": json.dumps(self.whitener_of, sort_keys=True),
             "notes": json.dumps(self.notes, sort_keys=True), "tokens": str(self.tokens),
             "loss": repr(self.loss)})
         if self.final is not None:
+            write_sums(self.directory, self.digests)
             if self.final.exists():  # another run finished the same entry first
                 shutil.rmtree(self.directory)
             else:
