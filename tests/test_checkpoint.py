@@ -3,6 +3,8 @@
 import copy
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import zsfw
 from helpers import patterned_windows, recipe, tiny_llama
 from zsfw.checkpoint.save import header_bytes, module_tensors
+from zsfw.checksums import sha256_of
 from zsfw.errors import CheckpointError, DestinationError
 
 FORMATS = {  # label -> the recipe's storage spec
@@ -293,8 +296,6 @@ def test_a_save_killed_with_sigkill_leaves_no_output(tmp_path, existing):
 
 
 def _broken_copy(saved, tmp_path, label="int8"):
-    import shutil
-
     src = saved[1][label][0]
     dst = tmp_path / label
     shutil.copytree(src, dst)
@@ -309,7 +310,8 @@ def _rewrite(path: Path, edit) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
-def test_missing_tensor_is_an_error_naming_the_module(saved, tmp_path):
+def test_missing_tensor_is_an_error_naming_the_module(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSFW_SKIP_CHECKSUM", "1")  # the file is edited on purpose
     path = _broken_copy(saved, tmp_path)
     name = "model.layers.1.mlp.down_proj"
 
@@ -321,7 +323,8 @@ def test_missing_tensor_is_an_error_naming_the_module(saved, tmp_path):
         zsfw.load(path)
 
 
-def test_misshaped_tensor_is_an_error_naming_the_module(saved, tmp_path):
+def test_misshaped_tensor_is_an_error_naming_the_module(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSFW_SKIP_CHECKSUM", "1")  # the file is edited on purpose
     path = _broken_copy(saved, tmp_path, "bf16")
     name = "model.layers.0.self_attn.o_proj"
 
@@ -361,6 +364,52 @@ def test_d15_a_module_removed_from_the_config_is_an_error_not_a_random_layer(sav
         zsfw.load(path)
 
 
+def _flip_a_weight_byte(path: Path, other: Path) -> None:
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # in the last tensor's data
+    (path / "model.safetensors").write_bytes(data)
+
+
+def _swap_for_another_runs_file(path: Path, other: Path) -> None:
+    shutil.copyfile(other / "model.safetensors", path / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage", [_flip_a_weight_byte, _swap_for_another_runs_file], ids=["flipped", "swapped"])
+def test_r2_weights_that_do_not_match_their_checksum_are_refused_naming_the_file(saved, tmp_path, monkeypatch,
+                                                                                 capsys, damage):
+    from zsfw.cli import main
+
+    windows, runs = saved
+    path = _broken_copy(saved, tmp_path, "bf16")
+    other = copy.deepcopy(runs["bf16"][1])  # another run: the same shapes, another final norm
+    with torch.no_grad():
+        other.model.norm.weight.mul_(2)
+    zsfw.save(other, tmp_path / "other")
+    damage(path, tmp_path / "other")
+    file = str(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^'{re.escape(file)}' has sha256 [0-9a-f]{{12}}…, but config\.json records "
+                                              rf"[0-9a-f]{{12}}….*set ZSFW_SKIP_CHECKSUM=1"):
+        zsfw.load(path)
+    capsys.readouterr()
+    for command in (["eval", str(path), "--windows", "1"], ["inspect", str(path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"zsfw: error: '{file}' has sha256") and err.count("\n") == 1, err
+    monkeypatch.setenv("ZSFW_SKIP_CHECKSUM", "1")  # weights edited on purpose: loaded as they are
+    loaded = zsfw.load(path)
+    if damage is _swap_for_another_runs_file:
+        assert torch.equal(_logits(loaded, windows), _logits(other, windows))
+
+
+def test_r2_a_checkpoint_saved_before_checksums_loads_unchecked(saved, tmp_path):
+    windows, runs = saved
+    path = _broken_copy(saved, tmp_path, "bf16")
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]["checksums"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert torch.equal(_logits(zsfw.load(path), windows), runs["bf16"][3])
+
+
 def test_save_pretrained_of_a_loaded_model_points_to_zsfw_save(saved, tmp_path):
     model = zsfw.load(saved[1]["bf16"][0])
     with pytest.raises(CheckpointError, match=r"use zsfw\.save\(model, folder\)"):
@@ -373,6 +422,8 @@ def test_sharded_save_reloads(saved, tmp_path):
     zsfw.save(model, tmp_path / "sharded", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    checksums = json.loads((tmp_path / "sharded" / "config.json").read_text())["quantization_config"]["checksums"]
+    assert checksums == {f: sha256_of(tmp_path / "sharded" / f) for f in set(index["weight_map"].values())}
     assert torch.equal(_logits(zsfw.load(tmp_path / "sharded"), windows), logits)
 
 
@@ -424,8 +475,6 @@ def test_d8_replace_swaps_atomically_and_the_fallback_restores_the_old_output(tm
 
 
 def test_d5_a_destination_without_room_is_refused_up_front(tmp_path):
-    import shutil
-
     from zsfw.checkpoint.destination import check_destination
 
     free = shutil.disk_usage(tmp_path).free

@@ -8,7 +8,8 @@ it can load in the middle of any import of ``transformers``.
 Before weights load, the quantizer puts an empty placeholder at every compressed module (so
 ``transformers`` neither allocates nor initializes the original dense weight) and tells the
 loader to leave those modules' tensors alone; after loading, ``zsfw.checkpoint.load.load_modules``
-builds each module from its storage format's skeleton and its tensors.
+builds each module from its storage format's skeleton and its tensors. Before anything is read, the
+weight files are checked against the SHA-256 digests config.json records (``zsfw.checksums``).
 """
 
 from __future__ import annotations
@@ -27,19 +28,25 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from zsfw import plugins
+from zsfw.checksums import check_checkpoint
 from zsfw.checkpoint.schema import BASE_MODEL_TYPE, FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, ModuleRecord
 from zsfw.errors import CheckpointError, PluginError
 
 
 class ZsfwConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a zsfw model (registered with ``transformers``)."""
+    """The ``quantization_config`` of a zsfw model (registered with ``transformers``).
+
+    ``checksums`` (weight file name -> SHA-256) describe the files a model was loaded from, not
+    the model: ``to_dict`` leaves them out, and every save records its own files' digests.
+    """
 
     def __init__(self, format_version: int | None = None, storage: dict | None = None,
-                 modules: dict | None = None, **kwargs: Any) -> None:
+                 modules: dict | None = None, checksums: dict | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.storage = storage or {}
         self.modules = modules or {}
+        self.checksums = checksums or {}
 
     @classmethod
     def build(cls, storage: dict, records: dict[str, ModuleRecord]) -> "ZsfwConfig":
@@ -101,12 +108,14 @@ class ZsfwModelConfig(PreTrainedConfig):
         return CONFIG_MAPPING[base].from_dict(config_dict, **kwargs)
 
 
-def mark_config_file(path: str | Path) -> None:
-    """Rewrite a saved ``config.json`` so that only zsfw can load its folder (see ``MODEL_TYPE``)."""
+def mark_config_file(path: str | Path, checksums: dict[str, str]) -> None:
+    """Rewrite a saved ``config.json`` so that only zsfw can load its folder (see ``MODEL_TYPE``),
+    with the SHA-256 ``checksums`` of its weight files in its ``quantization_config``."""
     path = Path(path)
     config = json.loads(path.read_text())
     config[BASE_MODEL_TYPE] = config["model_type"]
     config["model_type"] = MODEL_TYPE
+    config["quantization_config"]["checksums"] = checksums
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -127,6 +136,7 @@ class ZsfwHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any):
         records = self.quantization_config.records()
+        check_checkpoint(checkpoint_files or [], self.quantization_config.checksums)
         self.checkpoint_files = checkpoint_files
         for name, record in records.items():
             try:

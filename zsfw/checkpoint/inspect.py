@@ -1,4 +1,5 @@
-"""What a saved compressed model holds, read from its config and safetensors headers only."""
+"""What a saved compressed model holds, read from its config and safetensors headers, after its
+weight files are checked against the checksums its config records."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
 from zsfw.checkpoint.files import checkpoint_files, read_config
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig
 from zsfw.checkpoint.schema import QUANT_METHOD, owner_of
+from zsfw.checksums import check_checkpoint
 from zsfw.errors import CheckpointError
 
 
@@ -35,9 +37,12 @@ def saved_modules(directory: str | Path) -> list[SavedModule]:
     if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{str(directory)!r} is not a zsfw checkpoint (no zsfw "
                               f"quantization_config in its config.json)")
-    records = ZsfwConfig(**{k: v for k, v in config.items() if k != "quant_method"}).records()
+    zsfw = ZsfwConfig(**{k: v for k, v in config.items() if k != "quant_method"})
+    records = zsfw.records()
+    files = checkpoint_files(directory)
+    check_checkpoint(files, zsfw.checksums)
     sizes = dict.fromkeys(records, 0)
-    for path in checkpoint_files(directory):
+    for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 owner = owner_of(key, records)

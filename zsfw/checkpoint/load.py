@@ -62,7 +62,9 @@ def load_modules(model: nn.Module, config: ZsfwConfig, files: list[str | Path]) 
 
 def load(path: str | Path, **kwargs: Any) -> nn.Module:
     """Load a saved compressed model: ``AutoModelForCausalLM.from_pretrained`` with zsfw's
-    quantizer registered (``import zsfw`` does that too). ``kwargs`` go to ``from_pretrained``."""
+    quantizer registered (``import zsfw`` does that too). ``kwargs`` go to ``from_pretrained``.
+    Weight files that differ from the checksums config.json records are a ``CheckpointError``
+    (``ZSFW_SKIP_CHECKSUM=1`` loads them as they are)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)

@@ -2,9 +2,11 @@
 
 The folder holds ``config.json`` (with the model's ``ZsfwConfig`` as ``quantization_config``),
 safetensors weights (sharded above ``max_shard_bytes``), the tokenizer, the effective
-``recipe.yaml`` and the ``report.json``. A compressed module's tensors are its state dict as its
-storage format keeps it; torchao tensor subclasses are stored through torchao's flatten/unflatten
-helpers (their layout goes into the safetensors header as JSON). Nothing is pickled.
+``recipe.yaml`` and the ``report.json``; config.json records each weight file's SHA-256, hashed
+right after the file is written (``zsfw.checksums``). A compressed module's tensors are its state
+dict as its storage format keeps it; torchao tensor subclasses are stored through torchao's
+flatten/unflatten helpers (their layout goes into the safetensors header as JSON). Nothing is
+pickled.
 
 Writes go to a hidden temporary folder next to the destination, renamed into place only when
 complete: an interrupted save leaves no output and does not touch an existing one (see
@@ -29,6 +31,7 @@ from zsfw.checkpoint.destination import check_destination, honour_umask, new_fol
 from zsfw.checkpoint.files import INDEX_FILE, SINGLE_FILE
 from zsfw.checkpoint.hf_quantizer import mark_config_file, zsfw_config
 from zsfw.checkpoint.schema import owner_of
+from zsfw.checksums import sha256_of
 from zsfw.errors import CheckpointError
 from zsfw.residency import layer_prefixes
 
@@ -88,7 +91,7 @@ class CheckpointWriter:
         self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
         self.pending: list[Unit] = []
         self.pending_bytes = 0
-        self.parts: list[tuple[str, list[str], int]] = []  # temporary file, its tensors, data bytes
+        self.parts: list[tuple[str, list[str], int, str]] = []  # temporary file, tensors, data bytes, SHA-256
         self.written: dict[str, int] = {}  # compressed module -> bytes of its tensors
 
     def add_layer(self, model: nn.Module, prefix: str) -> None:
@@ -118,7 +121,8 @@ class CheckpointWriter:
             metadata["tensor_names"] = json.dumps(names)
         part = f"part-{len(self.parts) + 1:05d}.safetensors"
         write_safetensors(tensors, self.tmp / part, metadata)
-        self.parts.append((part, list(tensors), self.pending_bytes))
+        # hashed at once, while in the page cache (a lazily loaded model's layers are gone by ``finish``)
+        self.parts.append((part, list(tensors), self.pending_bytes, sha256_of(self.tmp / part)))
         self.pending, self.pending_bytes = [], 0
 
     def finish(self, model: nn.Module, tokenizer: Any = None, recipe: Any = None, report: Any = None) -> Path:
@@ -130,7 +134,7 @@ class CheckpointWriter:
             self._flush()
         files = self._name_shards()
         model.config.save_pretrained(self.tmp)
-        mark_config_file(self.tmp / "config.json")
+        mark_config_file(self.tmp / "config.json", {name: digest for name, (_, digest) in files.items()})
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(self.tmp)
         if tokenizer is not None:
@@ -138,24 +142,26 @@ class CheckpointWriter:
         if recipe is not None:
             recipe.save(self.tmp / "recipe.yaml")
         if report is not None:
-            report.record_written(self.written, {f: (size, header_bytes(self.tmp / f)) for f, size in files.items()})
+            report.record_written(self.written, {f: (size, header_bytes(self.tmp / f))
+                                                 for f, (size, _) in files.items()})
             report.save(self.tmp / "report.json")
             (self.tmp / "report.txt").write_text(report.table() + "\n")
         honour_umask(self.tmp)
         replace(self.tmp, self.out)
         return self.out
 
-    def _name_shards(self) -> dict[str, int]:
-        """The parts renamed as ``save_pretrained`` names shards (with an index when several)."""
-        files: dict[str, int] = {}
+    def _name_shards(self) -> dict[str, tuple[int, str]]:
+        """The parts renamed as ``save_pretrained`` names shards (with an index when several): per
+        file its size and SHA-256."""
+        files: dict[str, tuple[int, str]] = {}
         weight_map: dict[str, str] = {}
-        for i, (part, keys, _) in enumerate(self.parts, 1):
+        for i, (part, keys, _, digest) in enumerate(self.parts, 1):
             name = SINGLE_FILE if len(self.parts) == 1 else f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
             os.replace(self.tmp / part, self.tmp / name)
-            files[name] = (self.tmp / name).stat().st_size
+            files[name] = ((self.tmp / name).stat().st_size, digest)
             weight_map.update(dict.fromkeys(keys, name))
         if len(self.parts) > 1:
-            total = sum(nbytes for _, _, nbytes in self.parts)
+            total = sum(nbytes for _, _, nbytes, _ in self.parts)
             (self.tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         return files
