@@ -391,7 +391,8 @@ def test_r2_weights_that_do_not_match_their_checksum_are_refused_naming_the_file
                                               rf"[0-9a-f]{{12}}….*set ZSFW_SKIP_CHECKSUM=1"):
         zsfw.load(path)
     capsys.readouterr()
-    for command in (["eval", str(path), "--windows", "1"], ["inspect", str(path)]):
+    for command in (["eval", str(path), "--windows", "1"], ["inspect", str(path)],
+                    ["run", str(path), "--prompt", "w1 w2", "--no-compile"]):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"zsfw: error: '{file}' has sha256") and err.count("\n") == 1, err
