@@ -7,7 +7,8 @@ storage format keeps it; torchao tensor subclasses are stored through torchao's 
 helpers (their layout goes into the safetensors header as JSON). Nothing is pickled.
 
 Writes go to a hidden temporary folder next to the destination, renamed into place only when
-complete: an interrupted save leaves no output and does not touch an existing one (see
+complete: an interrupted or failed save (a full or read-only disk: a one-line
+``DestinationError``) leaves no output and does not touch an existing one (see
 ``zsfw.checkpoint.destination`` for what may be replaced). The same model, tokenizer, recipe and
 report always give byte-identical files.
 """
@@ -18,14 +19,16 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from zsfw.checkpoint.destination import check_destination, honour_umask, new_folder, replace
+from zsfw.checkpoint.destination import (OUTPUT_SETTING, check_destination, honour_umask, new_folder, replace,
+                                         writing)
 from zsfw.checkpoint.files import INDEX_FILE, SINGLE_FILE
 from zsfw.checkpoint.hf_quantizer import mark_config_file, zsfw_config
 from zsfw.checkpoint.schema import owner_of
@@ -84,7 +87,9 @@ class CheckpointWriter:
 
     def __init__(self, output_dir: str | Path, overwrite: bool = False, max_shard_bytes: int | None = None) -> None:
         self.out = check_destination(output_dir, overwrite)
-        self.tmp = new_folder(self.out.parent, f".{self.out.name}.zsfw-tmp-")
+        self.overwrite = overwrite
+        with self._writing():
+            self.tmp = new_folder(self.out.parent, f".{self.out.name}.zsfw-tmp-")
         self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
         self.pending: list[Unit] = []
         self.pending_bytes = 0
@@ -106,6 +111,11 @@ class CheckpointWriter:
             if unit[0] is not None:
                 self.written[unit[0]] = nbytes
 
+    def _writing(self) -> ContextManager[None]:
+        """Where a full or read-only disk becomes a one-line error naming the destination."""
+        return writing("the compressed model", self.out, OUTPUT_SETTING,
+                       "nothing was saved and an existing folder there is untouched")
+
     def _flush(self) -> None:
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {"format": "pt"}
@@ -117,7 +127,8 @@ class CheckpointWriter:
         if names:
             metadata["tensor_names"] = json.dumps(names)
         part = f"part-{len(self.parts) + 1:05d}.safetensors"
-        write_safetensors(tensors, self.tmp / part, metadata)
+        with self._writing():
+            write_safetensors(tensors, self.tmp / part, metadata)
         self.parts.append((part, list(tensors), self.pending_bytes))
         self.pending, self.pending_bytes = [], 0
 
@@ -128,21 +139,22 @@ class CheckpointWriter:
         self._add(_units(model, {n for n in _compressed(model) if not _under(n, layers)}, rest))
         if self.pending or not self.parts:
             self._flush()
-        files = self._name_shards()
-        model.config.save_pretrained(self.tmp)
-        mark_config_file(self.tmp / "config.json")
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(self.tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.tmp)
-        if recipe is not None:
-            recipe.save(self.tmp / "recipe.yaml")
-        if report is not None:
-            report.record_written(self.written, {f: (size, header_bytes(self.tmp / f)) for f, size in files.items()})
-            report.save(self.tmp / "report.json")
-            (self.tmp / "report.txt").write_text(report.table() + "\n")
-        honour_umask(self.tmp)
-        replace(self.tmp, self.out)
+        with self._writing():
+            files = self._name_shards()
+            model.config.save_pretrained(self.tmp)
+            mark_config_file(self.tmp / "config.json")
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(self.tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.tmp)
+            if recipe is not None:
+                recipe.save(self.tmp / "recipe.yaml")
+            if report is not None:
+                report.record_written(self.written, {f: (size, header_bytes(self.tmp / f)) for f, size in files.items()})
+                report.save(self.tmp / "report.json")
+                (self.tmp / "report.txt").write_text(report.table() + "\n")
+            honour_umask(self.tmp)
+            replace(self.tmp, self.out, self.overwrite)
         return self.out
 
     def _name_shards(self) -> dict[str, int]:
@@ -186,6 +198,16 @@ def expected_bytes(model: nn.Module, targets: dict[str, nn.Linear], ratio: float
     others = {p.untyped_storage().data_ptr() if not p.is_meta else id(p): p.numel() * p.element_size()
               for p in model.parameters() if id(p) not in target_params}
     return sum(others.values()) + int(ratio * sum(2 * t.weight.numel() for t in targets.values()))
+
+
+def tokenizer_bytes(tokenizer: Any, scratch: Path) -> int:
+    """The bytes ``tokenizer``'s files take in a saved folder (0 without one): it is saved in a
+    temporary folder in ``scratch`` and measured, the only sure size for any tokenizer class."""
+    if tokenizer is None:
+        return 0
+    with tempfile.TemporaryDirectory(prefix=".zsfw-tokenizer-", dir=scratch) as folder:
+        tokenizer.save_pretrained(folder)
+        return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

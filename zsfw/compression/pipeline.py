@@ -21,7 +21,7 @@ from zsfw import plugins
 from zsfw.allocation import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
 from zsfw.checkpoint import save
-from zsfw.checkpoint.save import CheckpointWriter, expected_bytes
+from zsfw.checkpoint.save import CheckpointWriter, expected_bytes, tokenizer_bytes
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
@@ -34,7 +34,7 @@ from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
 from zsfw.compression.stages import Planner, run_stages
-from zsfw.compression.store import FactorStore
+from zsfw.compression.store import FactorStore, check_spill, spilling
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, ModelLoadError, RecipeError
@@ -65,9 +65,13 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     if zsfw_config(getattr(model, "config", None)) is not None:  # its factors' A/B would be targets
         raise ModelLoadError(already_compressed(getattr(model, "name_or_path", "") or type(model).__name__))
     targets = find_targets(model, m.targets, m.ignore)
-    if output_dir is not None:
-        check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")],
-                          expected_bytes(model, targets, m.ratio))
+    spill = check_spill()
+    saved_tokenizer = None
+    if output_dir is not None:  # room for the weights and the tokenizer's files, measured
+        saved_tokenizer = tokenizer or _own_tokenizer(model)
+        with spilling("the tokenizer (saved there to measure it)"):
+            needed = expected_bytes(model, targets, m.ratio) + tokenizer_bytes(saved_tokenizer, spill)
+        check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")], needed)
     scorer, allocator, storage = (plugins.create(kind, spec.name, spec.options) for kind, spec in
                                   (("scorer", m.scorer), ("allocator", m.allocator), ("storage", m.storage)))
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
@@ -144,8 +148,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         store.close()
     if output_dir is not None:
         with report.phase("save"):
-            save.save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite,
-                      writer=writer)
+            save.save(model, output_dir, saved_tokenizer, recipe, report, overwrite, writer=writer)
     return model, report
 
 

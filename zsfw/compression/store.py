@@ -16,18 +16,21 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zsfw.checkpoint.destination import work_folder
+from zsfw.checkpoint.destination import probe, work_folder, writing
 from zsfw.allocation import useful_rank
 from zsfw.interfaces import LayerScores, StorageFormat
 
 log = logging.getLogger(__name__)
 
 INDEX = "index.safetensors"
+SPILL_SETTING = "point ZSFW_SPILL to it"
+CACHE_SETTING = "give it as --statistics-cache (statistics_cache=)"
 
 
 def spill_root() -> Path:
@@ -35,6 +38,20 @@ def spill_root() -> Path:
     from zsfw.sources import cache_dir
 
     return Path(os.environ.get("ZSFW_SPILL") or cache_dir() / "spill").expanduser()
+
+
+def check_spill() -> Path:
+    """The spill folder, created and probed before any work: one that cannot be written (under a
+    file, read-only, forbidden) is a one-line ``DestinationError`` now, not after the first pass."""
+    root = spill_root()
+    probe(root, SPILL_SETTING)
+    return root
+
+
+def spilling(what: str) -> ContextManager[None]:
+    """Writes of ``what`` in the spill folder: a full or unwritable one is a one-line
+    ``DestinationError`` naming it."""
+    return writing(what, spill_root(), SPILL_SETTING)
 
 
 class FactorStore:
@@ -58,10 +75,15 @@ class FactorStore:
     def temporary(cls, spill: StorageFormat | None = None, whiteners: bool = True) -> "FactorStore":
         """A store in the spill folder (``spill_root``), removed by ``close``; ``spill`` and
         ``whiteners`` say what it keeps (see ``kept_rank``)."""
-        return cls(work_folder(spill_root(), "factors-"), spill=spill, whiteners=whiteners)
+        with spilling("temporary factors"):
+            return cls(work_folder(spill_root(), "factors-"), spill=spill, whiteners=whiteners)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
+
+    def _writing(self) -> ContextManager[None]:
+        """Where a full or unwritable spill (or cache) folder becomes a one-line error naming it."""
+        return writing("factors", self.directory.parent, SPILL_SETTING if self.final is None else CACHE_SETTING)
 
     def kept_rank(self, layer: LayerScores) -> int:
         """How many of the layer's top components are kept: every one, or with ``spill`` as many
@@ -73,14 +95,16 @@ class FactorStore:
 
     def put_whitener(self, group: str, S: torch.Tensor) -> None:
         if self.whiteners:
-            save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+            with self._writing():
+                save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
 
     def put_layer(self, scores: LayerScores, B: torch.Tensor, A: torch.Tensor,
                   group: str | None, note: str = "") -> None:
         """A layer's factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its kept components (to disk,
         fp32) and its spectrum and scores (kept in memory)."""
-        save_file({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
-                  self._path(f"factors.{scores.name}"))
+        with self._writing():
+            save_file({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
+                      self._path(f"factors.{scores.name}"))
         self.layers[scores.name] = scores
         if group is not None:
             self.whitener_of[scores.name] = group
@@ -105,11 +129,12 @@ class FactorStore:
             tensors[f"sigma:{name}"] = layer.sigma.contiguous()
             tensors[f"scores:{name}"] = layer.scores.contiguous()
         shapes = {name: [l.out_features, l.in_features, l.has_bias] for name, l in self.layers.items()}
-        save_file(tensors, self.directory / INDEX, metadata={
-            "key": self.key, "shapes": json.dumps(shapes, sort_keys=True),
-            "whitener_of": json.dumps(self.whitener_of, sort_keys=True),
-            "notes": json.dumps(self.notes, sort_keys=True), "tokens": str(self.tokens),
-            "loss": repr(self.loss)})
+        with self._writing():
+            save_file(tensors, self.directory / INDEX, metadata={
+                "key": self.key, "shapes": json.dumps(shapes, sort_keys=True),
+                "whitener_of": json.dumps(self.whitener_of, sort_keys=True),
+                "notes": json.dumps(self.notes, sort_keys=True), "tokens": str(self.tokens),
+                "loss": repr(self.loss)})
         if self.final is not None:
             if self.final.exists():  # another run finished the same entry first
                 shutil.rmtree(self.directory)
