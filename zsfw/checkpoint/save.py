@@ -83,10 +83,15 @@ class CheckpointWriter:
     time is written as its layers are made; a shard is written as soon as the next unit would
     overflow it. ``finish`` adds everything outside the layers, names the shards and writes the
     config, tokenizer, recipe and report.
+
+    ``checked``: ``output_dir`` is the path ``check_destination`` gave when the run began
+    (``compress``); what appeared there since is judged by ``finish``, which then keeps the work
+    beside it instead of losing it.
     """
 
-    def __init__(self, output_dir: str | Path, overwrite: bool = False, max_shard_bytes: int | None = None) -> None:
-        self.out = check_destination(output_dir, overwrite)
+    def __init__(self, output_dir: str | Path, overwrite: bool = False, max_shard_bytes: int | None = None,
+                 checked: bool = False) -> None:
+        self.out = Path(output_dir) if checked else check_destination(output_dir, overwrite)
         self.overwrite = overwrite
         with self._writing():
             self.tmp = new_folder(self.out.parent, f".{self.out.name}.zsfw-tmp-")
@@ -150,7 +155,8 @@ class CheckpointWriter:
             if recipe is not None:
                 recipe.save(self.tmp / "recipe.yaml")
             if report is not None:
-                report.record_written(self.written, {f: (size, header_bytes(self.tmp / f)) for f, size in files.items()})
+                report.record_written(self.written, {f: (size, header_bytes(self.tmp / f))
+                                                     for f, size in files.items()})
                 report.save(self.tmp / "report.json")
                 (self.tmp / "report.txt").write_text(report.table() + "\n")
             honour_umask(self.tmp)
@@ -230,19 +236,19 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def save(model: nn.Module, output_dir: str | Path, tokenizer: Any = None, recipe: Any = None,
-         report: Any = None, overwrite: bool = False,
-         max_shard_bytes: int | None = None, writer: CheckpointWriter | None = None) -> Path:
+         report: Any = None, overwrite: bool = False, max_shard_bytes: int | None = None,
+         writer: CheckpointWriter | None = None, checked: bool = False) -> Path:
     """Write a compressed ``model`` as a ``save_pretrained`` folder at ``output_dir``, atomically.
 
     ``report`` (a ``zsfw.compression.report.Report``) gets the bytes written per module and per file before
     it is saved next to the weights. An existing ``output_dir`` is replaced only with ``overwrite``.
     Shards hold at most ``max_shard_bytes`` (default ``DEFAULT_MAX_SHARD_BYTES``) of tensors, or one
     bigger unit. ``writer``: the one truncation already wrote the decoder layers to (a lazily
-    loaded model).
+    loaded model). ``checked``: see ``CheckpointWriter``.
     """
     _compressed(model)  # refuses a model zsfw did not compress before anything is written
     fresh = writer is None
-    writer = writer or CheckpointWriter(output_dir, overwrite, max_shard_bytes)
+    writer = writer or CheckpointWriter(output_dir, overwrite, max_shard_bytes, checked)
     try:
         if fresh:
             for prefix in layer_prefixes(model):

@@ -51,7 +51,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
              training: torch.Tensor | None = None) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
-    With ``output_dir`` it is saved there (an existing folder only with ``overwrite``); with
+    With ``output_dir`` it is saved there (an existing folder only with ``overwrite``; a folder
+    that another program makes there meanwhile is left alone, the model kept beside it); with
     ``statistics_cache`` stages' results, statistics and factorizations are reused when model, data and
     settings match.
     A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
@@ -71,7 +72,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         saved_tokenizer = tokenizer or _own_tokenizer(model)
         with spilling("the tokenizer (saved there to measure it)"):
             needed = expected_bytes(model, targets, m.ratio) + tokenizer_bytes(saved_tokenizer, spill)
-        check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")], needed)
+        output_dir = check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")], needed)
     scorer, allocator, storage = (plugins.create(kind, spec.name, spec.options) for kind, spec in
                                   (("scorer", m.scorer), ("allocator", m.allocator), ("storage", m.storage)))
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
@@ -124,7 +125,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             report.allocation = dict(getattr(allocator, "summary", {}))
         model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan))
         if lazy:  # its layers are saved as they are truncated
-            writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
+            writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES, checked=True)
 
         correction = corrector and Correction(model, targets, plan, store, driver, validation,
                                               lambda: planned(None),  # what a re-planning corrector runs
@@ -148,7 +149,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         store.close()
     if output_dir is not None:
         with report.phase("save"):
-            save.save(model, output_dir, saved_tokenizer, recipe, report, overwrite, writer=writer)
+            save.save(model, output_dir, saved_tokenizer, recipe, report, overwrite, writer=writer, checked=True)
     return model, report
 
 
