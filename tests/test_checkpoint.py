@@ -484,3 +484,27 @@ def test_d5_a_destination_without_room_is_refused_up_front(tmp_path):
         check_destination(tmp_path / "out", False, needed=2 * free)
     assert check_destination(tmp_path / "out", False, needed=1) == (tmp_path / "out").resolve()
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # the probe is gone
+
+
+def test_r7_the_space_check_counts_the_tokenizer_files(llama, tokenizer, windows, tmp_path, monkeypatch):
+    import shutil
+
+    from zsfw.checkpoint import destination
+    from zsfw.checkpoint.save import expected_bytes, tokenizer_bytes
+    from zsfw.compression.targets import find_targets
+    from zsfw.recipe import load_recipe
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    files = sum(p.stat().st_size for p in (tmp_path / "tokenizer").iterdir())
+    (tmp_path / "scratch").mkdir()
+    assert tokenizer_bytes(tokenizer, tmp_path / "scratch") == files > 0
+    assert list((tmp_path / "scratch").iterdir()) == [] and tokenizer_bytes(None, tmp_path) == 0
+    m = load_recipe(_recipe("bf16")).modifier
+    weights = expected_bytes(llama, find_targets(llama, m.targets, m.ignore), m.ratio)
+    usage = shutil.disk_usage(tmp_path)  # room for the weights alone, not for the tokenizer too
+    monkeypatch.setattr(destination.shutil, "disk_usage",
+                        lambda path: usage._replace(free=int(weights * destination.SPACE_MARGIN) + 1))
+    monkeypatch.setenv("ZSFW_SPILL", str(tmp_path / "spill"))
+    with pytest.raises(DestinationError, match="MB free, the compressed model needs about"):
+        zsfw.compress(llama, _recipe("bf16"), windows, output_dir=tmp_path / "out", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists() and list((tmp_path / "spill").iterdir()) == []
