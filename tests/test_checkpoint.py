@@ -503,7 +503,8 @@ def test_r7_the_space_check_counts_the_tokenizer_files(llama, tokenizer, windows
     weights = expected_bytes(llama, find_targets(llama, m.targets, m.ignore), m.ratio)
     usage = shutil.disk_usage(tmp_path)  # room for the weights alone, not for the tokenizer too
     monkeypatch.setattr(destination.shutil, "disk_usage",
-                        lambda path: usage._replace(free=int(weights * destination.SPACE_MARGIN) + 1))
+                        lambda path: usage._replace(free=int(weights * destination.SPACE_MARGIN
+                                                             + destination.SPACE_EXTRA) + 1))
     monkeypatch.setenv("ZSFW_SPILL", str(tmp_path / "spill"))
     with pytest.raises(DestinationError, match="MB free, the compressed model needs about"):
         zsfw.compress(llama, _recipe("bf16"), windows, output_dir=tmp_path / "out", tokenizer=tokenizer)

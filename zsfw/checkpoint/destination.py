@@ -38,7 +38,8 @@ from zsfw.errors import CheckpointError, DestinationError
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-SPACE_MARGIN = 1.05  # headroom over the predicted bytes (safetensors headers, config, recipe, report)
+SPACE_MARGIN = 1.05  # headroom over the predicted bytes (safetensors headers, report of a big model)
+SPACE_EXTRA = 1_000_000  # and for the small files: config, recipe, report of a small model
 OUTPUT_SETTING = "give it as --output (output_dir=)"
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 FORBIDDEN = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -128,11 +129,12 @@ def writing(what: str, folder: Path, setting: str, after: str = "") -> Iterator[
 
 
 def check_space(out: Path, needed: int) -> None:
-    """Refuse when the destination's filesystem has less free space than ``needed`` bytes."""
-    free = shutil.disk_usage(out.parent).free
-    if free < needed * SPACE_MARGIN:
+    """Refuse when the destination's filesystem has less free space than ``needed`` bytes and
+    the headroom."""
+    free, room = shutil.disk_usage(out.parent).free, needed * SPACE_MARGIN + SPACE_EXTRA
+    if free < room:
         raise DestinationError(f"{str(out.parent)!r} has {free / 1e6:.0f} MB free, the compressed "
-                               f"model needs about {needed * SPACE_MARGIN / 1e6:.0f} MB; free space "
+                               f"model needs about {room / 1e6:.0f} MB; free space "
                                f"or choose another folder")
 
 
