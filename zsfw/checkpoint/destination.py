@@ -24,8 +24,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import shutil
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
