@@ -234,26 +234,44 @@ def test_overwrite_never_replaces_what_is_not_a_zsfw_output(llama, windows, tmp_
     assert (out / "thesis.txt").read_text() == "precious" and (out / "sub").is_dir()
 
 
-def test_a_failing_save_leaves_nothing_and_keeps_the_old_output(llama, windows, tmp_path, monkeypatch):
+def test_r7_a_full_disk_during_the_save_is_one_line_and_leaves_nothing(llama, windows, tmp_path, monkeypatch):
+    import errno
+
     model, report = zsfw.compress(copy.deepcopy(llama), _recipe("bf16"), windows)
-
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("zsfw.checkpoint.save.save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr("zsfw.checkpoint.save.save_file", lambda *args, **kwargs: _raise(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(DestinationError) as refused:
         zsfw.save(model, tmp_path / "new")
+    message = str(refused.value)
+    assert message.startswith(f"cannot write the compressed model in {str(tmp_path / 'new')!r}: "
+                              f"No space left on device; free space there or choose a folder on another disk")
+    assert "\n" not in message and "untouched" in message
     assert list(tmp_path.iterdir()) == []
     _previous_output(tmp_path / "old")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DestinationError, match="No space left on device"):
         zsfw.save(model, tmp_path / "old", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
     assert (tmp_path / "old" / "keep.txt").read_text() == "mine"
+    monkeypatch.undo()  # safetensors' own writer names the errno only in its message
+    from safetensors import SafetensorError
+
+    monkeypatch.setattr("zsfw.checkpoint.save.save_file", lambda *args, **kwargs: _raise(SafetensorError(
+        "Error while serializing: I/O error: Read-only file system (os error 30)")))
+    with pytest.raises(DestinationError, match="Read-only file system; choose a writable folder"):
+        zsfw.save(model, tmp_path / "old", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    monkeypatch.setattr("zsfw.checkpoint.save.save_file", lambda *args, **kwargs: _raise(OSError("a bug")))
+    with pytest.raises(OSError, match="a bug"):  # not a filesystem's errno: a bug, kept as it is
+        zsfw.save(model, tmp_path / "new")
 
 
-def _previous_output(folder: Path) -> None:
+def _raise(exc: BaseException):
+    raise exc
+
+
+def _previous_output(folder: Path, exist_ok: bool = False) -> None:
     """A folder that looks like an earlier zsfw output (the only kind overwrite replaces)."""
-    folder.mkdir()
+    folder.mkdir(exist_ok=exist_ok)
     (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "zsfw"}}))
     (folder / "keep.txt").write_text("mine")
 
@@ -448,19 +466,19 @@ def test_inspect_reads_bytes_from_headers_and_plots(saved, tmp_path, capsys):
 def test_d8_replace_swaps_atomically_and_the_fallback_restores_the_old_output(tmp_path, monkeypatch):
     from zsfw.checkpoint import destination
 
-    def folders(content):
+    def folders():
         tmp, out = tmp_path / ".new", tmp_path / "out"
-        for folder, text in ((tmp, "new"), (out, content)):
-            folder.mkdir(exist_ok=True)
-            (folder / "config.json").write_text(text)
+        for folder, text in ((tmp, "new"), (out, "old")):
+            _previous_output(folder, exist_ok=True)
+            (folder / "keep.txt").write_text(text)
         return tmp, out
 
-    tmp, out = folders("old")
-    destination.replace(tmp, out)  # renameat2(RENAME_EXCHANGE) on Linux
-    assert (out / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    tmp, out = folders()
+    destination.replace(tmp, out, True)  # renameat2(RENAME_EXCHANGE) on Linux
+    assert (out / "keep.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
     # where the exchange is unavailable, a failure between the two renames puts the old one back
-    tmp, out = folders("old")
-    monkeypatch.setattr(destination, "_exchange", lambda a, b: False)
+    tmp, out = folders()
+    monkeypatch.setattr(destination, "_renameat2", lambda a, b, flags: False)
     real_rename = os.rename
 
     def second_rename_fails(src, dst):
@@ -470,9 +488,42 @@ def test_d8_replace_swaps_atomically_and_the_fallback_restores_the_old_output(tm
 
     monkeypatch.setattr(os, "rename", second_rename_fails)
     with pytest.raises(OSError, match="between the renames"):
-        destination.replace(tmp, out)
-    assert (out / "config.json").read_text() == "old"
+        destination.replace(tmp, out, True)
+    assert (out / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".new", "out"]
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+@pytest.mark.parametrize("case", ["no overwrite", "overwrite, before the check", "overwrite, after the check"])
+def test_r1_replace_never_swaps_out_what_appeared_while_zsfw_worked(tmp_path, monkeypatch, swap, case):
+    from zsfw.checkpoint import destination
+
+    tmp, out = tmp_path / ".out.zsfw-tmp-1", tmp_path / "out"
+    _previous_output(tmp)
+    if swap == "two renames":
+        monkeypatch.setattr(destination, "_renameat2", lambda a, b, flags: False)
+    overwrite = case != "no overwrite"
+    out.mkdir()  # absent at the start of a run without overwrite, empty with it: both were fine
+    if case == "overwrite, after the check":
+        check, checks = destination.check_replaceable, []
+
+        def then_notes_appear(*args):
+            check(*args)
+            if not checks:  # between the check before the swap and the swap
+                (out / "notes.txt").write_text("mine")
+            checks.append(args)
+
+        monkeypatch.setattr(destination, "check_replaceable", then_notes_appear)
+    else:
+        (out / "notes.txt").write_text("mine")
+    expected = "holds files that are not a zsfw output" if overwrite else "already exists; pass overwrite"
+    with pytest.raises(DestinationError, match=expected) as refused:
+        destination.replace(tmp, out, overwrite)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    (kept,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert kept.name.startswith("out.zsfw-saved-") and str(refused.value).endswith(
+        f"nothing there was changed: the compressed model is saved in {str(kept)!r} instead")
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "keep.txt"]
 
 
 def test_d5_a_destination_without_room_is_refused_up_front(tmp_path):
@@ -483,3 +534,28 @@ def test_d5_a_destination_without_room_is_refused_up_front(tmp_path):
         check_destination(tmp_path / "out", False, needed=2 * free)
     assert check_destination(tmp_path / "out", False, needed=1) == (tmp_path / "out").resolve()
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # the probe is gone
+
+
+def test_r7_the_space_check_counts_the_tokenizer_files(llama, tokenizer, windows, tmp_path, monkeypatch):
+    import shutil
+
+    from zsfw.checkpoint import destination
+    from zsfw.checkpoint.save import expected_bytes, tokenizer_bytes
+    from zsfw.compression.targets import find_targets
+    from zsfw.recipe import load_recipe
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    files = sum(p.stat().st_size for p in (tmp_path / "tokenizer").iterdir())
+    (tmp_path / "scratch").mkdir()
+    assert tokenizer_bytes(tokenizer, tmp_path / "scratch") == files > 0
+    assert list((tmp_path / "scratch").iterdir()) == [] and tokenizer_bytes(None, tmp_path) == 0
+    m = load_recipe(_recipe("bf16")).modifier
+    weights = expected_bytes(llama, find_targets(llama, m.targets, m.ignore), m.ratio)
+    usage = shutil.disk_usage(tmp_path)  # room for the weights alone, not for the tokenizer too
+    monkeypatch.setattr(destination.shutil, "disk_usage",
+                        lambda path: usage._replace(free=int(weights * destination.SPACE_MARGIN
+                                                             + destination.SPACE_EXTRA) + 1))
+    monkeypatch.setenv("ZSFW_SPILL", str(tmp_path / "spill"))
+    with pytest.raises(DestinationError, match="MB free, the compressed model needs about"):
+        zsfw.compress(llama, _recipe("bf16"), windows, output_dir=tmp_path / "out", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists() and list((tmp_path / "spill").iterdir()) == []

@@ -267,3 +267,146 @@ def test_r5_r10_r11_unreadable_recipes_and_calibration_lines_are_one_line(tmp_pa
     message = _one_line_error(capsys, *expected)
     assert len(message) < 500
     assert not (tmp_path / "out").exists()
+
+
+LAZY = "      execution: {driver: streamed, weights: lazy}\n"
+
+
+@pytest.mark.parametrize("case", ["no overwrite", "overwrite", "lazy weights"])
+def test_r1_a_folder_made_at_the_output_during_the_run_is_never_replaced(tmp_path, llama, tokenizer, capsys,
+                                                                         monkeypatch, case):
+    from zsfw.checkpoint.destination import is_zsfw_output
+    from zsfw.compression import pipeline
+
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    out, flags = tmp_path / "out", ["--held-out", "0"]
+    if case == "overwrite":  # an empty folder may be replaced: the run starts
+        out.mkdir()
+        flags.append("--overwrite")
+    if case == "lazy weights":  # the layers are written as they are compressed
+        with (tmp_path / "r.yaml").open("a") as recipe:
+            recipe.write(LAZY)
+    real = pipeline.truncate
+
+    def notes_appear(*args, **kwargs):  # another program writes there while zsfw works
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "truncate", notes_appear)
+    assert main([*command, "--output", str(out), *flags]) == 2
+    line = _one_line_error(capsys, "the compressed model is saved in",
+                           "not a zsfw output" if case == "overwrite" else "already exists")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(("out.", ".out."))]
+    assert kept.name.startswith("out.zsfw-saved-") and str(kept) in line
+    assert is_zsfw_output(kept) and (kept / "model.safetensors").is_file() and (kept / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["save", "factors", "hidden states"])
+def test_r7_a_full_disk_mid_run_is_one_line_and_leaves_nothing(tmp_path, llama, tokenizer, capsys, monkeypatch,
+                                                               where):
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    spill, out = tmp_path / "spill", tmp_path / "out"
+    monkeypatch.setenv("ZSFW_SPILL", str(spill))
+    out.mkdir()  # an earlier output, replaced only once the new one is complete
+    (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "zsfw"}}))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where != "save":  # safetensors' writer raises its own error, the errno in its message
+        full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    if where == "hidden states":  # the streamed driver's boundaries wait in the spill folder
+        with (tmp_path / "r.yaml").open("a") as recipe:
+            recipe.write("      execution: {driver: streamed, offload: disk}\n")
+
+    def disk_full(*args, **kwargs):
+        raise full
+
+    module = {"save": "checkpoint.save", "factors": "compression.store", "hidden states": "compression.streaming"}
+    monkeypatch.setattr(f"zsfw.{module[where]}.save_file", disk_full)
+    assert main([*command, "--output", str(out), "--overwrite", "--held-out", "0"]) == 2
+    folder = out if where == "save" else spill
+    _one_line_error(capsys, f"in {str(folder)!r}: No space left on device; free space there or choose a folder "
+                            f"on another disk: {'give it as --output' if where == 'save' else 'point ZSFW_SPILL'}")
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.txt", "model", "out", "r.yaml", "spill"]
+    assert list(spill.iterdir()) == []
+
+
+def test_r7_an_unwritable_spill_folder_fails_before_the_model_loads(tmp_path, llama, windows, capsys, monkeypatch):
+    import zsfw
+    from zsfw.errors import DestinationError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("ZSFW_SPILL", str(blocker / "spill"))
+    assert main(["compress", "--model", str(tmp_path / "no-model")]) == 2
+    _one_line_error(capsys, f"cannot write in {str(blocker / 'spill')!r}: ", "point ZSFW_SPILL to it")
+    with pytest.raises(DestinationError, match="ZSFW_SPILL"):
+        zsfw.compress(llama, None, windows)
+    assert blocker.read_text() == "x" and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_r13_sigterm_is_one_line_exit_143_and_the_handler_is_restored(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr("zsfw.models.load_model", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["eval", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.strip() == "zsfw: terminated"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_r13_sigterm_mid_run_removes_the_temporary_folders(tmp_path, llama, tokenizer):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import zsfw
+
+    command = _tiny_model_folder(tmp_path, llama, tokenizer)
+    with (tmp_path / "r.yaml").open("a") as recipe:  # a temporary output folder from the start
+        recipe.write(LAZY)
+    spill, out = tmp_path / "spill", tmp_path / "out"
+    script = textwrap.dedent("""
+        import runpy, sys, time
+        from zsfw.compression import pipeline
+
+        def working(*args, **kwargs):  # the factors in the spill folder, the output being written
+            print("truncating", file=sys.stderr, flush=True)
+            time.sleep(300)
+
+        pipeline.truncate = working
+        runpy.run_module("zsfw", run_name="__main__")
+        """)
+    root = str(Path(zsfw.__file__).parents[1])
+    env = {**os.environ, "ZSFW_SPILL": str(spill),
+           "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "plugins"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", script, *command, "--output", str(out)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        err = []
+        for line in proc.stderr:
+            err.append(line)
+            if line.strip() == "truncating":
+                break
+        assert err and err[-1].strip() == "truncating", "".join(err)
+        assert [p.name for p in spill.iterdir()][0].startswith("factors-")
+        assert [p.name for p in tmp_path.glob(".out.zsfw-tmp-*")]
+        proc.send_signal(signal.SIGTERM)
+        err += proc.stderr.read().splitlines(keepends=True)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    lines = "".join(err).strip().splitlines()
+    assert lines[-1] == "zsfw: terminated" and not any("Traceback" in line for line in lines), lines
+    assert list(spill.iterdir()) == [] and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.txt", "model", "r.yaml", "spill"]

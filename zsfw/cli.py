@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -13,13 +17,15 @@ def _compress(args: argparse.Namespace) -> int:
     from zsfw.compression.calibration import drawn_windows, text_tokens
     from zsfw.checkpoint.destination import is_zsfw_output
     from zsfw.compression.pipeline import already_compressed, compress
+    from zsfw.compression.store import check_spill
     from zsfw.eval.gains import snapshot, summary
     from zsfw.models import DEFAULT_MODEL, load_model
     from zsfw.errors import ModelLoadError, RecipeError
     from zsfw.recipe import load_recipe
     from zsfw.residency import compute_device, place
 
-    recipe = load_recipe(args.recipe)  # a bad recipe or output folder fails before the model loads
+    recipe = load_recipe(args.recipe)  # a bad recipe, output or spill folder fails before the model loads
+    check_spill()
     if args.output is not None:
         from zsfw.checkpoint.destination import check_destination
 
@@ -148,6 +154,30 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, schedulers, ``docker stop``), raised in the main thread like Ctrl-C's
+    ``KeyboardInterrupt`` so the same cleanup runs (temporary and work folders removed)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the cleanup short
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` during the block; the previous handler is back after it
+    (``main`` also runs inside other programs and tests). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``zsfw`` argument parser, built without running anything (the docs' commands are
     checked against it)."""
@@ -234,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torchao", "torch.utils._pytree"):  # CUDA-only extensions, deprecation notes
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return args.run(args)
+        with _sigterm_as_interrupt():
+            return args.run(args)
     except ZsfwError as exc:  # predictable: one line; anything else is a bug and keeps its traceback
         print(f"zsfw: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("zsfw: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("zsfw: interrupted", file=sys.stderr)
         return 130

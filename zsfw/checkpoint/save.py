@@ -9,7 +9,8 @@ flatten/unflatten helpers (their layout goes into the safetensors header as JSON
 pickled.
 
 Writes go to a hidden temporary folder next to the destination, renamed into place only when
-complete: an interrupted save leaves no output and does not touch an existing one (see
+complete: an interrupted or failed save (a full or read-only disk: a one-line
+``DestinationError``) leaves no output and does not touch an existing one (see
 ``zsfw.checkpoint.destination`` for what may be replaced). The same model, tokenizer, recipe and
 report always give byte-identical files.
 """
@@ -20,14 +21,16 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from zsfw.checkpoint.destination import check_destination, honour_umask, new_folder, replace
+from zsfw.checkpoint.destination import (OUTPUT_SETTING, check_destination, honour_umask, new_folder, replace,
+                                         writing)
 from zsfw.checkpoint.files import INDEX_FILE, SINGLE_FILE
 from zsfw.checkpoint.hf_quantizer import mark_config_file, zsfw_config
 from zsfw.checkpoint.schema import owner_of
@@ -83,11 +86,18 @@ class CheckpointWriter:
     time is written as its layers are made; a shard is written as soon as the next unit would
     overflow it. ``finish`` adds everything outside the layers, names the shards and writes the
     config, tokenizer, recipe and report.
+
+    ``checked``: ``output_dir`` is the path ``check_destination`` gave when the run began
+    (``compress``); what appeared there since is judged by ``finish``, which then keeps the work
+    beside it instead of losing it.
     """
 
-    def __init__(self, output_dir: str | Path, overwrite: bool = False, max_shard_bytes: int | None = None) -> None:
-        self.out = check_destination(output_dir, overwrite)
-        self.tmp = new_folder(self.out.parent, f".{self.out.name}.zsfw-tmp-")
+    def __init__(self, output_dir: str | Path, overwrite: bool = False, max_shard_bytes: int | None = None,
+                 checked: bool = False) -> None:
+        self.out = Path(output_dir) if checked else check_destination(output_dir, overwrite)
+        self.overwrite = overwrite
+        with self._writing():
+            self.tmp = new_folder(self.out.parent, f".{self.out.name}.zsfw-tmp-")
         self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
         self.pending: list[Unit] = []
         self.pending_bytes = 0
@@ -109,6 +119,11 @@ class CheckpointWriter:
             if unit[0] is not None:
                 self.written[unit[0]] = nbytes
 
+    def _writing(self) -> ContextManager[None]:
+        """Where a full or read-only disk becomes a one-line error naming the destination."""
+        return writing("the compressed model", self.out, OUTPUT_SETTING,
+                       "nothing was saved and an existing folder there is untouched")
+
     def _flush(self) -> None:
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {"format": "pt"}
@@ -120,9 +135,11 @@ class CheckpointWriter:
         if names:
             metadata["tensor_names"] = json.dumps(names)
         part = f"part-{len(self.parts) + 1:05d}.safetensors"
-        write_safetensors(tensors, self.tmp / part, metadata)
-        # hashed at once, while in the page cache (a lazily loaded model's layers are gone by ``finish``)
-        self.parts.append((part, list(tensors), self.pending_bytes, sha256_of(self.tmp / part)))
+        with self._writing():
+            write_safetensors(tensors, self.tmp / part, metadata)
+            # hashed at once, while in the page cache (a lazily loaded model's layers are gone by ``finish``)
+            digest = sha256_of(self.tmp / part)
+        self.parts.append((part, list(tensors), self.pending_bytes, digest))
         self.pending, self.pending_bytes = [], 0
 
     def finish(self, model: nn.Module, tokenizer: Any = None, recipe: Any = None, report: Any = None) -> Path:
@@ -132,22 +149,23 @@ class CheckpointWriter:
         self._add(_units(model, {n for n in _compressed(model) if not _under(n, layers)}, rest))
         if self.pending or not self.parts:
             self._flush()
-        files = self._name_shards()
-        model.config.save_pretrained(self.tmp)
-        mark_config_file(self.tmp / "config.json", {name: digest for name, (_, digest) in files.items()})
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(self.tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.tmp)
-        if recipe is not None:
-            recipe.save(self.tmp / "recipe.yaml")
-        if report is not None:
-            report.record_written(self.written, {f: (size, header_bytes(self.tmp / f))
-                                                 for f, (size, _) in files.items()})
-            report.save(self.tmp / "report.json")
-            (self.tmp / "report.txt").write_text(report.table() + "\n")
-        honour_umask(self.tmp)
-        replace(self.tmp, self.out)
+        with self._writing():
+            files = self._name_shards()
+            model.config.save_pretrained(self.tmp)
+            mark_config_file(self.tmp / "config.json", {name: digest for name, (_, digest) in files.items()})
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(self.tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.tmp)
+            if recipe is not None:
+                recipe.save(self.tmp / "recipe.yaml")
+            if report is not None:
+                report.record_written(self.written, {f: (size, header_bytes(self.tmp / f))
+                                                     for f, (size, _) in files.items()})
+                report.save(self.tmp / "report.json")
+                (self.tmp / "report.txt").write_text(report.table() + "\n")
+            honour_umask(self.tmp)
+            replace(self.tmp, self.out, self.overwrite)
         return self.out
 
     def _name_shards(self) -> dict[str, tuple[int, str]]:
@@ -194,6 +212,16 @@ def expected_bytes(model: nn.Module, targets: dict[str, nn.Linear], ratio: float
     return sum(others.values()) + int(ratio * sum(2 * t.weight.numel() for t in targets.values()))
 
 
+def tokenizer_bytes(tokenizer: Any, scratch: Path) -> int:
+    """The bytes ``tokenizer``'s files take in a saved folder (0 without one): it is saved in a
+    temporary folder in ``scratch`` and measured, the only sure size for any tokenizer class."""
+    if tokenizer is None:
+        return 0
+    with tempfile.TemporaryDirectory(prefix=".zsfw-tokenizer-", dir=scratch) as folder:
+        tokenizer.save_pretrained(folder)
+        return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """``safetensors`` ``save_file``, then its JSON header rewritten in sorted key order.
 
@@ -214,19 +242,19 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def save(model: nn.Module, output_dir: str | Path, tokenizer: Any = None, recipe: Any = None,
-         report: Any = None, overwrite: bool = False,
-         max_shard_bytes: int | None = None, writer: CheckpointWriter | None = None) -> Path:
+         report: Any = None, overwrite: bool = False, max_shard_bytes: int | None = None,
+         writer: CheckpointWriter | None = None, checked: bool = False) -> Path:
     """Write a compressed ``model`` as a ``save_pretrained`` folder at ``output_dir``, atomically.
 
     ``report`` (a ``zsfw.compression.report.Report``) gets the bytes written per module and per file before
     it is saved next to the weights. An existing ``output_dir`` is replaced only with ``overwrite``.
     Shards hold at most ``max_shard_bytes`` (default ``DEFAULT_MAX_SHARD_BYTES``) of tensors, or one
     bigger unit. ``writer``: the one truncation already wrote the decoder layers to (a lazily
-    loaded model).
+    loaded model). ``checked``: see ``CheckpointWriter``.
     """
     _compressed(model)  # refuses a model zsfw did not compress before anything is written
     fresh = writer is None
-    writer = writer or CheckpointWriter(output_dir, overwrite, max_shard_bytes)
+    writer = writer or CheckpointWriter(output_dir, overwrite, max_shard_bytes, checked)
     try:
         if fresh:
             for prefix in layer_prefixes(model):

@@ -34,12 +34,14 @@ def factorize(targets: dict[str, nn.Linear], groups: Iterable[GroupStatistics], 
     """Fill ``store`` with the whitened SVD and scores of every target, group by group (each
     group's layer held in memory while its members are factorized)."""
     bar = None  # opened with the first group: the driver's pass may run before it arrives
-    for group in groups:
-        if bar is None:
-            bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
-        _factorize_group(targets, group, scorer, damping, store, weights, bar)
-    if bar is not None:
-        bar.close()
+    try:
+        for group in groups:
+            if bar is None:
+                bar = tqdm(total=len(targets), desc="factorize + score", unit="layer")
+            _factorize_group(targets, group, scorer, damping, store, weights, bar)
+    finally:  # closed before an error is printed, not after it
+        if bar is not None:
+            bar.close()
 
 
 def _factorize_group(targets: dict[str, nn.Linear], group: GroupStatistics, scorer: Scorer, damping: float,

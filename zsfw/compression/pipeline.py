@@ -21,7 +21,7 @@ from zsfw import plugins
 from zsfw.allocation import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
 from zsfw.checkpoint import save
-from zsfw.checkpoint.save import CheckpointWriter, expected_bytes
+from zsfw.checkpoint.save import CheckpointWriter, expected_bytes, tokenizer_bytes
 from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
@@ -34,7 +34,7 @@ from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
 from zsfw.compression.stages import Planner, run_stages
-from zsfw.compression.store import FactorStore
+from zsfw.compression.store import FactorStore, check_spill, spilling
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, ModelLoadError, RecipeError
@@ -51,7 +51,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
              training: torch.Tensor | None = None) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
-    With ``output_dir`` it is saved there (an existing folder only with ``overwrite``); with
+    With ``output_dir`` it is saved there (an existing folder only with ``overwrite``; a folder
+    that another program makes there meanwhile is left alone, the model kept beside it); with
     ``statistics_cache`` stages' results, statistics and factorizations are reused when model, data and
     settings match.
     A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
@@ -65,9 +66,13 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     if zsfw_config(getattr(model, "config", None)) is not None:  # its factors' A/B would be targets
         raise ModelLoadError(already_compressed(getattr(model, "name_or_path", "") or type(model).__name__))
     targets = find_targets(model, m.targets, m.ignore)
-    if output_dir is not None:
-        check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")],
-                          expected_bytes(model, targets, m.ratio))
+    spill = check_spill()
+    saved_tokenizer = None
+    if output_dir is not None:  # room for the weights and the tokenizer's files, measured
+        saved_tokenizer = tokenizer or _own_tokenizer(model)
+        with spilling("the tokenizer (saved there to measure it)"):
+            needed = expected_bytes(model, targets, m.ratio) + tokenizer_bytes(saved_tokenizer, spill)
+        output_dir = check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")], needed)
     scorer, allocator, storage = (plugins.create(kind, spec.name, spec.options) for kind, spec in
                                   (("scorer", m.scorer), ("allocator", m.allocator), ("storage", m.storage)))
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
@@ -120,7 +125,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             report.allocation = dict(getattr(allocator, "summary", {}))
         model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan))
         if lazy:  # its layers are saved as they are truncated
-            writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES)
+            writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES, checked=True)
 
         correction = corrector and Correction(model, targets, plan, store, driver, validation,
                                               lambda: planned(None),  # what a re-planning corrector runs
@@ -144,8 +149,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         store.close()
     if output_dir is not None:
         with report.phase("save"):
-            save.save(model, output_dir, tokenizer or _own_tokenizer(model), recipe, report, overwrite,
-                      writer=writer)
+            save.save(model, output_dir, saved_tokenizer, recipe, report, overwrite, writer=writer, checked=True)
     return model, report
 
 

@@ -18,12 +18,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zsfw.checkpoint.destination import work_folder
+from zsfw.checkpoint.destination import probe, work_folder, writing
 from zsfw.checksums import sha256_of, write_sums
 from zsfw.allocation import useful_rank
 from zsfw.interfaces import LayerScores, StorageFormat
@@ -31,6 +32,8 @@ from zsfw.interfaces import LayerScores, StorageFormat
 log = logging.getLogger(__name__)
 
 INDEX = "index.safetensors"
+SPILL_SETTING = "point ZSFW_SPILL to it"
+CACHE_SETTING = "give it as --statistics-cache (statistics_cache=)"
 
 
 def spill_root() -> Path:
@@ -38,6 +41,20 @@ def spill_root() -> Path:
     from zsfw.sources import cache_dir
 
     return Path(os.environ.get("ZSFW_SPILL") or cache_dir() / "spill").expanduser()
+
+
+def check_spill() -> Path:
+    """The spill folder, created and probed before any work: one that cannot be written (under a
+    file, read-only, forbidden) is a one-line ``DestinationError`` now, not after the first pass."""
+    root = spill_root()
+    probe(root, SPILL_SETTING)
+    return root
+
+
+def spilling(what: str) -> ContextManager[None]:
+    """Writes of ``what`` in the spill folder: a full or unwritable one is a one-line
+    ``DestinationError`` naming it."""
+    return writing(what, spill_root(), SPILL_SETTING)
 
 
 class FactorStore:
@@ -62,7 +79,8 @@ class FactorStore:
     def temporary(cls, spill: StorageFormat | None = None, whiteners: bool = True) -> "FactorStore":
         """A store in the spill folder (``spill_root``), removed by ``close``; ``spill`` and
         ``whiteners`` say what it keeps (see ``kept_rank``)."""
-        return cls(work_folder(spill_root(), "factors-"), spill=spill, whiteners=whiteners)
+        with spilling("temporary factors"):
+            return cls(work_folder(spill_root(), "factors-"), spill=spill, whiteners=whiteners)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
@@ -70,9 +88,14 @@ class FactorStore:
     def _save(self, tensors: dict[str, torch.Tensor], path: Path,
               metadata: dict[str, str] | None = None) -> None:
         """Write a file of the store; a cache entry's is hashed at once, while still in the page cache."""
-        save_file(tensors, path, metadata=metadata)
+        with self._writing():
+            save_file(tensors, path, metadata=metadata)
         if self.final is not None:
             self.digests[path.name] = sha256_of(path)
+
+    def _writing(self) -> ContextManager[None]:
+        """Where a full or unwritable spill (or cache) folder becomes a one-line error naming it."""
+        return writing("factors", self.directory.parent, SPILL_SETTING if self.final is None else CACHE_SETTING)
 
     def kept_rank(self, layer: LayerScores) -> int:
         """How many of the layer's top components are kept: every one, or with ``spill`` as many

@@ -39,7 +39,7 @@ from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, chose
 from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMoments, checked_gradient, frozen,
                                          gradient_windows, loss_function, summed_gradient, widen)
 from zsfw.checkpoint.destination import work_folder
-from zsfw.compression.store import spill_root
+from zsfw.compression.store import spill_root, spilling
 from zsfw.errors import CalibrationError, NonFiniteError
 from zsfw.residency import decoder_layers, residency
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
@@ -282,7 +282,8 @@ class Boundaries:
 
     def __init__(self, offload: str, device: torch.device) -> None:
         self.device = device
-        self.folder = work_folder(spill_root(), "boundaries-") if offload == "disk" else None
+        with spilling("hidden states"):
+            self.folder = work_folder(spill_root(), "boundaries-") if offload == "disk" else None
         self._held: dict[tuple[int, int], torch.Tensor] = {}
 
     def _path(self, i: int, b: int) -> Path:
@@ -292,7 +293,8 @@ class Boundaries:
         if self.folder is None:
             self._held[(i, b)] = hidden.detach().cpu()  # the same tensor on a CPU model
         else:
-            save_file({"hidden": hidden.detach().contiguous().cpu()}, self._path(i, b))
+            with spilling("hidden states"):
+                save_file({"hidden": hidden.detach().contiguous().cpu()}, self._path(i, b))
 
     def get(self, i: int, b: int) -> torch.Tensor:
         if self.folder is None:
