@@ -13,6 +13,7 @@ from typing import Iterator
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from zsfw.capabilities import check_lazy_output
     from zsfw.compression import distributed
     from zsfw.compression.calibration import drawn_windows, text_tokens
     from zsfw.checkpoint.destination import is_zsfw_output
@@ -20,7 +21,7 @@ def _compress(args: argparse.Namespace) -> int:
     from zsfw.compression.store import check_spill
     from zsfw.eval.gains import snapshot, summary
     from zsfw.models import DEFAULT_MODEL, load_model
-    from zsfw.errors import ModelLoadError, RecipeError
+    from zsfw.errors import ModelLoadError
     from zsfw.recipe import load_recipe
     from zsfw.residency import compute_device, place
 
@@ -35,10 +36,8 @@ def _compress(args: argparse.Namespace) -> int:
               "DIR to keep it)", file=sys.stderr)
     if args.model != DEFAULT_MODEL and is_zsfw_output(Path(args.model).expanduser()):
         raise ModelLoadError(already_compressed(args.model))
+    check_lazy_output(recipe.modifier.execution, args.output)
     lazy = recipe.modifier.execution.weights == "lazy"
-    if lazy and args.output is None:
-        raise RecipeError("execution.weights 'lazy' writes the model as its layers are compressed: "
-                          "pass --output DIR")
     if lazy and args.held_out:
         print("zsfw: execution.weights 'lazy': no held-out measurement here (the model is never "
               "whole in memory); run `zsfw eval` on the output", file=sys.stderr)

@@ -26,6 +26,20 @@ Contract common to every hook:
   name then fails with an error naming both, so a user never gets the other one by surprise.
 - A plugin that fails to import, implements a hook that does not exist, or declares a hook
   argument the spec does not pass is skipped with a warning naming its distribution.
+
+What a plugin needs it declares once, as class attributes (all optional; ``zsfw.capabilities``
+reads them from the class, never from an instance, and refuses a recipe whose plugins cannot run
+together before any work):
+
+- ``needs_model: bool`` (allocator): called with an ``AllocationProblem`` (the model), not ``(layers, budget)``.
+- ``keeps_any_component: bool`` (allocator): may keep any components, not only each layer's top ones.
+- ``needs_gradient: bool`` (scorer): gets each layer's gradient.
+- ``needs_training: bool`` (stage, corrector): the run draws training windows for it.
+- ``needs_plan: bool`` (stage): gets the plan compression would make of the model before it.
+- ``needs_memory_driver: str | None`` (corrector): why it needs ``execution.driver: memory``.
+- ``needs_for(options) -> dict`` (classmethod): those of the above that depend on the recipe's options.
+- ``members_option: str`` (a composite, such as ``chain``): the option listing its members; it
+  needs what any member needs.
 """
 
 from __future__ import annotations

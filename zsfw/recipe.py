@@ -171,23 +171,21 @@ class ZeroSumSVDModifier(BaseModel):
     def validation_windows(self) -> int:
         """How many validation windows a run draws: those a corrector, a model-aware allocator or
         a training stage judges its steps on, none for a run that has none of them."""
-        from zsfw import plugins
+        from zsfw.capabilities import needs
 
-        model_aware = getattr(plugins.component("allocator", self.allocator.name).cls, "needs_model", False)
+        model_aware = needs("allocator", self.allocator).needs_model
         judged = self.corrector or model_aware or self.training_windows
         return self.calibration.validation_samples if judged else 0
 
     @property
     def training_windows(self) -> int:
         """How many training windows a run draws: ``training_samples`` when a stage trains on
-        them (its class declares ``needs_training``) or the corrector does (the instance these
-        options make declares it: ``refine`` with ``windows: training``), else none."""
-        from zsfw import plugins
+        them or the corrector does (as their classes declare for these options: ``refine`` with
+        ``windows: training``), else none."""
+        from zsfw.capabilities import needs
 
-        training = any(getattr(plugins.component("stage", s.name).cls, "needs_training", False) for s in self.stages)
-        if self.corrector is not None and not training:
-            corrector = plugins.create("corrector", self.corrector.name, self.corrector.options)
-            training = getattr(corrector, "needs_training", False)
+        training = (any(needs("stage", s).needs_training for s in self.stages)
+                    or bool(self.corrector and needs("corrector", self.corrector).needs_training))
         return self.calibration.training_samples if training else 0
 
     @field_validator("storage", mode="before")

@@ -11,12 +11,13 @@ Plain unwhitened SVD is the recipe option ``whiten: false``.
 from __future__ import annotations
 
 import heapq
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 import zsfw
 from zsfw import AllocationPlan, ByteBudget, DropFrontier, LayerScores, LayerSpectrum
+from zsfw.capabilities import option_of
 
 
 class SigmaScorer:
@@ -51,7 +52,11 @@ class GreedyNegativeAllocator:
 
     def __init__(self, keep_top_k: bool = False) -> None:
         self.keep_top_k = keep_top_k
-        self.keeps_any_component = not keep_top_k  # the factor store then keeps every component
+
+    @classmethod
+    def needs_for(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Any component without ``keep_top_k`` (the factor store then keeps every component)."""
+        return {"keeps_any_component": not option_of(cls, options, "keep_top_k")}
 
     def allocate(self, layers: Sequence[LayerScores], budget: ByteBudget) -> AllocationPlan:
         frontier = DropFrontier(layers, budget)

@@ -19,15 +19,12 @@ class ChainCorrector:
     """The correctors of ``correctors`` (each a name or ``{name, options…}``), in order."""
 
     name: ClassVar[str] = "chain"
+    members_option: ClassVar[str] = "correctors"  # it needs what any of them needs (``zsfw.capabilities``)
 
     def __init__(self, correctors: list[Any]) -> None:
         if not correctors:
             raise ValueError("correctors must list at least one corrector, e.g. [{name: compensate}, {name: refine}]")
         self.correctors = [zsfw.create_component("corrector", spec) for spec in correctors]
-        self.needs_training = any(getattr(c, "needs_training", False) for c in self.correctors)
-        memory = [f"{c.name} ({c.needs_memory_driver})" for c in self.correctors
-                  if getattr(c, "needs_memory_driver", None)]
-        self.needs_memory_driver = " and ".join(memory) or None  # refused before any work
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         losses: list[float] = []

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import zsfw
 from zsfw import AllocationPlan, next_token_loss, whitening_factor
 from zsfw import collect_statistics as collect
+from zsfw.capabilities import option_of
 
 SURROGATES = ("stable_rank", "tail")
 RANKS = ("uniform", "plan")
@@ -94,7 +95,7 @@ class PrehabStage:
 
     name: ClassVar[str] = "prehab"
     needs_training: ClassVar[bool] = True
-    needs_plan: bool = False  # True with ranks: plan
+    needs_plan: ClassVar[bool] = False  # True with ranks: plan (``needs_for``)
 
     def __init__(self, steps: int = 32, lr: float = 2e-5, lambda_init: float = 0.0, lambda_max: float = 1e-3,
                  warmup: int = 8, surrogate: str = "stable_rank", ratio: float = 0.8, damping: float | None = None,
@@ -118,7 +119,12 @@ class PrehabStage:
         self.steps, self.lr, self.lambda_init, self.lambda_max = steps, lr, lambda_init, lambda_max
         self.warmup, self.surrogate, self.ratio, self.damping = warmup, surrogate, ratio, damping
         self.power_iterations, self.validate_every, self.seed = power_iterations, validate_every, seed
-        self.shrink, self.ranks, self.needs_plan = shrink, ranks, ranks == "plan"
+        self.shrink, self.ranks = shrink, ranks
+
+    @classmethod
+    def needs_for(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The plan with ``ranks: plan``."""
+        return {"needs_plan": option_of(cls, options, "ranks") == "plan"}
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
               training: torch.Tensor, validation: torch.Tensor | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -13,6 +13,7 @@ import zsfw
 from zsfw import CorrectionProblem
 from zsfw import (CORRECTION_LOSSES as LOSSES, CORRECTION_PRECISIONS as PRECISIONS,
                   CORRECTION_WINDOWS as WINDOWS, native_precision)
+from zsfw.capabilities import option_of
 from zsfw.errors import one_of
 
 
@@ -87,11 +88,15 @@ class RefineCorrector:
         self.windows = one_of("windows", windows, WINDOWS)
         self.precision = one_of("precision", precision, (*PRECISIONS, "auto"))
         self.norms, self.dense = norms, dense
-        self.needs_training = windows == "training"  # the pipeline then draws training windows
-        memory_only = [f"{option}: {str(value).lower()}" for option, value, default in
-                       (("loss", loss, "next_token"), ("precision", precision, "fp32"), ("norms", norms, False),
-                        ("dense", dense, False)) if value != default]
-        self.needs_memory_driver = " and ".join(memory_only) or None  # refused before any work
+
+    @classmethod
+    def needs_for(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Training windows with ``windows: training``; the in-memory driver with another loss or
+        precision, ``norms`` or ``dense`` (refused before any work otherwise)."""
+        memory_only = [f"{name}: {str(options[name]).lower()}" for name in ("loss", "precision", "norms", "dense")
+                       if name in options and options[name] != option_of(cls, {}, name)]
+        return {"needs_training": option_of(cls, options, "windows") == "training",
+                "needs_memory_driver": " and ".join(memory_only) or None}
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         count = problem.training_windows if self.windows == "training" else problem.gradient_windows

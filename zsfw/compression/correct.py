@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from zsfw.compression.truncate import kept_factors
 from zsfw.errors import RecipeError, one_of
 from zsfw.interfaces import Corrector
 from zsfw.modules import LowRankLinear
+
+if TYPE_CHECKING:
+    from zsfw.compression.plan import Planner
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,6 @@ def _plain_float(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is a plain floating-point tensor (not a quantized format's subclass):
     what a corrector can train and a snapshot keeps."""
     return type(weight) is torch.Tensor and weight.is_floating_point()
-
-
-Planner = Callable[[], tuple[FactorStore, AllocationPlan]]
-"""Statistics, factorization and allocation of the model as it is now: what a re-plan runs."""
 
 
 class Correction:
@@ -251,7 +250,7 @@ class Correction:
                 linear.weight.data = weights[name].to(linear.weight.dtype, copy=True)
             elif name in self.originals:
                 linear.weight.data = self.originals[name]
-        store, plan = self.planner()
+        store, plan = self.planner.replan()
         self.stores.append(store)
         self._adopt(plan, store)
         for name in self.layers:

@@ -15,27 +15,18 @@ running the stage again (``"cached": true`` in its report entry).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from zsfw import plugins
-from zsfw.allocation import AllocationPlan
+from zsfw.capabilities import check_stage_plan, needs
 from zsfw.compression.cache import StatisticsCache, stage_key
-from zsfw.errors import RecipeError
 from zsfw.recipe import PluginSpec
 
-
-@dataclass
-class Planner:
-    """How the pipeline plans the model as it is now: ``plan()`` runs statistics, factorization,
-    scores and the allocator and returns the plan and each target's whitening factor S it used;
-    ``settings`` are what that depends on besides the weights and windows."""
-
-    plan: Callable[[], tuple[AllocationPlan, dict[str, torch.Tensor]]]
-    settings: dict[str, Any]
+if TYPE_CHECKING:
+    from zsfw.compression.plan import Planner
 
 
 def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.Linear],
@@ -43,16 +34,14 @@ def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.
                validation: torch.Tensor | None = None, cache: StatisticsCache | None = None,
                planner: Planner | None = None) -> list[dict[str, Any]]:
     """Apply each stage (or load its cached result); returns per stage its name, options and summary.
-    A stage that needs a plan gets ``planner.plan()`` of the model before it (only when it runs):
-    ``plan=`` and ``whiteners=``."""
+    A stage that needs a plan gets ``planner.for_stage()`` of the model before it (only when it
+    runs): ``plan=`` and ``whiteners=``."""
     done = []
     for spec in specs:
         stage = plugins.create("stage", spec.name, spec.options)
-        trains = getattr(stage, "needs_training", False)
-        plans = getattr(stage, "needs_plan", False)
-        if plans and planner is None:
-            raise RecipeError(f"stage {spec.name!r} with options {spec.options} needs the pipeline's allocation "
-                              f"plan: run it from zsfw.compress (or the CLI), not on its own")
+        check_stage_plan(spec, planner is not None)
+        declared = needs("stage", spec)
+        trains, plans = declared.needs_training, declared.needs_plan
         extra = {"training": training, "validation": validation} if trains else {}
         key = cache and stage_key(model, spec.model_dump() | ({"plan": planner.settings} if plans else {}),
                                   list(targets), [windows, training, validation] if trains else [windows])
@@ -60,7 +49,7 @@ def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.
         cached = summary is not None
         if not cached:
             if plans:
-                extra["plan"], extra["whiteners"] = planner.plan()
+                extra["plan"], extra["whiteners"] = planner.for_stage()
             summary = stage.apply(model, targets, windows, **extra) or {}
             if cache:
                 cache.record_stage(key, model, summary)

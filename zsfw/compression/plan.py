@@ -1,0 +1,88 @@
+"""The plan of the model as it is now: statistics (driver) → factorize and score (factor store,
+cached) → allocate, with the run's one statistics cache.
+
+``Planner`` is what the pipeline, a stage that aims at the plan (Prehab's ``ranks: plan``) and a
+re-planning corrector all call, so the three plan the model the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zsfw.allocation import AllocationPlan
+from zsfw.capabilities import needs
+from zsfw.compression.allocate import allocate, chooses_formats
+from zsfw.compression.cache import StatisticsCache
+from zsfw.compression.driver import Driver
+from zsfw.compression.factorize import factor_store
+from zsfw.compression.report import Report
+from zsfw.compression.store import FactorStore
+from zsfw.recipe import ZeroSumSVDModifier
+
+
+class Planner:
+    """Plans ``model``'s ``targets`` on the calibration ``windows`` as ``modifier`` says, with its
+    ``scorer``, ``allocator`` and ``storage`` and the run's ``driver``; a model-aware allocator
+    judges on ``validation``. ``cache`` (None: no cache) is the run's statistics cache, opened once."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+                 modifier: ZeroSumSVDModifier, scorer: Any, allocator: Any, storage: Any, driver: Driver,
+                 validation: torch.Tensor | None, cache: StatisticsCache | None) -> None:
+        self.model, self.targets, self.windows, self.modifier = model, targets, windows, modifier
+        self.scorer, self.allocator, self.storage, self.driver = scorer, allocator, storage, driver
+        self.validation, self.cache = validation, cache
+        allocating = needs("allocator", modifier.allocator)
+        # which member format keeps the most is not known yet: every component waits in the store
+        self.every_component = allocating.needs_model or allocating.keeps_any_component or chooses_formats(storage)
+        weight = next(iter(targets.values())).weight
+        self._device, self._dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What a plan depends on besides the weights and windows (a stage's cache key has it)."""
+        m = self.modifier
+        return {"ratio": m.ratio, "whiten": m.whiten, "damping": m.damping, "calibration": m.calibration.model_dump(),
+                **{kind: getattr(m, kind).model_dump() for kind in ("scorer", "allocator", "storage")}}
+
+    def factorize(self, report: Report, whiteners: bool = True, cached: bool = True,
+                  modifier: ZeroSumSVDModifier | None = None) -> FactorStore:
+        """The factor store of every target: statistics, whitened SVDs and scores, from the cache
+        (unless not ``cached``) when it holds them; ``whiteners``: keep each group's factor S."""
+        return factor_store(self.model, self.targets, self.windows, modifier or self.modifier, self.scorer,
+                            self.driver, self.cache if cached else None, report,
+                            None if self.every_component else self.storage, whiteners)
+
+    def allocate(self, store: FactorStore) -> AllocationPlan:
+        """The allocator's plan of ``store``'s layers at the recipe's ratio."""
+        m = self.modifier
+        return allocate(self.allocator, m.allocator.name, m.ratio, self.storage, store, self.targets, self.driver,
+                        self.validation)
+
+    def replan(self, cached: bool = False, modifier: ZeroSumSVDModifier | None = None
+               ) -> tuple[FactorStore, AllocationPlan]:
+        """Statistics, factorization and the allocator's plan of the model as it is now (what a
+        re-planning corrector runs: not cached, the weights are its own); the caller closes the store."""
+        store = self.factorize(Report(recipe={}), cached=cached, modifier=modifier)
+        try:
+            return store, self.allocate(store)
+        except BaseException:
+            store.close()
+            raise
+
+    def for_stage(self) -> tuple[AllocationPlan, dict[str, torch.Tensor]]:
+        """What a stage that aims at the allocation gets: the plan of the model before it (its
+        statistics cached like a run without stages, so that run's entry serves it) and the
+        whitening factors it was made with (one tensor per input group, on the targets' device in
+        their dtype but at least fp32: not a float64 copy beside the stage's own)."""
+        store, plan = self.replan(cached=True, modifier=self.modifier.model_copy(update={"stages": []}))
+        try:
+            groups: dict[str, torch.Tensor] = {}
+            for name, group in store.whitener_of.items():
+                if group not in groups:
+                    groups[group] = store.whitener(name, self._device).to(self._dtype)
+            return plan, {name: groups[group] for name, group in store.whitener_of.items()}
+        finally:
+            store.close()
