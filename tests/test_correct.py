@@ -129,7 +129,7 @@ def test_replanning_reallocates_on_the_corrected_model_and_gives_dense_layers_th
 
     passes = []
     factor_store = factorize.factor_store
-    monkeypatch.setattr("zsfw.compression.pipeline.factor_store",
+    monkeypatch.setattr("zsfw.compression.plan.factor_store",
                         lambda *a, **k: passes.append(a[0]) or factor_store(*a, **k))
     # every new state measures better than the last, so the last re-plan is the result
     monkeypatch.setattr(Correction, "validation_loss", lambda self: -float(self._version))
@@ -384,11 +384,11 @@ def test_distilled_refinement_learns_from_the_uncompressed_model(llama, windows,
 
 
 def test_distillation_with_the_streamed_driver_is_refused_in_one_line_before_any_work(llama, windows, monkeypatch):
-    from zsfw.compression import pipeline
+    from zsfw.compression import plan
 
     r = _refined(steps=1, loss="distill")
     r["test_stage"]["modifiers"]["ZeroSumSVDModifier"]["execution"] = {"driver": "streamed"}
-    monkeypatch.setattr(pipeline, "factor_store", lambda *a, **k: pytest.fail("statistics ran"))
+    monkeypatch.setattr(plan, "factor_store", lambda *a, **k: pytest.fail("statistics ran"))
     with pytest.raises(zsfw.ZsfwError, match="corrector 'refine' with loss: distill needs execution.driver "
                                              "'memory', not 'streamed'"):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))

@@ -77,7 +77,7 @@ def test_the_proximal_shrink_removes_its_share_of_the_tail_each_step(llama, wind
 
 
 def test_prehab_in_a_recipe_trains_on_held_out_windows_and_statistics_see_its_weights(llama, windows, monkeypatch):
-    from zsfw.compression import pipeline
+    from zsfw.compression import plan
 
     seen = {}
     apply = PrehabStage.apply
@@ -89,13 +89,13 @@ def test_prehab_in_a_recipe_trains_on_held_out_windows_and_statistics_see_its_we
         return summary
 
     monkeypatch.setattr(PrehabStage, "apply", spy)
-    factor_store = pipeline.factor_store
+    factor_store = plan.factor_store
 
     def statistics_of(model, targets, *args, **kwargs):  # the weights the statistics pass runs on
         seen.setdefault("statistics", {n: t.weight.detach().clone() for n, t in targets.items()})
         return factor_store(model, targets, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "factor_store", statistics_of)
+    monkeypatch.setattr(plan, "factor_store", statistics_of)
     training = patterned_windows(4, seed=2)
     prehab = {"name": "prehab", "steps": 3, "lr": 1e-3}
     validation = patterned_windows(4, seed=3)
