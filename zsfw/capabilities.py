@@ -12,12 +12,9 @@ instance, so ``check`` can refuse a combination before anything is built or run.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from zsfw.errors import RecipeError
 
@@ -118,17 +115,3 @@ def check_stage_plan(spec: Any, planned: bool) -> None:
     if needs("stage", spec).needs_plan and not planned:
         raise RecipeError(f"stage {spec.name!r} with options {spec.options} needs the pipeline's allocation "
                           f"plan: run it from zsfw.compress (or the CLI), not on its own")
-
-
-def usable_device(name: str) -> torch.device:
-    """The device ``execution.device`` names, refused when torch cannot see it here; under
-    torchrun a bare 'cuda' is this process's own GPU (its LOCAL_RANK)."""
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if device.index >= count:
-            raise RecipeError(f"execution.device is {name!r} but torch {torch.__version__} sees {count} "
-                              f"CUDA device(s) here (needed: cuda:{device.index}); use 'cpu'")
-    return device

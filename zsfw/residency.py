@@ -12,6 +12,7 @@ time, so the whole model is never in memory at once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -22,8 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from zsfw.checkpoint.files import checkpoint_files
-from zsfw.capabilities import usable_device
-from zsfw.errors import CheckpointError, ModelLoadError, NonFiniteError
+from zsfw.errors import CheckpointError, ModelLoadError, NonFiniteError, RecipeError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -296,8 +296,14 @@ def _empty(layer: nn.Module, recurse: bool = True) -> None:
 def compute_device(name: str) -> torch.device:
     """The device ``execution.device`` names, checked usable here; under torchrun a bare 'cuda'
     is this process's own GPU (its LOCAL_RANK), made the current one."""
-    device = usable_device(name)
+    device = torch.device(name)
     if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= count:
+            raise RecipeError(f"execution.device is {name!r} but torch {torch.__version__} sees {count} "
+                              f"CUDA device(s) here (needed: cuda:{device.index}); use 'cpu'")
         torch.cuda.set_device(device)
     return device
 
