@@ -264,9 +264,9 @@ def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, to
         raise CalibrationError("compress needs calibration data: a text file/folder, a "
                                "datasets.Dataset, an iterable of strings, or a tensor of token ids")
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from zsfw.models import own_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        tokenizer = own_tokenizer(model, "calibration on text")
     return drawn_windows(text_tokens(tokenizer, dataset), calibration, validation, training)
 
 

@@ -22,7 +22,7 @@ from zsfw.allocation import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
 from zsfw.checkpoint import save
 from zsfw.checkpoint.save import CheckpointWriter, expected_bytes, tokenizer_bytes
-from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
+from zsfw.checkpoint.schema import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
 from zsfw.compression.cache import StatisticsCache, open_cache
@@ -248,13 +248,6 @@ def _records(plan: AllocationPlan) -> dict[str, ModuleRecord]:
 
 
 def _own_tokenizer(model: nn.Module) -> Any:
-    from transformers import AutoTokenizer
+    from zsfw.models import own_tokenizer
 
-    if not model.name_or_path:
-        log.info("saving without a tokenizer: pass tokenizer= to include one")
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(model.name_or_path)
-    except (OSError, ValueError) as e:
-        log.warning("saving without a tokenizer: none found at %r (%s)", model.name_or_path, e)
-        return None
+    return own_tokenizer(model)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import ContextManager
@@ -24,7 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zsfw.checkpoint.destination import probe, work_folder, writing
+from zsfw._fs import publish, spill_root, work_folder
+from zsfw.checkpoint.destination import probe, writing
 from zsfw.checksums import sha256_of, write_sums
 from zsfw.allocation import useful_rank
 from zsfw.interfaces import LayerScores, StorageFormat
@@ -34,13 +34,6 @@ log = logging.getLogger(__name__)
 INDEX = "index.safetensors"
 SPILL_SETTING = "point ZSFW_SPILL to it"
 CACHE_SETTING = "give it as --statistics-cache (statistics_cache=)"
-
-
-def spill_root() -> Path:
-    """Where temporary factor stores live: ``$ZSFW_SPILL``, else ``<zsfw cache>/spill``."""
-    from zsfw.sources import cache_dir
-
-    return Path(os.environ.get("ZSFW_SPILL") or cache_dir() / "spill").expanduser()
 
 
 def check_spill() -> Path:
@@ -146,10 +139,7 @@ class FactorStore:
             "loss": repr(self.loss)})
         if self.final is not None:
             write_sums(self.directory, self.digests)
-            if self.final.exists():  # another run finished the same entry first
-                shutil.rmtree(self.directory)
-            else:
-                os.replace(self.directory, self.final)
+            publish(self.directory, self.final)  # unless another run finished the same entry first
             self.directory = self.final
         self.committed = True
 

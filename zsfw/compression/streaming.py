@@ -38,8 +38,8 @@ from zsfw.compression import distributed
 from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, chosen_windows
 from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMoments, checked_gradient, frozen,
                                          gradient_windows, loss_function, summed_gradient, widen)
-from zsfw.checkpoint.destination import work_folder
-from zsfw.compression.store import spill_root, spilling
+from zsfw._fs import spill_root, work_folder
+from zsfw.compression.store import spilling
 from zsfw.errors import CalibrationError, NonFiniteError
 from zsfw.residency import decoder_layers, residency
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
