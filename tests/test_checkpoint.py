@@ -448,7 +448,7 @@ def test_sharded_save_reloads(saved, tmp_path):
 
 def test_inspect_reads_bytes_from_headers_and_plots(saved, tmp_path, capsys):
     from zsfw.cli import main
-    from zsfw.checkpoint.inspect import saved_modules
+    from zsfw.checkpoint.contents import saved_modules
 
     path, _, report, _ = saved[1]["packed"]
     found = {m.name: m for m in saved_modules(path)}

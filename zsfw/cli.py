@@ -133,7 +133,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from zsfw.checkpoint.inspect import plot, saved_modules, table
+    from zsfw.checkpoint.contents import plot, saved_modules, table
 
     modules = saved_modules(args.directory)
     print(table(modules))
