@@ -38,6 +38,73 @@ def test_device_names_are_checked_in_the_recipe_and_at_run_time(llama, windows, 
         zsfw.compress(llama, recipe(execution={"device": "cuda:1"}), windows)
 
 
+def test_a_bare_cuda_is_each_torchrun_process_own_gpu():
+    from zsfw.residency import cuda_device
+
+    assert cuda_device("cuda", None, 1) == torch.device("cuda", 0)
+    assert cuda_device("cuda", "1", 2) == torch.device("cuda", 1)
+    assert cuda_device("cuda:0", "1", 2) == torch.device("cuda", 0)  # an index given is kept
+    with pytest.raises(RecipeError, match=r"sees 2 CUDA device\(s\) here \(needed: cuda:2 for LOCAL_RANK 2\); "
+                                          r"start at most 2 process\(es\) per node or use 'cpu'$"):
+        cuda_device("cuda", "2", 2)
+    with pytest.raises(RecipeError, match=r"'cuda:1' but .* sees 1 CUDA device\(s\) here \(needed: cuda:1\); use 'cpu'$"):
+        cuda_device("cuda:1", "0", 1)
+
+
+def test_the_process_gpu_is_made_current(monkeypatch):
+    """What compute_device does on a 2-GPU machine as torchrun's second process (the GPU calls
+    stand in for CUDA's own)."""
+    from zsfw.residency import compute_device
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert compute_device("cuda") == torch.device("cuda", 1) and made_current == [torch.device("cuda", 1)]
+    assert compute_device("cpu") == torch.device("cpu") and len(made_current) == 1
+
+
+def test_under_torchrun_a_model_on_a_gpu_computes_on_its_process_gpu():
+    from zsfw.residency import wanted_device
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert wanted_device(None, gpu, launched=True) == "cuda"  # bound to LOCAL_RANK by compute_device
+    assert wanted_device(None, gpu, launched=False) is None
+    assert wanted_device(None, cpu, launched=True) is None
+    assert wanted_device("cpu", gpu, launched=True) == "cpu"
+
+
+def test_a_process_group_that_cannot_start_is_one_line(monkeypatch):
+    import torch.distributed as dist
+
+    from zsfw.compression import distributed
+    from zsfw.errors import DeviceError
+
+    calls = []
+
+    def refuse(backend, device_id=None):
+        calls.append((backend, device_id))
+        raise dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error\n"
+                                    "Duplicate GPU detected")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DeviceError, match=r"^process 1 of 2 could not start torch.distributed's 'nccl' backend on "
+                                          r"cuda:1: NCCL error in: .*unhandled cuda error; give each process its "
+                                          r"own GPU \(execution.device 'cuda'\) or run on 'cpu' \(gloo\)$"):
+        distributed.join(torch.device("cuda", 1))
+    assert calls == [("nccl", torch.device("cuda", 1))]  # bound to the GPU: NCCL starts at once
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    with pytest.raises(DeviceError, match="'nccl' backend on cuda:0: torch .* was built without NCCL;"):
+        distributed.join(torch.device("cuda", 0))
+    with pytest.raises(DeviceError, match="'gloo' backend on cpu: NCCL error"):
+        distributed.join(torch.device("cpu"))
+    assert calls[-1] == ("gloo", None)
+
+
 def test_device_cpu_leaves_a_cpu_model_as_it_is(llama, windows):
     before, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
     after, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"device": "cpu"}), windows)
