@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from zsfw.checkpoint.destination import work_folder
 from zsfw.allocation import useful_rank
+from zsfw.compression.transfer import to_device, to_host
 from zsfw.interfaces import LayerScores, StorageFormat
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,13 @@ class FactorStore:
 
     def put_whitener(self, group: str, S: torch.Tensor) -> None:
         if self.whiteners:
-            save_file({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+            save_file(to_host({"S": S}), self._path(f"S.{group}"))
 
     def put_layer(self, scores: LayerScores, B: torch.Tensor, A: torch.Tensor,
                   group: str | None, note: str = "") -> None:
         """A layer's factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its kept components (to disk,
         fp32) and its spectrum and scores (kept in memory)."""
-        save_file({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
-                  self._path(f"factors.{scores.name}"))
+        save_file(to_host({"B": B.float(), "A": A.float()}), self._path(f"factors.{scores.name}"))
         self.layers[scores.name] = scores
         if group is not None:
             self.whitener_of[scores.name] = group
@@ -89,14 +89,14 @@ class FactorStore:
     def factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """B (out×r) and A (r×in), fp32, of the layer's top r kept components."""
         found = load_file(self._path(f"factors.{name}"))
-        return found["B"].to(device), found["A"].to(device)
+        return to_device(found["B"], device), to_device(found["A"], device)
 
     def whitener(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The S that whitens layer ``name`` (None when it was not whitened)."""
         group = self.whitener_of.get(name)
         if group is not None and not self.whiteners:
             raise RuntimeError("this factor store keeps no whitening factors")  # a pipeline bug
-        return None if group is None else load_file(self._path(f"S.{group}"))["S"].to(device)
+        return None if group is None else to_device(load_file(self._path(f"S.{group}"))["S"], device)
 
     def commit(self) -> None:
         """Write the index and, for a cache entry, rename the folder into place."""
