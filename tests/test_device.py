@@ -208,16 +208,52 @@ def test_streamed_statistics_on_cuda_match_the_cpu(llama, windows):
             assert torch.allclose(other.gradients[member].cpu(), grad, rtol=1e-4, atol=1e-6), member
 
 
-@cuda
-def test_lazy_compression_on_cuda_gives_the_cpu_ranks(llama_folder, windows, tmp_path):
+def allocation_gaps(expected, other, layers_off: int = 3, components_off: int = 2) -> list[str]:
+    """How two runs' allocations (report layers) differ beyond what rounding can flip: a GPU's
+    sums differ from the CPU's in their last bits, so near-tied components may trade places
+    between layers. Allowed: at most ``layers_off`` layers whose ranks differ, by at most
+    ``components_off`` components each, and total bytes within one component's bytes per layer."""
+    gaps = []
+    moved = [(a.name, a.rank, b.rank) for a, b in zip(expected, other) if a.rank != b.rank]
+    if len(moved) > layers_off:
+        gaps.append(f"{len(moved)} layers' ranks differ (at most {layers_off}): {moved}")
+    gaps += [f"{name}: rank {a} vs {b}" for name, a, b in moved if abs(a - b) > components_off]
+    component = sum(2 * sum(layer.shape) for layer in expected)  # bf16 factors: one column of B and row of A
+    off = abs(sum(layer.bytes for layer in other) - sum(layer.bytes for layer in expected))
+    if off > component:
+        gaps.append(f"total bytes differ by {off} (at most {component})")
+    return gaps
+
+
+def test_allocation_gaps_allow_rounding_flips_only():
+    from types import SimpleNamespace
+
+    def layers(*ranks):
+        return [SimpleNamespace(name=f"l{i}", shape=(8, 8), rank=r, bytes=32 * r) for i, r in enumerate(ranks)]
+    cpu = layers(4, 5, 6, 7, 8)
+    assert allocation_gaps(cpu, layers(4, 5, 6, 7, 8)) == []
+    assert allocation_gaps(cpu, layers(5, 4, 6, 7, 8)) == []  # a near tie traded between two layers
+    assert allocation_gaps(cpu, layers(7, 5, 6, 7, 8)) == ["l0: rank 4 vs 7"]
+    assert allocation_gaps(cpu, layers(5, 4, 7, 6, 8)) == ["4 layers' ranks differ (at most 3): "
+                                                           "[('l0', 4, 5), ('l1', 5, 4), ('l2', 6, 7), ('l3', 7, 6)]"]
+    assert allocation_gaps(cpu, layers(6, 7, 8, 7, 8)) == ["total bytes differ by 192 (at most 160)"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_lazy_compression_on_a_device_gives_the_cpu_allocation(llama_folder, windows, tmp_path, device):
+    """Up to rounding flips (``allocation_gaps``); the same ranks give the same model, others a
+    loss within 1 %."""
+    from zsfw.compression.statistics import next_token_loss
     from zsfw.residency import lazy_model
 
     lazy = {"driver": "streamed", "weights": "lazy"}
     _, on_cpu = zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, execution=lazy), windows,
                               output_dir=tmp_path / "cpu")
-    _, on_gpu = zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, execution={**lazy, "device": "cuda"}),
-                              windows, output_dir=tmp_path / "gpu")
-    assert [l.rank for l in on_gpu.layers] == [l.rank for l in on_cpu.layers]
-    a, b = zsfw.load(tmp_path / "cpu"), zsfw.load(tmp_path / "gpu")
+    _, on_device = zsfw.compress(lazy_model(llama_folder), recipe(ratio=0.6, execution={**lazy, "device": device}),
+                                 windows, output_dir=tmp_path / "device")
+    assert allocation_gaps(on_cpu.layers, on_device.layers) == []
+    a, b = zsfw.load(tmp_path / "cpu"), zsfw.load(tmp_path / "device")
     with torch.no_grad():
-        assert torch.allclose(a(input_ids=windows).logits, b(input_ids=windows).logits, rtol=1e-3, atol=1e-3)
+        if [l.rank for l in on_device.layers] == [l.rank for l in on_cpu.layers]:
+            assert torch.allclose(a(input_ids=windows).logits, b(input_ids=windows).logits, rtol=1e-3, atol=1e-3)
+        assert next_token_loss(b, windows).item() == pytest.approx(next_token_loss(a, windows).item(), rel=1e-2)
