@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zsfw
-from helpers import recipe
+from helpers import allocation_gaps, recipe
 from zsfw.compression.driver import InMemoryDriver
 from zsfw.compression.streaming import LayerStreamedDriver
 from zsfw.compression.targets import find_targets
@@ -206,23 +206,6 @@ def test_streamed_statistics_on_a_device_match_the_cpu(llama, windows, device):
         assert torch.allclose(other.covariance.cpu(), group.covariance, rtol=1e-5, atol=1e-7), name
         for member, grad in group.gradients.items():
             assert torch.allclose(other.gradients[member].cpu(), grad, rtol=1e-4, atol=1e-6), member
-
-
-def allocation_gaps(expected, other, layers_off: int = 3, components_off: int = 2) -> list[str]:
-    """How two runs' allocations (report layers) differ beyond what rounding can flip: a GPU's
-    sums differ from the CPU's in their last bits, so near-tied components may trade places
-    between layers. Allowed: at most ``layers_off`` layers whose ranks differ, by at most
-    ``components_off`` components each, and total bytes within one component's bytes per layer."""
-    gaps = []
-    moved = [(a.name, a.rank, b.rank) for a, b in zip(expected, other) if a.rank != b.rank]
-    if len(moved) > layers_off:
-        gaps.append(f"{len(moved)} layers' ranks differ (at most {layers_off}): {moved}")
-    gaps += [f"{name}: rank {a} vs {b}" for name, a, b in moved if abs(a - b) > components_off]
-    component = sum(2 * sum(layer.shape) for layer in expected)  # bf16 factors: one column of B and row of A
-    off = abs(sum(layer.bytes for layer in other) - sum(layer.bytes for layer in expected))
-    if off > component:
-        gaps.append(f"total bytes differ by {off} (at most {component})")
-    return gaps
 
 
 def test_allocation_gaps_allow_rounding_flips_only():

@@ -312,7 +312,7 @@ def cuda_device(name: str, local_rank: str | None, count: int) -> torch.device:
     device = torch.device(name)
     index = device.index if device.index is not None else int(local_rank or 0)
     if index >= count:
-        ranked = device.index is None and local_rank is not None
+        ranked = device.index is None and local_rank is not None and count > 0
         why, remedy = ((f" for LOCAL_RANK {local_rank}", f"start at most {count} process(es) per node or use 'cpu'")
                        if ranked else ("", "use 'cpu'"))
         raise RecipeError(f"execution.device is {name!r} but torch {torch.__version__} sees {count} "
