@@ -40,7 +40,7 @@ from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, ModelLoadError, RecipeError
 from zsfw.memory import release_free_heap
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
-from zsfw.residency import compute_device, place, residency
+from zsfw.residency import compute_device, place, residency, wanted_device
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     corrector = m.corrector and plugins.create("corrector", m.corrector.name, m.corrector.options)
     lazy = residency(model).lazy
     _check_execution(m, allocator, corrector, output_dir, lazy, statistics_cache)
-    if m.execution.device is not None:
-        place(model, compute_device(m.execution.device))
+    device = wanted_device(m.execution.device, next(model.parameters()).device, distributed.launched())
+    if device is not None:
+        place(model, compute_device(device))
     report = Report(recipe=recipe.to_dict())
     trains = m.training_windows  # a property that builds the corrector to ask it: read once
     with report.phase("calibration data"):

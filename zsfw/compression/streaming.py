@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 from zsfw.compression import distributed
 from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, chosen_windows
 from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMoments, checked_gradient, frozen,
-                                         gradient_windows, loss_function, summed_gradient, widen)
+                                         gradient_windows, loss_function, mean_loss, summed_gradient, widen)
 from zsfw._fs import spill_root, work_folder
 from zsfw.compression.store import spilling
+from zsfw.compression.transfer import to_device, to_host
 from zsfw.errors import CalibrationError, NonFiniteError
 from zsfw.residency import decoder_layers, residency
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
@@ -160,7 +161,7 @@ class _StreamedPass(_InMemoryPass):
         """Every layer's call arguments per micro-batch, and the first layer's input as boundary 0."""
         calls: list[list[tuple]] = []
         for b, batch in enumerate(batches):
-            hidden, batch_calls = layer_arguments(self.driver.model, layers, batch.to(boundaries.device))
+            hidden, batch_calls = layer_arguments(self.driver.model, layers, to_device(batch, boundaries.device))
             boundaries.put(0, b, hidden)
             calls.append(batch_calls)
         return calls
@@ -178,7 +179,8 @@ class _StreamedPass(_InMemoryPass):
         d, device = self.driver, next(self.driver.model.parameters()).device
         grad_tokens = n_grad * (d.windows.shape[1] - 1)
         grads: list[torch.Tensor | None] = []
-        loss_sum, loss_tokens, start = 0.0, 0, 0
+        losses: list[tuple[int, int, torch.Tensor]] = []
+        start = 0
         for b, batch in enumerate(batches):
             hidden = boundaries.get(len(layers), b)
             if start < n_grad and start + batch.shape[0] > n_grad:
@@ -186,20 +188,18 @@ class _StreamedPass(_InMemoryPass):
                                        "a multiple of calibration.batch_size")
             grad = start < n_grad
             leaf = hidden.detach().requires_grad_(grad)
+            ids = to_device(batch, device)
             with torch.set_grad_enabled(grad), _passthrough(layers, [leaf]):
-                loss = loss_of(d.model, batch.to(device))
+                loss = loss_of(d.model, ids)
                 if grad:
                     scored = batch.numel() - batch.shape[0]
                     (loss * scored / grad_tokens).backward()
             if start == 0:
-                self._check_turn(loss, loss_of, batch.to(device))
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
-            loss_sum += loss.item() * (batch.numel() - batch.shape[0])
-            loss_tokens += batch.numel() - batch.shape[0]
+                self._check_turn(loss, loss_of, ids)
+            losses.append((start, batch.numel() - batch.shape[0], loss.detach()))
             grads.append(leaf.grad if grad else None)
             start += batch.shape[0]
-        self.loss = loss_sum / max(loss_tokens, 1)
+        self.loss = mean_loss(losses)
         return grads
 
     def _check_turn(self, streamed: torch.Tensor, loss_of, batch: torch.Tensor) -> None:
@@ -254,12 +254,12 @@ class _StreamedPass(_InMemoryPass):
         return grads_in
 
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
+        covariance = moments.covariance(group) if moments else None  # a non-finite input: named first
         gradients = {}
         for name in members:
             if self.gradients:
                 gradients[name] = checked_gradient(name, summed_gradient(self.targets, name, self.wide))
             self.targets[name].weight.grad = None
-        covariance = moments.covariance(group) if moments else None
         return GroupStatistics(group, members, covariance, gradients)
 
 
@@ -294,12 +294,12 @@ class Boundaries:
             self._held[(i, b)] = hidden.detach().cpu()  # the same tensor on a CPU model
         else:
             with spilling("hidden states"):
-                save_file({"hidden": hidden.detach().contiguous().cpu()}, self._path(i, b))
+                save_file(to_host({"hidden": hidden}), self._path(i, b))
 
     def get(self, i: int, b: int) -> torch.Tensor:
         if self.folder is None:
             return self._held[(i, b)].to(self.device)
-        return load_file(self._path(i, b))["hidden"].to(self.device)
+        return to_device(load_file(self._path(i, b))["hidden"], self.device)
 
     def drop(self, i: int) -> None:
         """Forget boundary ``i`` of every micro-batch."""
