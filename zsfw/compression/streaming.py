@@ -41,7 +41,7 @@ from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMomen
 from zsfw._fs import spill_root, work_folder
 from zsfw.compression.store import spilling
 from zsfw.compression.transfer import to_device, to_host
-from zsfw.errors import CalibrationError, NonFiniteError
+from zsfw.errors import CalibrationError
 from zsfw.residency import decoder_layers, residency
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
 
