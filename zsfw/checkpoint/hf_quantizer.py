@@ -31,8 +31,12 @@ from zsfw.errors import CheckpointError
 
 
 class ZsfwQuantizationConfig(ZsfwConfig, QuantizationConfigMixin):
-    """``ZsfwConfig`` as ``transformers`` registers a quantization config (``from_pretrained``
-    builds this one from a zsfw folder's ``config.json``)."""
+    """``ZsfwConfig`` as ``transformers`` registers a quantization config: ``from_pretrained``
+    builds this one from a zsfw folder's ``config.json``; the loaded model's config gets the plain
+    ``ZsfwConfig`` back (the same object type as after ``compress``)."""
+
+    def plain(self) -> ZsfwConfig:
+        return ZsfwConfig(self.format_version, self.storage, self.modules, self.checksums)
 
 
 class ZsfwModelConfig(PreTrainedConfig):
@@ -93,6 +97,7 @@ class ZsfwHfQuantizer(HfQuantizer):
         if not self.checkpoint_files:
             raise CheckpointError("transformers gave the zsfw quantizer no checkpoint files to read")
         load_modules(model, self.quantization_config, self.checkpoint_files)
+        model.config.quantization_config = self.quantization_config.plain()
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
