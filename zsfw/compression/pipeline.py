@@ -26,7 +26,7 @@ from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
 from zsfw.compression.cache import StatisticsCache, open_cache
-from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
+from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, vocabulary, windows_for
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
 from zsfw.compression.driver import gradient_share
@@ -82,9 +82,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         windows = drawn.calibration
         report.warnings += coverage_warnings(targets, windows)
         if m.validation_windows:
-            validation = _validation(validation, drawn.validation, windows, m, report)
+            validation = _validation(validation, drawn.validation, windows, m, report, vocabulary(model))
         if trains:
-            training = _training(training, drawn.training, m, corrector)
+            training = _training(training, drawn.training, m, corrector, vocabulary(model))
         release_free_heap()  # what tokenizing the text left behind is not carried through the passes
     driver = driver_for(m.execution, model, windows, m.calibration)
     every_component = (getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
@@ -211,11 +211,11 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, corrector: Any, outp
 
 
 def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows: torch.Tensor,
-                m: ZeroSumSVDModifier, report: Report) -> torch.Tensor:
+                m: ZeroSumSVDModifier, report: Report, vocab: int) -> torch.Tensor:
     """The windows a corrector (or a model-aware allocator) judges its steps on: those given, else those drawn from the text,
     else (a tensor dataset without ``validation``) the gradient windows, with a warning."""
     if given is not None:
-        return token_ids(given, "validation")
+        return token_ids(given, "validation", vocab)
     if drawn is not None:
         return drawn
     report.warnings.append("no validation windows (a tensor dataset without validation=): the "
@@ -225,11 +225,11 @@ def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows:
 
 
 def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier,
-              corrector: Any) -> torch.Tensor:
+              corrector: Any, vocab: int) -> torch.Tensor:
     """The windows a training stage or corrector learns from: those given, else those drawn from
     the text."""
     if given is not None:
-        return token_ids(given, "training")
+        return token_ids(given, "training", vocab)
     if drawn is not None:
         return drawn
     trainers = [s.name for s in m.stages] + ([m.corrector.name] if getattr(corrector, "needs_training", False) else [])
