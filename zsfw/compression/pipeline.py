@@ -30,6 +30,7 @@ from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_i
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
 from zsfw.compression.driver import gradient_share
+from zsfw.compression.finite import FiniteCheck
 from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike | torch.Tensor | None = None,
              output_dir: str | Path | None = None, tokenizer: Any = None, overwrite: bool = False,
              statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None,
-             training: torch.Tensor | None = None) -> tuple[nn.Module, Report]:
+             training: torch.Tensor | None = None, allow_non_finite: bool = False) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
     With ``output_dir`` it is saved there (an existing folder only with ``overwrite``); with
@@ -59,6 +60,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     text apart from the calibration windows. A training stage (prehab), or a corrector set to
     train on them (``refine`` with ``windows: training``), learns from ``training`` windows, by
     default ``calibration.training_samples`` drawn apart from both.
+    A compressed model whose output on a calibration window is NaN or Inf (after truncation or
+    after correction) is a ``NonFiniteError`` naming the first module that outputs it, and is not
+    saved; ``allow_non_finite`` keeps (and saves) it with a warning in the report instead.
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
@@ -125,13 +129,15 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         correction = corrector and Correction(model, targets, plan, store, driver, validation,
                                               lambda: planned(None),  # what a re-planning corrector runs
                                               training if trains else None, windows, m.calibration.batch_size)
+        check = FiniteCheck(model, windows[:1], allow_non_finite, report.warnings)
         with report.phase("truncate"):
-            truncate(model, targets, plan, store, correction, writer)
+            truncate(model, targets, plan, store, correction, writer, check)
         notes = store.notes
         if corrector:
             with report.phase("correct"):
                 report.correction_losses = correct(corrector, correction)
                 report.correction_steps, report.correction_result = correction.history, correction.result
+            check.after("correction")
             if correction.plan is not plan:  # re-planned: the ranks (and the records) are new
                 plan, notes = correction.plan, correction.store.notes
                 model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan))
