@@ -1,7 +1,9 @@
 """``compress``: the pipeline's steps in order, each in its own module of ``zsfw.compression``.
 
 recipe → targets → calibration windows → stages → statistics (driver) → factorize + score
-(factor store, cached) → allocate → truncate → correct → report → config → save.
+(factor store, cached) → allocate → truncate → correct → report → config → save. After truncation
+and after correction the model's output on one calibration window must be finite (``finite``),
+or nothing is saved.
 
 Memory stays bounded: the driver hands over one input group's statistics at a time, the
 factorize step drops them once the group's SVDs and scores are done, and the SVD factors wait on
