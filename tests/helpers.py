@@ -10,12 +10,13 @@ WORDS = [f"w{i}" for i in range(VOCAB - 2)]
 
 
 def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama of width 32 (``overrides`` replace any of its config's settings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=True, **overrides)
+    config = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True), **overrides})
     return LlamaForCausalLM(config).eval()
 
 

@@ -1,7 +1,9 @@
 """``compress``: the pipeline's steps in order, each in its own module of ``zsfw.compression``.
 
 recipe → targets → calibration windows → stages → statistics (driver) → factorize + score
-(factor store, cached) → allocate → truncate → correct → report → config → save.
+(factor store, cached) → allocate → truncate → correct → report → config → save. After truncation
+and after correction the model's output on one calibration window must be finite (``finite``),
+or nothing is saved.
 
 Memory stays bounded: the driver hands over one input group's statistics at a time, the
 factorize step drops them once the group's SVDs and scores are done, and the SVD factors wait on
@@ -26,10 +28,11 @@ from zsfw.checkpoint.schema import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import allocate, chooses_formats
 from zsfw.compression.cache import StatisticsCache, open_cache
-from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
+from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, vocabulary, windows_for
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
 from zsfw.compression.driver import gradient_share
+from zsfw.compression.finite import FiniteCheck
 from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike | torch.Tensor | None = None,
              output_dir: str | Path | None = None, tokenizer: Any = None, overwrite: bool = False,
              statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None,
-             training: torch.Tensor | None = None) -> tuple[nn.Module, Report]:
+             training: torch.Tensor | None = None, allow_non_finite: bool = False) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
     With ``output_dir`` it is saved there (an existing folder only with ``overwrite``; a folder
@@ -60,6 +63,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     text apart from the calibration windows. A training stage (prehab), or a corrector set to
     train on them (``refine`` with ``windows: training``), learns from ``training`` windows, by
     default ``calibration.training_samples`` drawn apart from both.
+    A compressed model whose output on a calibration window is NaN or Inf (after truncation or
+    after correction) is a ``NonFiniteError`` naming the first module that outputs it, and is not
+    saved; ``allow_non_finite`` keeps (and saves) it with a warning in the report instead.
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
@@ -88,9 +94,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         windows = drawn.calibration
         report.warnings += coverage_warnings(targets, windows)
         if m.validation_windows:
-            validation = _validation(validation, drawn.validation, windows, m, report)
+            validation = _validation(validation, drawn.validation, windows, m, report, vocabulary(model))
         if trains:
-            training = _training(training, drawn.training, m, corrector)
+            training = _training(training, drawn.training, m, corrector, vocabulary(model))
         release_free_heap()  # what tokenizing the text left behind is not carried through the passes
     driver = driver_for(m.execution, model, windows, m.calibration)
     every_component = (getattr(allocator, "needs_model", False) or getattr(allocator, "keeps_any_component", False)
@@ -131,13 +137,15 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
         correction = corrector and Correction(model, targets, plan, store, driver, validation,
                                               lambda: planned(None),  # what a re-planning corrector runs
                                               training if trains else None, windows, m.calibration.batch_size)
+        check = FiniteCheck(model, windows[:1], allow_non_finite, report.warnings)
         with report.phase("truncate"):
-            truncate(model, targets, plan, store, correction, writer)
+            truncate(model, targets, plan, store, correction, writer, check)
         notes = store.notes
         if corrector:
             with report.phase("correct"):
                 report.correction_losses = correct(corrector, correction)
                 report.correction_steps, report.correction_result = correction.history, correction.result
+            check.after("correction")
             if correction.plan is not plan:  # re-planned: the ranks (and the records) are new
                 plan, notes = correction.plan, correction.store.notes
                 model.config.quantization_config = ZsfwConfig.build(m.storage.model_dump(), _records(plan))
@@ -216,11 +224,11 @@ def _check_execution(m: ZeroSumSVDModifier, allocator: Any, corrector: Any, outp
 
 
 def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows: torch.Tensor,
-                m: ZeroSumSVDModifier, report: Report) -> torch.Tensor:
+                m: ZeroSumSVDModifier, report: Report, vocab: int) -> torch.Tensor:
     """The windows a corrector (or a model-aware allocator) judges its steps on: those given, else those drawn from the text,
     else (a tensor dataset without ``validation``) the gradient windows, with a warning."""
     if given is not None:
-        return token_ids(given, "validation")
+        return token_ids(given, "validation", vocab)
     if drawn is not None:
         return drawn
     report.warnings.append("no validation windows (a tensor dataset without validation=): the "
@@ -230,11 +238,11 @@ def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows:
 
 
 def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier,
-              corrector: Any) -> torch.Tensor:
+              corrector: Any, vocab: int) -> torch.Tensor:
     """The windows a training stage or corrector learns from: those given, else those drawn from
     the text."""
     if given is not None:
-        return token_ids(given, "training")
+        return token_ids(given, "training", vocab)
     if drawn is not None:
         return drawn
     trainers = [s.name for s in m.stages] + ([m.corrector.name] if getattr(corrector, "needs_training", False) else [])
