@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from zsfw.compression.streaming import _hidden, _passthrough, layer_arguments
+from zsfw.compression.layers import hidden_of, layer_arguments, passthrough
 from zsfw.errors import NonFiniteError
 from zsfw.residency import decoder_layers, layer_prefixes
 
@@ -92,11 +92,11 @@ class FiniteCheck:
         i = prefixes.index(prefix)
         args, kwargs = calls[i]
         with torch.no_grad(), _watching(layers[i], prefix) as found:
-            hidden = _hidden(layers[i](hidden, *args, **kwargs))
+            hidden = hidden_of(layers[i](hidden, *args, **kwargs))
         self._carried = hidden, calls
         if found or i < len(layers) - 1:
             return found
-        with torch.no_grad(), _passthrough(layers, [hidden]), _watching(self.model) as found:
+        with torch.no_grad(), passthrough(layers, [hidden]), _watching(self.model) as found:
             self.model(input_ids=self.window, labels=self.window, use_cache=False)  # the tail runs, the layers pass
         return found
 

@@ -31,9 +31,8 @@ from zsfw.compression.cache import StatisticsCache, open_cache
 from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, vocabulary, windows_for
 from zsfw.compression import distributed
 from zsfw.compression.correct import Correction, correct
-from zsfw.compression.driver import gradient_share
+from zsfw.compression.driver import driver_for, gradient_share
 from zsfw.compression.finite import FiniteCheck
-from zsfw.compression.streaming import driver_for
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
 from zsfw.compression.stages import Planner, run_stages

@@ -67,7 +67,7 @@ def _block_rows(width: int) -> int:
     return max(1, min(SCRATCH_ELEMENTS // width, -(-width // 8)))
 
 
-class _InputMoments:
+class InputMoments:
     """Forward pre-hooks that accumulate XᵀX once per distinct input tensor."""
 
     def __init__(self, targets: dict[str, nn.Linear], dtype: torch.dtype) -> None:
@@ -350,7 +350,7 @@ def collect(
     with frozen(model):
         try:
             loss_of = objective or (loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss)
-            hooks = _InputMoments(targets, accumulate_dtype) if moments else None
+            hooks = InputMoments(targets, accumulate_dtype) if moments else None
             for module in targets.values():
                 module.weight.requires_grad_(n_grad > 0)
                 module.weight.grad = None
