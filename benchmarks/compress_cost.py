@@ -60,8 +60,8 @@ def run_one(method: str, ratio: float) -> dict:
                       kept=report.total_bytes / report.reference_bytes,
                       dense_layers=sum(l.dense for l in report.layers),
                       ranks=_rank_summary(report))
-    result["wiki_ppl"] = protocol.perplexity(model, windows.evaluation)
-    result["news_ppl"] = protocol.perplexity(model, protocol.news_windows(tokenizer))
+    result.update(protocol.held_out(model, windows.validation,
+                                    {"wiki": windows.evaluation, "news": protocol.news_windows(tokenizer)}))
     return result
 
 

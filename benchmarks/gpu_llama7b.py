@@ -9,6 +9,10 @@ shards (13.5 GB: the lent GPU machine's disk holds it). Run it where a GPU is le
     python benchmarks/gpu_llama7b.py                              # the measurement, log section
     python benchmarks/gpu_llama7b.py --device cpu --layers 2 --shrink 8 --samples 2 --length 256 --no-results
                                                                   # a small check that the script runs
+
+Before the measurement it runs the checks of the GPU-only code paths (``gpu_checks.py``, issue 35:
+PivGa on the GPU, the torchrun device binding, the statistics pass's syncs, CPU vs GPU allocation;
+about a minute), recorded with it; ``--checks only`` runs them alone, ``--checks skip`` not at all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gpu_checks
 import protocol
 import scale
 from results_md import write_section
@@ -73,7 +78,13 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where the random checkpoint is written (default: "
                                                     "the zsfw cache)")
     parser.add_argument("--no-results", action="store_true", help="print only; leave the log as it is")
+    parser.add_argument("--checks", choices=("first", "only", "skip"), default="first",
+                        help="the GPU-path checks (gpu_checks.py): before the measurement, alone, or not at all")
     args = parser.parse_args()
+    checks = None if args.checks == "skip" else gpu_checks.run_all(args.device)
+    if args.checks == "only":
+        print(json.dumps(checks, indent=1))
+        return
     from zsfw.sources import cache_dir
 
     shape = {**LLAMA2_7B, "num_hidden_layers": args.layers,
@@ -88,6 +99,7 @@ def main() -> None:
         cell = run(folder, args.device, args.samples, args.length, out / "model")
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    cell["checks"] = checks
     cell["command"] = ("python benchmarks/gpu_llama7b.py " + " ".join(
         f"--{k} {v}" for k, v in (("device", args.device), ("layers", args.layers), ("shrink", args.shrink),
                                   ("samples", args.samples), ("length", args.length)))).strip()
@@ -115,7 +127,25 @@ def _table(c: dict) -> str:
         f"{c['written_gb']:.1f} | {c['kept']:.3f} |",
         "",
         f"Phases: {phases}.",
+        *([] if c["checks"] is None else ["", _checks_line(c["checks"])]),
     ])
+
+
+def _checks_line(checks: dict) -> str:
+    """One line on the GPU-path checks (the whole record is in the printed JSON)."""
+    def verdict(result) -> str:
+        if isinstance(result, dict) and "exception" in result:
+            return "raised " + result["exception"].split(":")[0]
+        if isinstance(result, list):
+            return f"{sum(r['ok'] for r in result)}/{len(result)} layers ok"
+        return "ok" if result.get("ok") else "not ok"
+    syncs = checks["syncs"]
+    counts = ", ".join(f"{d} {' → '.join(str(n['zsfw']) for n in syncs[d]['counts'])}"
+                       for d in ("memory", "streamed") if d in syncs)
+    return (f"GPU-path checks (`gpu_checks.py`, issue 35): PivGa on the GPU vs the CPU {verdict(checks['pivga'])}; "
+            f"torchrun binding {json.dumps(checks['binding'].get('one_process'))}; zsfw's syncs in the statistics "
+            f"pass for 4 → 8 micro-batches: {counts or 'not measured'}, host copies pinned "
+            f"{syncs.get('pinned_host_copies')}; CPU vs GPU allocation {verdict(checks['cpu_vs_device'])}.")
 
 
 if __name__ == "__main__":

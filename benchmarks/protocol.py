@@ -55,12 +55,24 @@ def ids_md5(ids: torch.Tensor) -> str:
     return hashlib.md5(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
-                      check_md5: bool = True, validation_seed: int = VAL_SEED,
-                      calibration_seed: int = SEED, calibration_samples: int = CAL_N,
-                      calibration_length: int = CAL_LEN, training_samples: int = TRAIN_N,
-                      training_length: int = CAL_LEN) -> Windows:
-    """The reference protocol's windows; refuses tokens whose md5 differs from the authors'.
+def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT, **draw) -> Windows:
+    """The reference protocol's windows of the text at ``text_path``, tokenized as if at once;
+    ``draw`` is ``reference_draw``'s settings."""
+    path = Path(text_path)
+    if not path.is_file():
+        raise SystemExit(f"reference text {str(path)!r} not found; pass --text PATH to the "
+                         f"anchor's wiki.txt")
+    from zsfw.compression.calibration import encode
+
+    return reference_draw(encode(tokenizer, path.read_text(encoding="utf-8")), **draw)  # in pieces: less memory
+
+
+def reference_draw(ids: torch.Tensor, check_md5: bool = True, validation_seed: int = VAL_SEED,
+                   calibration_seed: int = SEED, calibration_samples: int = CAL_N,
+                   calibration_length: int = CAL_LEN, training_samples: int = TRAIN_N,
+                   training_length: int = CAL_LEN) -> Windows:
+    """The reference protocol's windows of the token stream ``ids``; refuses calibration ids whose
+    md5 differs from the authors'.
     ``validation_seed`` draws other validation windows (the calibration windows stay the authors').
     Another ``calibration_seed`` draws other calibration windows the same way from the same first
     400K tokens (the authors' are seed 3): for the spread of zsfw's own settings over calibration
@@ -68,17 +80,14 @@ def reference_windows(tokenizer, text_path: str | Path = DEFAULT_REFERENCE_TEXT,
     ``calibration_samples`` × ``calibration_length`` likewise draws another window geometry;
     ``training_samples`` is how many training windows (a training stage's or refine's) to draw,
     of ``training_length`` tokens each."""
-    path = Path(text_path)
-    if not path.is_file():
-        raise SystemExit(f"reference text {str(path)!r} not found; pass --text PATH to the "
-                         f"anchor's wiki.txt")
-    from zsfw.compression.calibration import encode
-
-    ids = encode(tokenizer, path.read_text(encoding="utf-8"))  # as if at once, in pieces (less memory)
     rng = random.Random(calibration_seed)
     starts = [rng.randint(0, CUT - calibration_length - 1) for _ in range(calibration_samples)]
     calibration = torch.stack([ids[s:s + calibration_length] for s in starts])
     full = ids.numel() // EVAL_LEN
+    if (full - EVAL_N) * EVAL_LEN < CUT:
+        raise SystemExit(f"{ids.numel()} tokens: the last {EVAL_N} windows of {EVAL_LEN} would overlap the "
+                         f"first {CUT} that calibration draws from; the reference text has 669,013 "
+                         f"(SmolLM2's tokenizer)")
     evaluation = ids[(full - EVAL_N) * EVAL_LEN:full * EVAL_LEN].view(EVAL_N, EVAL_LEN).clone()
     md5 = ids_md5(calibration)
     held_out = held_out_starts(starts, validation_seed, calibration_length, training_samples, training_length)
@@ -114,10 +123,17 @@ def held_out_starts(calibration_starts: list[int], seed: int = VAL_SEED, length:
 def zsfw_windows(tokenizer, samples: int = CAL_N) -> Windows:
     """zsfw's own protocol on the Wikipedia text of ``zsfw.sources`` (``CALIBRATION``, with
     ``samples`` windows)."""
-    from zsfw.compression.calibration import held_out_windows, load_texts, sample_windows, tokenize
+    from zsfw.compression.calibration import load_texts, tokenize
     from zsfw.sources import wikipedia_text_path
 
-    tokens = tokenize(tokenizer, load_texts(wikipedia_text_path()))
+    return zsfw_draw(tokenize(tokenizer, load_texts(wikipedia_text_path())), samples)
+
+
+def zsfw_draw(tokens: torch.Tensor, samples: int = CAL_N) -> Windows:
+    """zsfw's own protocol's windows of the token stream ``tokens``: ``samples`` calibration and
+    ``VAL_N`` validation windows drawn from its first ``CUT`` tokens, evaluation after them."""
+    from zsfw.compression.calibration import held_out_windows, sample_windows
+
     calibration = sample_windows(tokens, samples, CAL_LEN, CALIBRATION["seed"], CUT)
     evaluation = tokens[CUT: CUT + EVAL_N * EVAL_LEN].view(EVAL_N, EVAL_LEN)
     validation = held_out_windows(tokens, VAL_N, samples, CAL_LEN, CALIBRATION["seed"], CUT)
@@ -141,12 +157,29 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     return load_model(default_model_path(), dtype=dtype)
 
 
-def perplexity(model, evaluation: torch.Tensor) -> float:
-    """exp(mean NLL) over every next token of the evaluation windows, fed without BOS."""
-    from zsfw.eval.perplexity import perplexity as ppl
+def evaluated(model, windows: torch.Tensor):
+    """zsfw's perplexity result (PPL, mean NLL, the windows left out as non-finite) over every
+    next token of ``windows``, fed without BOS."""
+    from zsfw.eval.perplexity import perplexity
 
-    return ppl(model, evaluation.reshape(-1), window=evaluation.shape[1],
-               windows=evaluation.shape[0], desc="eval").perplexity
+    return perplexity(model, windows.reshape(-1), window=windows.shape[1], windows=windows.shape[0], desc="eval")
+
+
+def held_out(model, validation: torch.Tensor | None, texts: dict[str, torch.Tensor]) -> dict:
+    """What every benchmark row records, always together: ``val_loss``, the mean next-token loss
+    on the validation windows (what a setting may be chosen on; None without them), ``<text>_ppl``
+    for each evaluation text's windows in ``texts``, and ``dropped_windows``: per text (and
+    ``validation``), how many windows were left out of its figure as non-finite (a figure over
+    fewer windows compares with no other)."""
+    row: dict = {"val_loss": None}
+    dropped: dict[str, int] = {}
+    if validation is not None and validation.numel():
+        result = evaluated(model, validation)
+        row["val_loss"], dropped["validation"] = result.mean_nll, len(result.non_finite_windows)
+    for text, windows in texts.items():
+        result = evaluated(model, windows)
+        row[f"{text}_ppl"], dropped[text] = result.perplexity, len(result.non_finite_windows)
+    return {**row, "dropped_windows": dropped}
 
 
 def reset_peak_rss() -> bool:

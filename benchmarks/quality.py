@@ -117,8 +117,8 @@ def run_cell(cell: str, quick: bool) -> dict:
                       dense_layers=sum(l.dense for l in report.layers),
                       correction_losses=report.correction_losses,
                       kept_by_type={k: round(sum(v) / len(v), 3) for k, v in by_type.items()})
-    result["wiki_ppl"] = protocol.perplexity(model, windows.evaluation[:evaluated])
-    result["news_ppl"] = protocol.perplexity(model, protocol.news_windows(tokenizer)[:evaluated])
+    result.update(protocol.held_out(model, windows.validation, {"wiki": windows.evaluation[:evaluated],
+                                                                "news": protocol.news_windows(tokenizer)[:evaluated]}))
     return result
 
 

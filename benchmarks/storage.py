@@ -39,8 +39,8 @@ sys.path.insert(0, sys.argv[2])
 import protocol
 from transformers import AutoTokenizer
 windows = protocol.zsfw_windows(AutoTokenizer.from_pretrained(sys.argv[1]))
-ppl = protocol.perplexity(model, windows.evaluation)
-print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "wiki_ppl": ppl}))
+figures = protocol.held_out(model, windows.validation, {"wiki": windows.evaluation})
+print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, **figures}))
 """
 
 

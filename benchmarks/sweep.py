@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import subprocess
 import time
 from pathlib import Path
@@ -109,9 +108,8 @@ def run(ratio: float, stages: list[dict], allocator: str | dict, corrector: dict
             "stage_reports": report.stages, "allocation": report.allocation,
             "ranks": {layer.name: None if layer.dense else layer.rank for layer in report.layers},
             "formats": report.format_counts, "kept": report.total_bytes / report.reference_bytes,
-            "val_loss": math.log(protocol.perplexity(model, windows.validation)),
-            "wiki_ppl": protocol.perplexity(model, windows.evaluation),
-            "news_ppl": protocol.perplexity(model, protocol.news_windows(tokenizer))}
+            **protocol.held_out(model, windows.validation,
+                                {"wiki": windows.evaluation, "news": protocol.news_windows(tokenizer)})}
     return cell
 
 

@@ -164,7 +164,7 @@ def test_a_mixed_checkpoint_reloads_with_the_same_logits(mixed):
 
 
 def test_a_record_naming_a_format_auto_does_not_hold_is_one_line(mixed):
-    from zsfw.checkpoint.hf_quantizer import ZsfwConfig
+    from zsfw.checkpoint.schema import ZsfwConfig
     from zsfw.checkpoint.schema import ModuleRecord
 
     config = ZsfwConfig(1, {"name": "auto", "options": {"formats": ["bf16", "int8"]}}, {})

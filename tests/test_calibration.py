@@ -146,3 +146,15 @@ def test_a_tokenizer_that_marks_every_texts_start_gets_the_text_whole():
     ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert ids(_TEXT[:cut]) + ids(_TEXT[cut:]) != whole  # pieces would differ here
     assert encode(tokenizer, _TEXT, piece_chars=40).tolist() == whole
+
+
+@pytest.mark.parametrize("bad", [64, -1])
+def test_token_ids_outside_the_vocabulary_are_one_line_errors(llama, windows, bad):
+    ids = windows[:4].clone()
+    ids[2, 5] = bad  # the embedding would raise a bare IndexError
+    message = rf"holds token id {bad}, outside the model's vocabulary of 64: ids must be in 0\.\.63$"
+    with pytest.raises(CalibrationError, match=rf"^a tensor dataset {message}"):
+        zsfw.compress(llama, recipe(ratio=0.7, samples=4), ids)
+    with pytest.raises(CalibrationError, match=rf"^validation {message}"):  # held-out windows too
+        zsfw.compress(llama, recipe(ratio=0.7, samples=4, corrector="projected_gradient"), windows[:4],
+                      validation=ids)

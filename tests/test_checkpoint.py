@@ -145,7 +145,7 @@ def test_in_process_load_gives_the_same_model(saved):
     loaded = zsfw.load(path)
     assert torch.equal(_logits(loaded, windows), logits)
     # one config form: the same ZsfwConfig class and content after compress and after loading
-    from zsfw.checkpoint.hf_quantizer import ZsfwConfig
+    from zsfw.checkpoint.schema import ZsfwConfig
 
     before, after = model.config.quantization_config, loaded.config.quantization_config
     assert type(before) is ZsfwConfig and type(after) is ZsfwConfig
@@ -448,7 +448,7 @@ def test_sharded_save_reloads(saved, tmp_path):
 
 def test_inspect_reads_bytes_from_headers_and_plots(saved, tmp_path, capsys):
     from zsfw.cli import main
-    from zsfw.checkpoint.inspect import saved_modules
+    from zsfw.checkpoint.contents import saved_modules
 
     path, _, report, _ = saved[1]["packed"]
     found = {m.name: m for m in saved_modules(path)}

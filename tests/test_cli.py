@@ -217,7 +217,7 @@ def test_r6_compressing_a_zsfw_output_is_refused_before_calibration(tmp_path, ll
 ], ids=["truncated", "list"])
 def test_r9_inspect_of_a_damaged_config_is_one_line(tmp_path, capsys, config, expected):
     from zsfw.checkpoint.destination import is_zsfw_output
-    from zsfw.checkpoint.inspect import saved_modules
+    from zsfw.checkpoint.contents import saved_modules
     from zsfw.errors import CheckpointError
 
     (tmp_path / "config.json").write_text(config)

@@ -530,3 +530,19 @@ def test_a_chain_asks_for_what_its_correctors_need(llama, windows):
         zsfw.compress(copy.deepcopy(llama), r, windows, validation=patterned_windows(4, seed=1))
     with pytest.raises(zsfw.ZsfwError, match="correctors must list at least one corrector"):
         zsfw.plugins.create("corrector", "chain", {"correctors": []})
+
+
+def test_a_correction_that_ends_in_nan_gives_the_one_shot_state_back(llama, windows, monkeypatch):
+    measured, calls = Correction.validation_loss, []
+
+    def validation_loss(self):  # the one-shot state's, then NaN for every later state
+        calls.append(self)
+        return measured(self) if len(calls) == 1 else float("nan")
+
+    monkeypatch.setattr(Correction, "validation_loss", validation_loss)
+    one_shot, _ = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.5, storage="fp32"), windows)
+    corrected, report = zsfw.compress(copy.deepcopy(llama), _corrected(cycles=2, backtrack=0), windows,
+                                      validation=patterned_windows(4, seed=1))
+    assert _same_weights(corrected, one_shot)
+    result = report.correction_result
+    assert result["result"] == "reverted to one-shot" and result["final"] == result["one_shot"] < float("inf")

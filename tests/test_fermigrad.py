@@ -133,13 +133,13 @@ class QuadraticProblem:
     i.e. each layer's loss change per byte is its ``weight``; validation loss falls with every
     check, so the last read-off is the result."""
 
-    def __init__(self, weights):
+    def __init__(self, weights, storage="bf16", ratio=0.5):
         from zsfw import ByteBudget, LayerScores
 
         shapes = [(24, 40), (40, 40), (64, 24)]
         self.layers = [LayerScores(f"l{i}", m, n, False, torch.linspace(1, 0.1, min(m, n), dtype=torch.float64),
                                    torch.zeros(min(m, n), dtype=torch.float64)) for i, (m, n) in enumerate(shapes)]
-        self.budget = ByteBudget(self.layers, 0.5, plugins.create("storage", "bf16"))
+        self.budget = ByteBudget(self.layers, ratio, plugins.create("storage", storage))
         self.weights, self.gradient_windows, self.checks = weights, 4, 0
 
     def soft_gradients(self, occupations, share):
@@ -169,3 +169,49 @@ def test_a_layer_whose_bytes_cost_more_loss_gives_rank_to_the_others():
     start = _ranks([1e-3, 1e-3, 4e-3], steps=0)
     ranks = _ranks([1e-3, 1e-3, 4e-3])  # keeping l2's components costs 4× more loss a byte
     assert ranks[2] < start[2] and ranks[0] >= start[0] and ranks[1] >= start[1] and ranks[:2] != start[:2]
+
+
+@pytest.mark.parametrize("ratio", [0.55, 0.6])
+def test_int8_budgets_near_or_past_every_layer_dense_give_a_finite_plan_within_the_budget(ratio):
+    # int8 layers cost about half their 16-bit bytes: at 0.6 every layer fits dense, at 0.55 only
+    # without their rank-0 costs (row scales), which the soft bytes did not count. Either pinned
+    # every μ at full rank, where no byte moves with μ: 0/0 loss per byte, NaN μ, a crash in the
+    # read-off (issue 35, R14)
+    problem = QuadraticProblem([1e-3, 1e-3, 4e-3], storage="int8", ratio=ratio)
+    dense = problem.budget.total(problem.layers, {l.name: l.full_rank for l in problem.layers})
+    base = sum(problem.budget.cost(l, 0) for l in problem.layers)
+    assert (dense <= problem.budget.limit) == (ratio == 0.6) and dense - base <= problem.budget.limit
+    allocator = FermiGradAllocator(steps=6, lr=0.02, temperature=0.02, final_temperature=0.1, validate_every=2)
+    plan = allocator.allocate(problem)
+    plan.check_budget()
+    if ratio == 0.6:  # nothing to trade: every layer dense, no step taken
+        assert all(plan.is_dense(l.name) for l in problem.layers) and problem.checks == 0
+    else:
+        assert problem.checks == 5 and plan.total_bytes() > 0.9 * problem.budget.limit
+
+
+def test_recipe_fermigrad_with_int8_factors_at_ratio_0_6_compresses_a_saved_model(tmp_path, tokenizer):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from helpers import tiny_llama, word_docs
+    from zsfw.cli import main
+
+    # wide enough (all heads 16 wide) that at the recipe's final temperature every occupation
+    # past the break-even saturates: f (1 - f) is 0 in float64 for every component that costs bytes
+    tiny_llama(hidden_size=64, intermediate_size=128, num_key_value_heads=4).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "cal.txt").write_text("\n".join(word_docs()))
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "fermigrad.yaml").read_text())
+    modifier = recipe["zero_sum_stage"]["compression_modifiers"]["ZeroSumSVDModifier"]
+    modifier.update(ratio=0.6, storage="int8", calibration={"samples": 8, "sequence_length": 32,
+                                                            "validation_samples": 4})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["compress", "--model", str(tmp_path / "model"), "--recipe", str(tmp_path / "r.yaml"),
+                 "--dataset", str(tmp_path / "cal.txt"), "--output", str(tmp_path / "out"),
+                 "--held-out", "0"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["totals"]["bytes"] <= report["budget_bytes"]
+    assert report["totals"]["dense_layers"] == 14 and report["allocation"]["steps"] == 0  # int8 dense fits

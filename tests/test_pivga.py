@@ -151,3 +151,101 @@ def test_on_grid_values_come_back_exactly_as_the_stored_int8():
 def test_a_bad_dtype_option_is_one_line_naming_the_choices():
     with pytest.raises(PluginError, match=r"pivga.*dtype must be one of \['bf16', 'fp16', 'int8'\], got 'int4'"):
         zsfw.plugins.create("storage", "pivga", {"dtype": "int4"})
+
+
+def test_least_squares_gives_the_exact_minimum_norm_solutions_of_small_cases():
+    from zsfw_pivga import least_squares
+
+    cases = [([[1, 0], [0, 2], [0, 0]], [[3], [4], [9]], [[3], [2]]),  # full rank: the residual is (0, 0, 9)
+             ([[1, 1], [1, 1], [0, 0]], [[2], [4], [5]], [[1.5], [1.5]]),  # rank 1: x1 + x2 = 3, split evenly
+             ([[2, 0], [0, 0], [0, 0]], [[4], [7], [1]], [[2], [0]])]  # a zero column: its x is 0
+    for A, Y, X in cases:
+        A, Y, X = (torch.tensor(v, dtype=torch.float64) for v in (A, Y, X))
+        assert torch.allclose(least_squares(A, Y), X, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("deficient", [False, True])
+def test_least_squares_is_what_lapack_gives_on_a_cpu(deficient):
+    # the refit's solve runs the same code on every device; torch.linalg.lstsq on CUDA (gels only)
+    # assumes full rank; on a CPU gelsd takes the minimum-norm solution (gelsy, the default, may
+    # miss the rank: pytorch/pytorch#187411)
+    from zsfw_pivga import least_squares
+
+    g = torch.Generator().manual_seed(3)
+    A, Y = torch.randn(30, 12, dtype=torch.float64, generator=g), torch.randn(30, 7, dtype=torch.float64, generator=g)
+    if deficient:
+        A[:, 5], A[:, 8] = A[:, 2], 0
+    X = least_squares(A, Y)
+    assert torch.isfinite(X).all()
+    expected = torch.linalg.lstsq(A, Y, driver="gelsd").solution
+    assert torch.allclose(X, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_rounding_a_singular_b_prime_is_finite_and_keeps_its_product(dtype):
+    from zsfw_pivga import on_grid, rounded
+
+    g = torch.Generator().manual_seed(4)
+    B_J, T = torch.randn(40, 10, dtype=torch.float64, generator=g), torch.rand(10, 20, dtype=torch.float64, generator=g)
+    B_J[:, 3], B_J[:, 6] = 0, B_J[:, 1]  # B' = B A_J of a rank-deficient A: singular
+    with pytest.raises(torch.linalg.LinAlgError, match="full rank"):  # gels, lstsq's one CUDA driver
+        torch.linalg.lstsq(on_grid(B_J, dtype), B_J @ T, driver="gels")
+    B_r, T_r = rounded(B_J, T, dtype)
+    assert torch.isfinite(B_r).all() and torch.isfinite(T_r).all()
+    W = B_J @ T
+    assert ((B_r @ T_r - W).norm() / W.norm()).item() < 2 ** -5
+
+
+def _maxvol_reference(Q, tolerance=MAXVOL_TOLERANCE):
+    """maxvol as defined: from LU's pivot columns, swap in the largest |coefficient| of Q_J⁻¹ Q,
+    solved again from scratch at every step, until none exceeds 1 + tolerance."""
+    P = torch.linalg.lu(Q.T).P  # Qᵀ = P L U: the rows P puts first are the pivots
+    J = P.argmax(dim=0)[:Q.shape[0]].clone()
+    while True:
+        coefficients = torch.linalg.solve(Q[:, J], Q)
+        i, j = divmod(int(coefficients.abs().argmax()), Q.shape[1])
+        if abs(float(coefficients[i, j])) <= 1 + tolerance:
+            return J.sort().values
+        J[i] = j
+
+
+def _rounded_reference(B_J, T, dtype):
+    """B' on the grid, T refit by LAPACK's minimum-norm least squares and rounded one row at a
+    time, each row's error pushed onto every row after it at once (no blocks)."""
+    from zsfw_pivga import on_grid
+
+    B_r = on_grid(B_J, dtype)
+    T = torch.linalg.lstsq(B_r, B_J @ T, driver="gelsd").solution
+    H = B_r.T @ B_r
+    H.diagonal().add_(1e-10 * float(H.diagonal().mean()) + torch.finfo(torch.float64).tiny)
+    feedback = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i in range(T.shape[0]):
+        row = on_grid(T[i], dtype)
+        T[i + 1:] -= torch.outer(feedback[i, i + 1:], (T[i] - row) / feedback[i, i])
+        T[i] = row
+    return B_r, T
+
+
+@pytest.mark.parametrize("shape", [(48, 32, 12), (96, 96, 80), (160, 100, 70)])
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_pivots_and_stored_factors_are_those_of_the_slow_references(shape, dtype):
+    # bit-identical: the gauge fixing and rounding run on the host, as a CPU run always did
+    (m, n, k), storage = shape, zsfw.plugins.create("storage", "pivga", {"dtype": dtype})
+    B, A = _factors(m, n, k, seed=5)
+    module = storage.lowrank_module(B, A, None)
+    Q = torch.linalg.qr(A.T).Q.T
+    J = _maxvol_reference(Q)
+    rest = torch.tensor(sorted(set(range(n)) - set(J.tolist())))
+    B_r, T_r = _rounded_reference((B @ A)[:, J], torch.linalg.solve(Q[:, J], Q[:, rest]), storage.dtype)
+    assert torch.equal(module.pivots.long(), J)
+    B_stored, T_stored = module.weights(torch.zeros(1, dtype=torch.float64))  # the values on the grid
+    assert torch.equal(B_stored, B_r) and torch.equal(T_stored, T_r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_factors_on_a_gpu_are_fixed_on_the_host_and_stored_on_the_gpu():
+    B, A = _factors(96, 96, 80, seed=5)
+    on_cpu = PivGaLinear.from_factors(B, A, None, torch.bfloat16)
+    on_gpu = PivGaLinear.from_factors(B.cuda(), A.cuda(), None, torch.bfloat16)
+    assert on_gpu.B.is_cuda and on_gpu.order.is_cuda
+    assert all(torch.equal(t.cpu(), on_cpu.state_dict()[name]) for name, t in on_gpu.state_dict().items())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zsfw
-from zsfw.checkpoint.destination import current_umask
+from zsfw._fs import current_umask
 from helpers import recipe
 
 FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed", "pivga",

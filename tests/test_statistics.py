@@ -1,10 +1,19 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+
+import zsfw
 
 from zsfw.compression.linalg import first_order_scores, whitened_svd, whitening_factor
 from zsfw.errors import NonFiniteError
 from zsfw.compression.statistics import chunked_next_token_loss, collect, loss_function, next_token_loss
 from zsfw.compression.targets import find_targets
+
+
+ZSFW = str(Path(zsfw.__file__).parent)
 
 
 def _targets(model):
@@ -136,3 +145,47 @@ def test_a_head_that_is_not_a_plain_projection_keeps_the_models_loss(llama, wind
 
     llama.forward = softcapped
     assert loss_function(llama, windows[:1, :32]) is next_token_loss
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the reads of a tensor's values into Python (``item``, ``bool``, ``float``, ``int``,
+    ``tolist``, ``numpy``) made by zsfw's own code: on a GPU each one makes the host wait for the
+    device. Reads inside transformers or torch are not zsfw's to remove and are not counted."""
+
+    READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(ZSFW):
+                self.reads.append((Path(caller.co_filename).name, caller.co_name))
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads(run) -> list[tuple[str, int]]:
+    with _HostReads() as mode:
+        run()
+    return mode.reads
+
+
+@pytest.mark.parametrize("driver", ["memory", "streamed"])
+def test_the_statistics_pass_reads_no_value_back_per_micro_batch(llama, windows, driver):
+    """Twice the micro-batches, the same reads: none in the hooks or per batch (each would be a
+    device→host sync on a GPU), only the pass's checks and loss at the end."""
+    from zsfw.compression.driver import InMemoryDriver
+    from zsfw.compression.streaming import LayerStreamedDriver
+    from zsfw.recipe import CalibrationConfig
+
+    kind = {"memory": InMemoryDriver, "streamed": LayerStreamedDriver}[driver]
+    targets = _targets(llama)
+
+    def statistics(n: int):
+        cal = CalibrationConfig(samples=n, sequence_length=32, gradient_samples=n // 2, batch_size=1)
+        return lambda: list(kind(llama, windows[:n], cal).statistics(targets, True, True))
+    few, many = _host_reads(statistics(2)), _host_reads(statistics(4))
+    assert few, "the mode sees zsfw's reads"  # the end-of-pass reads are there: the count can fail
+    assert many == few

@@ -83,3 +83,13 @@ def test_a_plan_beyond_the_kept_components_is_refused_by_name(llama, windows):
             zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, allocator="sneaky"), windows)
     finally:
         plugins.unregister_plugin("sneaky-test")
+
+
+def test_host_and_device_copies_are_pinned_for_a_gpu_and_no_copies_on_the_cpu():
+    from zsfw.compression.transfer import pinned, to_device, to_host
+
+    assert pinned(torch.device("cuda", 0)) and not pinned(torch.device("cpu"))
+    t = torch.randn(3, 4)
+    assert to_device(t, torch.device("cpu")) is t
+    host = to_host({"B": t, "A": t.T})
+    assert host["B"].data_ptr() == t.data_ptr() and host["A"].is_contiguous()  # B: no copy and torch.equal(host["A"], t.T)

@@ -54,7 +54,8 @@ def _compress(args: argparse.Namespace) -> int:
     before = None if held is None or helper else snapshot(model, tokenizer, held)
     _, report = compress(model, recipe, drawn.calibration, output_dir=args.output, tokenizer=tokenizer,
                          overwrite=args.overwrite, statistics_cache=args.statistics_cache,
-                         validation=drawn.validation, training=drawn.training)
+                         validation=drawn.validation, training=drawn.training,
+                         allow_non_finite=args.allow_non_finite)
     if helper:
         return 0
     after = None if held is None else snapshot(model, tokenizer, held)
@@ -132,7 +133,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from zsfw.checkpoint.inspect import plot, saved_modules, table
+    from zsfw.checkpoint.contents import plot, saved_modules, table
 
     modules = saved_modules(args.directory)
     print(table(modules))
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "perplexity is measured before and after (0: no before/after comparison)")
     p.add_argument("--table", action="store_true",
                    help="also print the per-layer table (it is always saved as report.txt)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="keep and save a compressed model whose output is NaN or Inf (with a warning) "
+                        "instead of refusing it")
     p.set_defaults(run=_compress)
     p = sub.add_parser("eval", help="perplexity (or an lm-eval task) of a model, compressed or not",
                        formatter_class=formatter)

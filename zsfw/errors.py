@@ -37,6 +37,10 @@ class NonFiniteError(ZsfwError, FloatingPointError):
     """NaN or Inf in weights, activations, gradients or the loss; names where it appeared."""
 
 
+class DeviceError(ZsfwError, RuntimeError):
+    """The processes cannot reach each other across their devices (the NCCL or gloo process group)."""
+
+
 class AllocationError(ZsfwError, ValueError):
     """The byte budget cannot be met, or an allocator returned an invalid plan."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from zsfw.residency import lazy_model
 
 DEFAULT_MODEL = "default"
 """Stands for the embedded default model, SmolLM2-135M-Instruct (see ``zsfw.sources``)."""
+
+log = logging.getLogger(__name__)
 
 
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, lazy: bool = False):
@@ -60,3 +63,23 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype | str = to
             del model.config.quantization_config
     return model.eval(), tokenizer
 
+
+
+def own_tokenizer(model: torch.nn.Module, needed_for: str | None = None):
+    """The tokenizer saved with ``model`` (at its ``name_or_path``). Without one: a one-line
+    ``ModelLoadError`` when ``needed_for`` says what needs it, else None (logged)."""
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", "") or ""
+    try:
+        if source:
+            return AutoTokenizer.from_pretrained(source)
+        problem = "the model has no name_or_path"
+    except (OSError, ValueError) as e:
+        problem = f"none found at {source!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if needed_for:
+        raise ModelLoadError(f"{needed_for} needs a tokenizer and {problem}: pass tokenizer= "
+                             f"(or token ids)")
+    (log.warning if source else log.info)("no tokenizer: %s; pass tokenizer= to save one with the model",
+                                          problem)
+    return None

@@ -122,8 +122,9 @@ class ExecutionConfig(BaseModel):
 
     device: str | None = Field(
         None, description="where the layers compute: 'cpu', 'cuda' or 'cuda:N' (under torchrun "
-                          "'cuda' is each process's own GPU); unset: where the model already is "
-                          "(the CLI loads it on the CPU)")
+                          "'cuda' is each process's own GPU, its LOCAL_RANK); unset: where the model "
+                          "already is (the CLI loads it on the CPU), but under torchrun a model on a "
+                          "GPU moves to its process's own")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="the dtype the CLI loads the weights in (auto: the checkpoint's own); "
                                "statistics accumulate in float32/float64 whatever it is")

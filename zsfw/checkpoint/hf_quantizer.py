@@ -1,6 +1,6 @@
-"""``transformers`` integration: ``ZsfwConfig``, the one ``quantization_config`` object of a zsfw
-model (the same after ``compress`` and after loading), and the quantizer that makes
-``from_pretrained`` of a zsfw folder return the compressed model.
+"""``transformers`` integration: adapts ``zsfw.checkpoint.schema.ZsfwConfig``, the one
+``quantization_config`` of a zsfw model, to a ``transformers`` quantization config, and adds the
+quantizer that makes ``from_pretrained`` of a zsfw folder return the compressed model.
 
 Importing this module registers both under ``quant_method: "zsfw"``; ``import zsfw`` imports it as
 soon as ``transformers`` is imported. It imports nothing of zsfw that imports ``transformers``, so
@@ -14,9 +14,7 @@ weight files are checked against the SHA-256 digests config.json records (``zsfw
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -27,68 +25,18 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from zsfw import plugins
 from zsfw.checksums import check_checkpoint
-from zsfw.checkpoint.schema import BASE_MODEL_TYPE, FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, ModuleRecord
-from zsfw.errors import CheckpointError, PluginError
+from zsfw.checkpoint.schema import BASE_MODEL_TYPE, MODEL_TYPE, QUANT_METHOD, ZsfwConfig
+from zsfw.errors import CheckpointError
 
 
-class ZsfwConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a zsfw model (registered with ``transformers``).
+class ZsfwQuantizationConfig(ZsfwConfig, QuantizationConfigMixin):
+    """``ZsfwConfig`` as ``transformers`` registers a quantization config: ``from_pretrained``
+    builds this one from a zsfw folder's ``config.json``; the loaded model's config gets the plain
+    ``ZsfwConfig`` back (the same object type as after ``compress``)."""
 
-    ``checksums`` (weight file name -> SHA-256) describe the files a model was loaded from, not
-    the model: ``to_dict`` leaves them out, and every save records its own files' digests.
-    """
-
-    def __init__(self, format_version: int | None = None, storage: dict | None = None,
-                 modules: dict | None = None, checksums: dict | None = None, **kwargs: Any) -> None:
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.storage = storage or {}
-        self.modules = modules or {}
-        self.checksums = checksums or {}
-
-    @classmethod
-    def build(cls, storage: dict, records: dict[str, ModuleRecord]) -> "ZsfwConfig":
-        """The config of a model ``compress`` just built."""
-        return cls(FORMAT_VERSION, storage, {name: r.to_dict() for name, r in records.items()})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
-                "storage": self.storage, "modules": self.modules}
-
-    def records(self) -> dict[str, ModuleRecord]:
-        """The per-module records, after checking the format version."""
-        if self.format_version != FORMAT_VERSION:
-            raise CheckpointError(f"zsfw checkpoint format version {self.format_version!r} is not "
-                                  f"supported; this zsfw reads version {FORMAT_VERSION} (upgrade "
-                                  f"zsfw or re-compress)")
-        return {name: ModuleRecord.from_dict(name, row) for name, row in self.modules.items()}
-
-    def storage_format(self, name: str, record: ModuleRecord):
-        """The installed storage format plugin module ``name`` needs, or an error naming both: the
-        recorded storage itself, or the member of that name of a format chooser (``auto``)."""
-        try:
-            if self.storage.get("name", record.format) == record.format:
-                return plugins.create("storage", record.format, self.storage.get("options") or {})
-            members = getattr(plugins.create("storage", self.storage["name"], self.storage.get("options") or {}),
-                              "members", {})
-            if record.format not in members:
-                raise CheckpointError(f"module {name!r} is stored as {record.format!r}, which storage "
-                                      f"{self.storage['name']!r} does not hold (it holds {sorted(members)})")
-            return members[record.format]
-        except PluginError as e:
-            raise CheckpointError(f"module {name!r} is stored as {record.format!r}, but {e}") from None
-
-
-def zsfw_config(model_config: Any) -> ZsfwConfig | None:
-    """The ``ZsfwConfig`` of a model's config (or of its ``quantization_config`` dict), or None."""
-    config = getattr(model_config, "quantization_config", None)
-    if isinstance(config, ZsfwConfig):
-        return config
-    if isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD:
-        return ZsfwConfig(**{k: v for k, v in config.items() if k != "quant_method"})
-    return None
+    def plain(self) -> ZsfwConfig:
+        return ZsfwConfig(self.format_version, self.storage, self.modules, self.checksums)
 
 
 class ZsfwModelConfig(PreTrainedConfig):
@@ -106,17 +54,6 @@ class ZsfwModelConfig(PreTrainedConfig):
                                   f"is not a model type this transformers knows")
         config_dict["model_type"] = base
         return CONFIG_MAPPING[base].from_dict(config_dict, **kwargs)
-
-
-def mark_config_file(path: str | Path, checksums: dict[str, str]) -> None:
-    """Rewrite a saved ``config.json`` so that only zsfw can load its folder (see ``MODEL_TYPE``),
-    with the SHA-256 ``checksums`` of its weight files in its ``quantization_config``."""
-    path = Path(path)
-    config = json.loads(path.read_text())
-    config[BASE_MODEL_TYPE] = config["model_type"]
-    config["model_type"] = MODEL_TYPE
-    config["quantization_config"]["checksums"] = checksums
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class _Pending(nn.Module):
@@ -160,6 +97,7 @@ class ZsfwHfQuantizer(HfQuantizer):
         if not self.checkpoint_files:
             raise CheckpointError("transformers gave the zsfw quantizer no checkpoint files to read")
         load_modules(model, self.quantization_config, self.checkpoint_files)
+        model.config.quantization_config = self.quantization_config.plain()
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -180,7 +118,7 @@ def register() -> None:
     if MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(MODEL_TYPE, ZsfwModelConfig)
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(ZsfwConfig)
+        register_quantization_config(QUANT_METHOD)(ZsfwQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(ZsfwHfQuantizer)
 

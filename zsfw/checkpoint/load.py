@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
+from zsfw.checkpoint.schema import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import owner_of
 from zsfw.errors import CheckpointError
 

@@ -29,11 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from zsfw.checkpoint.destination import (OUTPUT_SETTING, check_destination, honour_umask, new_folder, replace,
+from zsfw._fs import honour_umask, new_folder
+from zsfw.checkpoint.destination import (OUTPUT_SETTING, check_destination, replace,
                                          writing)
 from zsfw.checkpoint.files import INDEX_FILE, SINGLE_FILE
-from zsfw.checkpoint.hf_quantizer import mark_config_file, zsfw_config
-from zsfw.checkpoint.schema import owner_of
+from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
+from zsfw.checkpoint.schema import mark_config_file, owner_of, zsfw_config
 from zsfw.checksums import sha256_of
 from zsfw.errors import CheckpointError
 from zsfw.residency import layer_prefixes
@@ -205,11 +206,12 @@ def header_bytes(path: str | Path) -> int:
 
 def expected_bytes(model: nn.Module, targets: dict[str, nn.Linear], ratio: float) -> int:
     """About what saving ``model`` compressed at ``ratio`` writes: its other tensors as they are
-    (shared ones once) and the targets at ``ratio`` of 16 bits per weight."""
+    (shared ones once) and the targets at ``ratio`` of the budget's reference bytes per weight."""
     target_params = {id(t.weight) for t in targets.values()}
     others = {p.untyped_storage().data_ptr() if not p.is_meta else id(p): p.numel() * p.element_size()
               for p in model.parameters() if id(p) not in target_params}
-    return sum(others.values()) + int(ratio * sum(2 * t.weight.numel() for t in targets.values()))
+    return sum(others.values()) + int(ratio * sum(REFERENCE_BYTES_PER_WEIGHT * t.weight.numel()
+                                                          for t in targets.values()))
 
 
 def tokenizer_bytes(tokenizer: Any, scratch: Path) -> int:

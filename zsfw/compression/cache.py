@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,7 +36,7 @@ from torch import nn
 from zsfw.checksums import check_sums, sha256_of, write_sums
 from zsfw.compression.driver import StatisticsPass
 from zsfw.compression.statistics import GroupStatistics
-from zsfw.checkpoint.destination import work_folder
+from zsfw._fs import publish, work_folder
 from zsfw.compression.store import FactorStore
 from zsfw.residency import residency
 
@@ -130,8 +129,7 @@ class _RecordingPass:
             (tmp / "index.json").write_text(json.dumps(
                 {"key": self.key, "tokens": self.tokens, "loss": repr(self.loss), "groups": groups}))
             write_sums(tmp, digests | {"index.json": sha256_of(tmp / "index.json")})
-            if not self.final.exists():
-                os.replace(tmp, self.final)
+            publish(tmp, self.final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
 
@@ -198,8 +196,7 @@ class StatisticsCache:
             save_model(model, str(tmp / "model.safetensors"))
             (tmp / "index.json").write_text(json.dumps({"key": key, "summary": summary}, default=str))
             write_sums(tmp, {name: sha256_of(tmp / name) for name in ("model.safetensors", "index.json")})
-            if not self.stage_path(key).exists():
-                os.replace(tmp, self.stage_path(key))
+            publish(tmp, self.stage_path(key))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

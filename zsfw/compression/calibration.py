@@ -259,22 +259,32 @@ def windows_for(model: nn.Module, dataset: DatasetLike | torch.Tensor | None, to
     of ids (no held-out windows: the caller gives them), else drawn from its text as
     ``calibration`` says (with ``tokenizer``, default: the model's own)."""
     if isinstance(dataset, torch.Tensor):
-        return Windows(token_ids(dataset, "a tensor dataset"))
+        return Windows(token_ids(dataset, "a tensor dataset", vocabulary(model)))
     if dataset is None:
         raise CalibrationError("compress needs calibration data: a text file/folder, a "
                                "datasets.Dataset, an iterable of strings, or a tensor of token ids")
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from zsfw.models import own_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        tokenizer = own_tokenizer(model, "calibration on text")
     return drawn_windows(text_tokens(tokenizer, dataset), calibration, validation, training)
 
 
-def token_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
-    """``ids`` when it is a (windows × tokens) int64 tensor, else an error naming ``what``."""
+def vocabulary(model: nn.Module) -> int:
+    """How many token ids ``model`` embeds (rows of its input embedding)."""
+    return model.get_input_embeddings().num_embeddings
+
+
+def token_ids(ids: torch.Tensor, what: str, vocab: int) -> torch.Tensor:
+    """``ids`` when it is a (windows × tokens) int64 tensor of ids in 0..``vocab`` − 1, else an
+    error naming ``what`` (an id out of range would be a bare ``IndexError`` in the embedding)."""
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise CalibrationError(f"{what} must be (windows × tokens) int64 ids, got "
                                f"{tuple(ids.shape)} {ids.dtype}")
+    outside = (ids < 0) | (ids >= vocab)
+    if outside.any():
+        raise CalibrationError(f"{what} holds token id {int(ids[outside][0])}, outside the model's "
+                               f"vocabulary of {vocab}: ids must be in 0..{vocab - 1}")
     return ids
 
 

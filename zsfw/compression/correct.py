@@ -311,12 +311,13 @@ def correct(corrector: Corrector, problem: Correction) -> list[float]:
     try:
         losses = corrector.correct(problem)
         after = problem.validation_loss()
-        if after > before:
+        kept = after <= before  # not a NaN
+        if not kept:
             log.warning("correction raised the validation loss (%.4f -> %.4f): the one-shot factors are kept",
                         before, after)
             problem.restore(one_shot)
-        problem.result = {"result": "kept" if after <= before else "reverted to one-shot", "one_shot": before,
-                          "final": min(after, before)}
+        problem.result = {"result": "kept" if kept else "reverted to one-shot", "one_shot": before,
+                          "final": after if kept else before}
         for name, (B, A) in problem.factors.items():
             problem.model.set_submodule(name, problem.plan.format(name).lowrank_module(
                 B, A, problem.targets[name].bias))

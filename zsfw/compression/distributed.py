@@ -22,7 +22,7 @@ from torch import nn
 
 from zsfw.compression.statistics import GroupStatistics, Objective
 from zsfw.compression.store import FactorStore
-from zsfw.errors import CalibrationError
+from zsfw.errors import CalibrationError, DeviceError
 from zsfw.interfaces import LayerScores
 from zsfw.recipe import CalibrationConfig
 
@@ -38,9 +38,21 @@ def rank() -> int:
 
 
 def join(device: torch.device) -> None:
-    """Join the process group torchrun set up (once): NCCL for a CUDA model, else gloo."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    """Join the process group torchrun set up (once): NCCL for a CUDA model (bound to its GPU, so
+    that NCCL starts now and a failure is reported here, not in the first reduction), else gloo;
+    one that cannot start is a one-line error."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        if backend == "nccl" and not dist.is_nccl_available():
+            raise RuntimeError(f"torch {torch.__version__} was built without NCCL")
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    except (RuntimeError, ValueError) as e:  # torch's DistBackendError is a RuntimeError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DeviceError(f"process {rank()} of {os.environ.get('WORLD_SIZE', '1')} could not start "
+                          f"torch.distributed's {backend!r} backend on {device}: {reason}; give each "
+                          f"process its own GPU (execution.device 'cuda') or run on 'cpu' (gloo)") from None
 
 
 def share(windows: torch.Tensor, calibration: CalibrationConfig) -> tuple[torch.Tensor, CalibrationConfig, int]:

@@ -29,10 +29,11 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
+from zsfw.compression import distributed
 from zsfw.compression.statistics import GroupStatistics, Objective, collect
 from zsfw.compression.store import FactorStore
 from zsfw.errors import CalibrationError
-from zsfw.recipe import CalibrationConfig
+from zsfw.recipe import CalibrationConfig, ExecutionConfig
 
 
 class StatisticsPass(Protocol):
@@ -82,7 +83,7 @@ def chosen_windows(windows: torch.Tensor, calibration: CalibrationConfig, share:
     return gradient_share(windows, calibration, share) if other is None else share_of(other, share)
 
 
-class _InMemoryPass:
+class InMemoryPass:
     def __init__(self, driver: "InMemoryDriver", targets: dict[str, nn.Linear], moments: bool,
                  gradients: bool) -> None:
         self.driver, self.targets, self.moments, self.gradients = driver, targets, moments, gradients
@@ -113,7 +114,7 @@ class InMemoryDriver:
         self.gradient_windows = gradient_share(windows, calibration, (0, 1)).shape[0]
 
     def statistics(self, targets: dict[str, nn.Linear], moments: bool, gradients: bool) -> StatisticsPass:
-        return _InMemoryPass(self, targets, moments, gradients)
+        return InMemoryPass(self, targets, moments, gradients)
 
     def gradients(self, targets: dict[str, nn.Linear], share: tuple[int, int] = (0, 1),
                   objective: Objective | None = None, windows: torch.Tensor | None = None
@@ -131,3 +132,21 @@ class InMemoryDriver:
     def gathered(self, store: FactorStore) -> FactorStore:
         """The factor store holding every layer (one process: the one it filled)."""
         return store
+
+
+def driver_for(execution: ExecutionConfig, model: nn.Module, windows: torch.Tensor,
+               calibration: CalibrationConfig) -> Driver:
+    """The driver a recipe's ``execution`` asks for; under torchrun, over this process's share
+    of the windows with the statistics summed across processes."""
+    from zsfw.compression.streaming import LayerStreamedDriver  # it builds on this module
+
+    def local(windows: torch.Tensor, calibration: CalibrationConfig) -> Driver:
+        if execution.driver == "streamed":
+            return LayerStreamedDriver(model, windows, calibration, execution.offload)
+        return InMemoryDriver(model, windows, calibration)
+
+    if not distributed.launched():
+        return local(windows, calibration)
+    distributed.join(next(model.parameters()).device)
+    mine, calibration, n_grad = distributed.share(windows, calibration)
+    return distributed.DistributedDriver(local(mine, calibration), windows, n_grad)

@@ -1,7 +1,9 @@
 """``compress``: the pipeline's steps in order, each in its own module of ``zsfw.compression``.
 
 recipe → targets → calibration windows → stages → statistics (driver) → factorize + score
-(factor store, cached) → allocate → truncate → correct → report → config → save.
+(factor store, cached) → allocate → truncate → correct → report → config → save. After truncation
+and after correction the model's output on one calibration window must be finite (``finite``),
+or nothing is saved.
 
 Memory stays bounded: the driver hands over one input group's statistics at a time, the
 factorize step drops them once the group's SVDs and scores are done, and the SVD factors wait on
@@ -22,14 +24,15 @@ from zsfw.allocation import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
 from zsfw.checkpoint import save
 from zsfw.checkpoint.save import CheckpointWriter, expected_bytes, tokenizer_bytes
-from zsfw.checkpoint.hf_quantizer import ZsfwConfig, zsfw_config
+from zsfw.checkpoint.schema import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import ModuleRecord
 from zsfw.compression.allocate import chooses_formats
 from zsfw.compression.cache import open_cache
-from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, windows_for
+from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_ids, vocabulary, windows_for
 from zsfw.compression.correct import Correction, correct
-from zsfw.compression.driver import gradient_share
-from zsfw.compression.streaming import driver_for
+from zsfw.compression import distributed
+from zsfw.compression.driver import driver_for, gradient_share
+from zsfw.compression.finite import FiniteCheck
 from zsfw.compression.plan import Planner
 from zsfw.compression.report import Report
 from zsfw.compression.stages import run_stages
@@ -39,7 +42,7 @@ from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, ModelLoadError
 from zsfw.memory import release_free_heap
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
-from zsfw.residency import compute_device, place, residency
+from zsfw.residency import compute_device, place, residency, wanted_device
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike | torch.Tensor | None = None,
              output_dir: str | Path | None = None, tokenizer: Any = None, overwrite: bool = False,
              statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None,
-             training: torch.Tensor | None = None) -> tuple[nn.Module, Report]:
+             training: torch.Tensor | None = None, allow_non_finite: bool = False) -> tuple[nn.Module, Report]:
     """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
     ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
     With ``output_dir`` it is saved there (an existing folder only with ``overwrite``; a folder
@@ -59,6 +62,9 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     text apart from the calibration windows. A training stage (prehab), or a corrector set to
     train on them (``refine`` with ``windows: training``), learns from ``training`` windows, by
     default ``calibration.training_samples`` drawn apart from both.
+    A compressed model whose output on a calibration window is NaN or Inf (after truncation or
+    after correction) is a ``NonFiniteError`` naming the first module that outputs it, and is not
+    saved; ``allow_non_finite`` keeps (and saves) it with a warning in the report instead.
     """
     recipe = load_recipe(recipe)
     m = recipe.modifier
@@ -68,8 +74,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     scorer, allocator, storage, corrector = _components(m)
     lazy = residency(model).lazy
     capabilities.check(m, lazy, output_dir, statistics_cache)
-    if m.execution.device is not None:
-        place(model, compute_device(m.execution.device))
+    _place(model, m)
     report = Report(recipe=recipe.to_dict())
     windows, validation, training = _windows(model, dataset, tokenizer, targets, m, validation, training, report)
     driver = driver_for(m.execution, model, windows, m.calibration)
@@ -88,9 +93,10 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
             writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES, checked=True)
         correction = corrector and Correction(model, targets, plan, store, driver, validation, planner,
                                               training, windows, m.calibration.batch_size)
+        check = FiniteCheck(model, windows[:1], allow_non_finite, report.warnings)
         with report.phase("truncate"):
-            truncate(model, targets, plan, store, correction, writer)
-        report.record_plan(*(_correct(model, corrector, correction, m, report) if corrector else (plan, store.notes)))
+            truncate(model, targets, plan, store, correction, writer, check)
+        report.record_plan(*(_correct(corrector, correction, m, report, check) if corrector else (plan, store.notes)))
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -122,6 +128,14 @@ def _allocate(planner: Planner, store: FactorStore, report: Report) -> Allocatio
     return plan
 
 
+def _place(model: nn.Module, m: ZeroSumSVDModifier) -> None:
+    """The model onto the device it computes on (``execution.device``; under torchrun a model on a
+    GPU onto its process's own), when that is set."""
+    device = wanted_device(m.execution.device, next(model.parameters()).device, distributed.launched())
+    if device is not None:
+        place(model, compute_device(device))
+
+
 def _refuse_compressed(model: nn.Module) -> None:
     """Refuse a model zsfw already compressed: its factors' A/B would be targets."""
     if zsfw_config(getattr(model, "config", None)) is not None:
@@ -151,23 +165,24 @@ def _windows(model: nn.Module, dataset: Any, tokenizer: Any, targets: dict[str, 
         drawn = windows_for(model, dataset, tokenizer, m.calibration, m.validation_windows, trains)
         report.warnings += coverage_warnings(targets, drawn.calibration)
         if m.validation_windows:
-            validation = _validation(validation, drawn.validation, drawn.calibration, m, report)
-        training = _training(training, drawn.training, m) if trains else None
+            validation = _validation(validation, drawn.validation, drawn.calibration, m, report, vocabulary(model))
+        training = _training(training, drawn.training, m, vocabulary(model)) if trains else None
         release_free_heap()  # what tokenizing the text left behind is not carried through the passes
     return drawn.calibration, validation, training
 
 
-def _correct(model: nn.Module, corrector: Any, correction: Correction, m: ZeroSumSVDModifier,
-             report: Report) -> tuple[AllocationPlan, dict[str, Any]]:
-    """Run the corrector on the truncated model; returns the plan and the factor store's notes
-    to record (a re-plan's, whose ranks, and so quantization_config, are new)."""
+def _correct(corrector: Any, correction: Correction, m: ZeroSumSVDModifier,
+             report: Report, check: FiniteCheck) -> tuple[AllocationPlan, dict[str, Any]]:
+    """Run the corrector on the truncated model (its output checked finite after); returns the plan
+    and the factor store's notes to record (a re-plan's, whose ranks, and so quantization_config, are new)."""
     plan, notes = correction.plan, correction.store.notes
     with report.phase("correct"):
         report.correction_losses = correct(corrector, correction)
         report.correction_steps, report.correction_result = correction.history, correction.result
+    check.after("correction")
     if correction.plan is not plan:
         plan, notes = correction.plan, correction.store.notes
-        model.config.quantization_config = quantization_config(m, plan)
+        correction.model.config.quantization_config = quantization_config(m, plan)
     return plan, notes
 
 
@@ -188,11 +203,11 @@ def already_compressed(model: str) -> str:
 
 
 def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows: torch.Tensor,
-                m: ZeroSumSVDModifier, report: Report) -> torch.Tensor:
+                m: ZeroSumSVDModifier, report: Report, vocab: int) -> torch.Tensor:
     """The windows a corrector (or a model-aware allocator) judges its steps on: those given, else those drawn from the text,
     else (a tensor dataset without ``validation``) the gradient windows, with a warning."""
     if given is not None:
-        return token_ids(given, "validation")
+        return token_ids(given, "validation", vocab)
     if drawn is not None:
         return drawn
     report.warnings.append("no validation windows (a tensor dataset without validation=): the "
@@ -201,11 +216,12 @@ def _validation(given: torch.Tensor | None, drawn: torch.Tensor | None, windows:
     return gradient_share(windows, m.calibration, (0, 1))
 
 
-def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier) -> torch.Tensor:
+def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSumSVDModifier,
+              vocab: int) -> torch.Tensor:
     """The windows a training stage or corrector learns from: those given, else those drawn from
     the text."""
     if given is not None:
-        return token_ids(given, "training")
+        return token_ids(given, "training", vocab)
     if drawn is not None:
         return drawn
     trainers = [s.name for s in m.stages] + (
@@ -215,13 +231,6 @@ def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSum
 
 
 def _own_tokenizer(model: nn.Module) -> Any:
-    from transformers import AutoTokenizer
+    from zsfw.models import own_tokenizer
 
-    if not model.name_or_path:
-        log.info("saving without a tokenizer: pass tokenizer= to include one")
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(model.name_or_path)
-    except (OSError, ValueError) as e:
-        log.warning("saving without a tokenizer: none found at %r (%s)", model.name_or_path, e)
-        return None
+    return own_tokenizer(model)

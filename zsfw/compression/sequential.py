@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from zsfw.compression.streaming import _hidden, _Stopped, layer_arguments, owners
+from zsfw.compression.layers import Stopped, hidden_of, layer_arguments, owners
 from zsfw.residency import decoder_layers
 
 
@@ -47,12 +47,12 @@ def _input_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     def grab(mod, args, kwargs):
         seen.append(_first_input(args, kwargs))
-        raise _Stopped  # the input is in hand: the rest of the forward is not needed
+        raise Stopped  # the input is in hand: the rest of the forward is not needed
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         yield seen
-    except _Stopped:
+    except Stopped:
         pass
     finally:
         handle.remove()
@@ -108,8 +108,8 @@ def paired_moments(model: nn.Module, teacher: nn.Module, names: list[str], windo
         with torch.no_grad():
             for b, call in enumerate(calls):
                 args, kwargs = call[i]
-                student[b] = _hidden(layer(student[b], *args, **kwargs))
-                uncompressed[b] = _hidden(teacher_layer(uncompressed[b], *args, **kwargs))
+                student[b] = hidden_of(layer(student[b], *args, **kwargs))
+                uncompressed[b] = hidden_of(teacher_layer(uncompressed[b], *args, **kwargs))
 
 
 def _run_to(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:

@@ -13,6 +13,7 @@ over a whole model in memory; who drives windows through the model is ``zsfw.com
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from zsfw.compression.transfer import to_device
 from zsfw.errors import CalibrationError, NonFiniteError
 from zsfw.residency import decoder_layers
 
@@ -65,12 +67,13 @@ def _block_rows(width: int) -> int:
     return max(1, min(SCRATCH_ELEMENTS // width, -(-width // 8)))
 
 
-class _InputMoments:
+class InputMoments:
     """Forward pre-hooks that accumulate XᵀX once per distinct input tensor."""
 
     def __init__(self, targets: dict[str, nn.Linear], dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.sums: dict[str, torch.Tensor] = {}
+        self.finite: dict[str, torch.Tensor] = {}  # group -> whether its inputs were all finite (on the device)
         self.group_of: dict[str, str] = {}
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, group)
         self.scratch: dict[tuple, torch.Tensor] = {}
@@ -100,8 +103,10 @@ class _InputMoments:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(f"non-finite values in the input of {name!r}")
+        # whether the inputs are finite stays on the device until the group is handed over
+        # (``check_finite``): reading it back at every call would make the host wait each time
+        finite = torch.isfinite(x).all()
+        self.finite[name] = self.finite[name].logical_and_(finite) if name in self.finite else finite
         # XᵀX is symmetric: only its upper triangle is summed (``covariance`` mirrors it), a block
         # of rows at a time (at least 8 blocks: ≈ 0.56 of the full product's work) through one
         # reused buffer per (width, dtype), then into the float64 sum: no per-batch temporaries
@@ -119,8 +124,20 @@ class _InputMoments:
             block = scratch[: r * (n - i)].view(r, n - i)
             total[i:i + r, i:] += torch.mm(x[:, i:i + r].T, x[:, i:], out=block)
 
+    def check_finite(self, groups: list[str] | None = None) -> None:
+        """Refuse non-finite inputs of ``groups`` (all by default), naming the first one's layer;
+        one read of the device's flags for them all."""
+        groups = list(self.finite) if groups is None else groups
+        flags = torch.stack([self.finite[g] for g in groups]).tolist() if groups else []
+        bad = next((g for g, ok in zip(groups, flags) if not ok), None)
+        if bad is not None:
+            raise NonFiniteError(f"non-finite values in the input of {bad!r}")
+
     def covariance(self, group: str) -> torch.Tensor:
-        """C = E[x xᵀ] of ``group``, handed over (its upper-triangle sum mirrored, over the tokens)."""
+        """C = E[x xᵀ] of ``group``, handed over (its upper-triangle sum mirrored, over the tokens);
+        its inputs checked finite first."""
+        self.check_finite([group])
+        del self.finite[group]
         total = self.sums.pop(group)
         n = total.shape[0]
         rows = _block_rows(n)
@@ -230,6 +247,20 @@ def loss_function(model: nn.Module, probe: torch.Tensor):
     return chunked_next_token_loss if torch.allclose(chunked, plain, rtol=1e-4, atol=1e-5) else next_token_loss
 
 
+def mean_loss(losses: list[tuple[int, int, torch.Tensor]]) -> float:
+    """The mean next-token loss of a pass from its micro-batches' (first window, scored tokens,
+    loss), the losses still on the device: read back together once the pass is over, not twice a
+    micro-batch; a non-finite one is an error naming its first window."""
+    values = torch.stack([loss for _, _, loss in losses]).tolist() if losses else []
+    total, tokens = 0.0, 0
+    for (start, scored, _), value in zip(losses, values):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"calibration loss is {value} at window {start}")
+        total += value * scored
+        tokens += scored
+    return total / max(tokens, 1)
+
+
 def gradient_windows(windows: torch.Tensor, gradient_samples: int | None, gradients: bool) -> int:
     """How many of the first windows also get a backward pass (all by default, none without
     gradients)."""
@@ -313,20 +344,20 @@ def collect(
     device = next(model.parameters()).device
     layers = decoder_layers(model) if checkpoint_layers else []
     stats = CalibrationStatistics()
-    loss_sum, loss_tokens = 0.0, 0
+    losses: list[tuple[int, int, torch.Tensor]] = []  # read back once, after the pass
     hooks = None
     wide: dict[str, torch.Tensor] = {}  # 16-bit layers' G, summed in fp32
     with frozen(model):
         try:
             loss_of = objective or (loss_function(model, windows[:1, :32].to(device)) if n_grad else next_token_loss)
-            hooks = _InputMoments(targets, accumulate_dtype) if moments else None
+            hooks = InputMoments(targets, accumulate_dtype) if moments else None
             for module in targets.values():
                 module.weight.requires_grad_(n_grad > 0)
                 module.weight.grad = None
             grad_tokens = n_grad * (windows.shape[1] - 1)
             for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch",
                               total=-(-windows.shape[0] // batch_size)):
-                batch = windows[start:start + batch_size].to(device)
+                batch = to_device(windows[start:start + batch_size], device)
                 with_grad = batch[: max(0, n_grad - start)]
                 without = batch[with_grad.shape[0]:]
                 for part, grad in ((with_grad, True), (without, False)):
@@ -343,15 +374,14 @@ def collect(
                             widen(targets, targets, wide)
                             if hooks:
                                 hooks.active = True
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
-                    loss_sum += loss.item() * (part.numel() - part.shape[0])
-                    loss_tokens += part.numel() - part.shape[0]
+                    losses.append((start, part.numel() - part.shape[0], loss.detach()))
             grads = {name: summed_gradient(targets, name, wide) for name in targets} if n_grad else {}
         finally:
             if hooks:
                 hooks.remove()
-    stats.loss = loss_sum / max(loss_tokens, 1)
+    if hooks:
+        hooks.check_finite()  # a non-finite input is named before the loss it makes non-finite
+    stats.loss = mean_loss(losses)
     if hooks:
         stats.tokens = hooks.tokens
         for name, group in hooks.group_of.items():

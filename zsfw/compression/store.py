@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import ContextManager
@@ -24,9 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zsfw.checkpoint.destination import probe, work_folder, writing
+from zsfw._fs import publish, spill_root, work_folder
+from zsfw.checkpoint.destination import probe, writing
 from zsfw.checksums import sha256_of, write_sums
 from zsfw.allocation import useful_rank
+from zsfw.compression.transfer import to_device, to_host
 from zsfw.interfaces import LayerScores, StorageFormat
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,6 @@ log = logging.getLogger(__name__)
 INDEX = "index.safetensors"
 SPILL_SETTING = "point ZSFW_SPILL to it"
 CACHE_SETTING = "give it as --statistics-cache (statistics_cache=)"
-
-
-def spill_root() -> Path:
-    """Where temporary factor stores live: ``$ZSFW_SPILL``, else ``<zsfw cache>/spill``."""
-    from zsfw.sources import cache_dir
-
-    return Path(os.environ.get("ZSFW_SPILL") or cache_dir() / "spill").expanduser()
 
 
 def check_spill() -> Path:
@@ -107,14 +101,13 @@ class FactorStore:
 
     def put_whitener(self, group: str, S: torch.Tensor) -> None:
         if self.whiteners:
-            self._save({"S": S.detach().cpu().contiguous()}, self._path(f"S.{group}"))
+            self._save(to_host({"S": S}), self._path(f"S.{group}"))
 
     def put_layer(self, scores: LayerScores, B: torch.Tensor, A: torch.Tensor,
                   group: str | None, note: str = "") -> None:
         """A layer's factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its kept components (to disk,
         fp32) and its spectrum and scores (kept in memory)."""
-        self._save({"B": B.detach().float().cpu().contiguous(), "A": A.detach().float().cpu().contiguous()},
-                   self._path(f"factors.{scores.name}"))
+        self._save(to_host({"B": B.float(), "A": A.float()}), self._path(f"factors.{scores.name}"))
         self.layers[scores.name] = scores
         if group is not None:
             self.whitener_of[scores.name] = group
@@ -123,14 +116,14 @@ class FactorStore:
     def factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """B (out×r) and A (r×in), fp32, of the layer's top r kept components."""
         found = load_file(self._path(f"factors.{name}"))
-        return found["B"].to(device), found["A"].to(device)
+        return to_device(found["B"], device), to_device(found["A"], device)
 
     def whitener(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The S that whitens layer ``name`` (None when it was not whitened)."""
         group = self.whitener_of.get(name)
         if group is not None and not self.whiteners:
             raise RuntimeError("this factor store keeps no whitening factors")  # a pipeline bug
-        return None if group is None else load_file(self._path(f"S.{group}"))["S"].to(device)
+        return None if group is None else to_device(load_file(self._path(f"S.{group}"))["S"], device)
 
     def commit(self) -> None:
         """Write the index and, for a cache entry, its ``SHA256SUMS`` and rename the folder into place."""
@@ -146,10 +139,7 @@ class FactorStore:
             "loss": repr(self.loss)})
         if self.final is not None:
             write_sums(self.directory, self.digests)
-            if self.final.exists():  # another run finished the same entry first
-                shutil.rmtree(self.directory)
-            else:
-                os.replace(self.directory, self.final)
+            publish(self.directory, self.final)  # unless another run finished the same entry first
             self.directory = self.final
         self.committed = True
 

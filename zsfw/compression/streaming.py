@@ -25,104 +25,27 @@ sweep holds one decoder layer's weights at a time.
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsfw.compression import distributed
-from zsfw.compression.driver import Driver, InMemoryDriver, _InMemoryPass, chosen_windows
-from zsfw.compression.statistics import (GroupStatistics, Objective, _InputMoments, checked_gradient, frozen,
-                                         gradient_windows, loss_function, summed_gradient, widen)
-from zsfw.checkpoint.destination import work_folder
-from zsfw.compression.store import spill_root, spilling
-from zsfw.errors import CalibrationError, NonFiniteError
+from zsfw.compression.driver import InMemoryDriver, InMemoryPass, chosen_windows
+from zsfw.compression.layers import hidden_of, layer_arguments, owners, passthrough
+from zsfw.compression.statistics import (GroupStatistics, Objective, InputMoments, checked_gradient, frozen,
+                                         gradient_windows, loss_function, mean_loss, summed_gradient, widen)
+from zsfw._fs import spill_root, work_folder
+from zsfw.compression.store import spilling
+from zsfw.compression.transfer import to_device, to_host
+from zsfw.errors import CalibrationError
 from zsfw.residency import decoder_layers, residency
-from zsfw.recipe import CalibrationConfig, ExecutionConfig
+from zsfw.recipe import CalibrationConfig
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-@contextmanager
-def _layer_calls(layers: list[nn.Module]) -> Iterator[list[tuple[tuple, dict]]]:
-    """Record each layer's call arguments (one entry per layer) during the block."""
-    calls: list[tuple[tuple, dict]] = [((), {})] * len(layers)
-
-    def recorder(i: int):
-        def hook(module, args, kwargs):
-            calls[i] = (args, dict(kwargs))
-        return hook
-
-    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-class _Stopped(Exception):
-    """Raised by ``_stop_after``'s hook to end a model's forward early."""
-
-
-@contextmanager
-def _stop_after(layer: nn.Module) -> Iterator[None]:
-    """End the model's forward right after ``layer`` (the block ends there, no error)."""
-    def stop(module, args, output):
-        raise _Stopped
-
-    handle = layer.register_forward_hook(stop)
-    try:
-        yield
-    except _Stopped:
-        pass
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _passthrough(layers: list[nn.Module], outputs: list[torch.Tensor]) -> Iterator[None]:
-    """Every decoder layer returns its stored output instead of computing it (the last one the
-    tensor in ``outputs[0]``), so running the model computes only its embedding and its tail."""
-    last = layers[-1]
-
-    def skip(module, args, kwargs, output):
-        return outputs[0] if module is last else output
-
-    def no_compute(*args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    handle = last.register_forward_hook(skip, with_kwargs=True)
-    for layer in layers:
-        layer.forward = no_compute
-    try:
-        yield
-    finally:
-        handle.remove()
-        for layer in layers:
-            del layer.forward  # the class's forward shows through again
-
-
-def layer_arguments(model: nn.Module, layers: list[nn.Module], batch: torch.Tensor
-                    ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
-    """The first decoder layer's input for ``batch`` and every layer's other call arguments
-    (masks, rotary embeddings: ``layer(hidden, *args, **kwargs)`` runs it), from one cheap run of
-    the model, every layer passing its input through, stopped after the last layer (no final
-    norm, no logits)."""
-    with torch.no_grad(), _layer_calls(layers) as recorded, _passthrough(layers, [None]), _stop_after(layers[-1]):
-        model(input_ids=batch, use_cache=False)
-    hidden = recorded[0][0][0] if recorded[0][0] else recorded[0][1]["hidden_states"]
-    return hidden, [(args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-                    for args, kwargs in recorded]
-
-
-class _StreamedPass(_InMemoryPass):
+class _StreamedPass(InMemoryPass):
     """The in-memory pass's bookkeeping, with the statistics gathered in the two sweeps."""
 
     def __iter__(self) -> Iterator[GroupStatistics]:
@@ -142,12 +65,12 @@ class _StreamedPass(_InMemoryPass):
             try:
                 calls = self._capture(layers, batches, boundaries)
                 self._forward(layers, len(batches), boundaries, calls)
-                with _passthrough(layers, [None]):  # the probe checks the head only
+                with passthrough(layers, [None]):  # the probe checks the head only
                     loss_of = loss_function(model, d.windows[:1, :32])
                 grads_out = self._turn(layers, batches, boundaries, loss_of, n_grad)
                 self.tokens = d.windows.numel()  # every token passes every layer
                 if self.moments:  # accumulated in the backward sweep's recomputation
-                    moments = _InputMoments(self.targets, torch.float64)
+                    moments = InputMoments(self.targets, torch.float64)
                     moments.tokens = self.tokens
                 with residency(model).outside_released(model):  # embeddings and head: not needed now
                     yield from self._backward(layers, owner, boundaries, calls, grads_out, moments, n_grad)
@@ -160,7 +83,7 @@ class _StreamedPass(_InMemoryPass):
         """Every layer's call arguments per micro-batch, and the first layer's input as boundary 0."""
         calls: list[list[tuple]] = []
         for b, batch in enumerate(batches):
-            hidden, batch_calls = layer_arguments(self.driver.model, layers, batch.to(boundaries.device))
+            hidden, batch_calls = layer_arguments(self.driver.model, layers, to_device(batch, boundaries.device))
             boundaries.put(0, b, hidden)
             calls.append(batch_calls)
         return calls
@@ -171,14 +94,15 @@ class _StreamedPass(_InMemoryPass):
             with weights.holding(i), torch.no_grad():
                 for b in range(n_batches):
                     args, kwargs = calls[b][i]
-                    boundaries.put(i + 1, b, _hidden(layer(boundaries.get(i, b), *args, **kwargs)))
+                    boundaries.put(i + 1, b, hidden_of(layer(boundaries.get(i, b), *args, **kwargs)))
 
     def _turn(self, layers, batches, boundaries: "Boundaries", loss_of, n_grad) -> list[torch.Tensor | None]:
         """∂loss/∂(last boundary) per gradient micro-batch, from the model's own tail; sets the loss."""
         d, device = self.driver, next(self.driver.model.parameters()).device
         grad_tokens = n_grad * (d.windows.shape[1] - 1)
         grads: list[torch.Tensor | None] = []
-        loss_sum, loss_tokens, start = 0.0, 0, 0
+        losses: list[tuple[int, int, torch.Tensor]] = []
+        start = 0
         for b, batch in enumerate(batches):
             hidden = boundaries.get(len(layers), b)
             if start < n_grad and start + batch.shape[0] > n_grad:
@@ -186,20 +110,18 @@ class _StreamedPass(_InMemoryPass):
                                        "a multiple of calibration.batch_size")
             grad = start < n_grad
             leaf = hidden.detach().requires_grad_(grad)
-            with torch.set_grad_enabled(grad), _passthrough(layers, [leaf]):
-                loss = loss_of(d.model, batch.to(device))
+            ids = to_device(batch, device)
+            with torch.set_grad_enabled(grad), passthrough(layers, [leaf]):
+                loss = loss_of(d.model, ids)
                 if grad:
                     scored = batch.numel() - batch.shape[0]
                     (loss * scored / grad_tokens).backward()
             if start == 0:
-                self._check_turn(loss, loss_of, batch.to(device))
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"calibration loss is {loss.item()} at window {start}")
-            loss_sum += loss.item() * (batch.numel() - batch.shape[0])
-            loss_tokens += batch.numel() - batch.shape[0]
+                self._check_turn(loss, loss_of, ids)
+            losses.append((start, batch.numel() - batch.shape[0], loss.detach()))
             grads.append(leaf.grad if grad else None)
             start += batch.shape[0]
-        self.loss = loss_sum / max(loss_tokens, 1)
+        self.loss = mean_loss(losses)
         return grads
 
     def _check_turn(self, streamed: torch.Tensor, loss_of, batch: torch.Tensor) -> None:
@@ -243,7 +165,7 @@ class _StreamedPass(_InMemoryPass):
                 grads_in.append(None)
                 continue
             x = boundaries.get(i, b).detach().requires_grad_(True)
-            _hidden(layer(x, *args, **kwargs)).backward(grad)
+            hidden_of(layer(x, *args, **kwargs)).backward(grad)
             grads_in.append(x.grad)
             widen(self.targets, mine, self.wide)
         boundaries.drop(i + 1)  # this boundary is done with
@@ -254,26 +176,13 @@ class _StreamedPass(_InMemoryPass):
         return grads_in
 
     def _group(self, group: str, members: list[str], moments) -> GroupStatistics:
+        covariance = moments.covariance(group) if moments else None  # a non-finite input: named first
         gradients = {}
         for name in members:
             if self.gradients:
                 gradients[name] = checked_gradient(name, summed_gradient(self.targets, name, self.wide))
             self.targets[name].weight.grad = None
-        covariance = moments.covariance(group) if moments else None
         return GroupStatistics(group, members, covariance, gradients)
-
-
-def owners(targets: dict[str, nn.Module], layers: list[nn.Module], who: str = "the streamed driver",
-           remedy: str = "use execution.driver 'memory' or leave them out with ignore") -> dict[str, int]:
-    """The index of the decoder layer holding each target; targets outside them are refused
-    (``who`` works inside them only; ``remedy`` says what to do instead)."""
-    index = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
-    found = {name: index.get(id(module)) for name, module in targets.items()}
-    outside = [name for name, i in found.items() if i is None]
-    if not layers or outside:
-        raise CalibrationError(f"{who} works on layers inside the decoder blocks only; "
-                               f"{outside[:3] or 'no decoder blocks were found'} are outside: {remedy}")
-    return found
 
 
 class Boundaries:
@@ -294,12 +203,12 @@ class Boundaries:
             self._held[(i, b)] = hidden.detach().cpu()  # the same tensor on a CPU model
         else:
             with spilling("hidden states"):
-                save_file({"hidden": hidden.detach().contiguous().cpu()}, self._path(i, b))
+                save_file(to_host({"hidden": hidden}), self._path(i, b))
 
     def get(self, i: int, b: int) -> torch.Tensor:
         if self.folder is None:
             return self._held[(i, b)].to(self.device)
-        return load_file(self._path(i, b))["hidden"].to(self.device)
+        return to_device(load_file(self._path(i, b))["hidden"], self.device)
 
     def drop(self, i: int) -> None:
         """Forget boundary ``i`` of every micro-batch."""
@@ -344,19 +253,3 @@ class LayerStreamedDriver(InMemoryDriver):
         for group in passed:
             found.update(group.gradients)
         return passed.loss, found
-
-
-def driver_for(execution: ExecutionConfig, model: nn.Module, windows: torch.Tensor,
-               calibration: CalibrationConfig) -> Driver:
-    """The driver a recipe's ``execution`` asks for; under torchrun, over this process's share
-    of the windows with the statistics summed across processes."""
-    def local(windows: torch.Tensor, calibration: CalibrationConfig) -> Driver:
-        if execution.driver == "streamed":
-            return LayerStreamedDriver(model, windows, calibration, execution.offload)
-        return InMemoryDriver(model, windows, calibration)
-
-    if not distributed.launched():
-        return local(windows, calibration)
-    distributed.join(next(model.parameters()).device)
-    mine, calibration, n_grad = distributed.share(windows, calibration)
-    return distributed.DistributedDriver(local(mine, calibration), windows, n_grad)

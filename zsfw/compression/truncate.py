@@ -32,31 +32,34 @@ def kept_factors(store: FactorStore, name: str, kept: Allocation,
 
 
 def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPlan,
-             store: FactorStore, correction=None, writer=None) -> None:
+             store: FactorStore, correction=None, writer=None, check=None) -> None:
     """Replace every target of ``model`` as ``plan`` says, each in the plan's format for it; with ``correction`` (a
     ``zsfw.compression.correct.Correction``) low-rank layers go to it as dense rank-k weights.
 
     A lazily loaded model is truncated one decoder layer at a time, each written to ``writer``
-    (a ``zsfw.checkpoint.save.CheckpointWriter``) before its memory goes back.
+    (a ``zsfw.checkpoint.save.CheckpointWriter``) before its memory goes back. ``check`` (a
+    ``zsfw.compression.finite.FiniteCheck``) looks at the truncated model's output, a lazily
+    loaded model's one layer at a time before it is written.
     """
-    bar = tqdm(total=len(targets), desc="truncate", unit="layer")
     weights = residency(model)
-    for prefix, names in weights.parts(targets):
-        for name in names:
-            linear = targets[name]
-            new = linear
-            if plan.is_dense(name):
-                new = plan.format(name).dense_module(linear)
-            else:
-                B, A = kept_factors(store, name, plan[name], linear.weight.device)
-                if correction is not None:
-                    correction.install(name, B, A)
+    with tqdm(total=len(targets), desc="truncate", unit="layer") as bar:  # closed before an error is printed
+        for prefix, names in weights.parts(targets):
+            for name in names:
+                linear = targets[name]
+                new = linear
+                if plan.is_dense(name):
+                    new = plan.format(name).dense_module(linear)
                 else:
-                    new = plan.format(name).lowrank_module(B, A, linear.bias)
-            if new is not linear:
-                model.set_submodule(name, new)
-                weights.retire(linear)  # its weights are not kept alive by ``targets``
-            bar.update()
-        if writer is not None and prefix is not None:
-            writer.add_layer(model, prefix)
-    bar.close()
+                    B, A = kept_factors(store, name, plan[name], linear.weight.device)
+                    if correction is not None:
+                        correction.install(name, B, A)
+                    else:
+                        new = plan.format(name).lowrank_module(B, A, linear.bias)
+                if new is not linear:
+                    model.set_submodule(name, new)
+                    weights.retire(linear)  # its weights are not kept alive by ``targets``
+                bar.update()
+            if check is not None:
+                check.after("truncation", prefix)
+            if writer is not None and prefix is not None:
+                writer.add_layer(model, prefix)

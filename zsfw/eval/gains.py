@@ -8,6 +8,7 @@ where the output went.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ def summary(report: Any, output: Path | None, before: Snapshot | None = None,
     if before is not None and after is not None and windows is not None:
         change = after.perplexity / before.perplexity - 1
         lines += [f"perplexity on {windows.shape[0]} held-out windows of {windows.shape[1]} tokens: "
-                  f"{before.perplexity:.2f} -> {after.perplexity:.2f} ({change:+.0%})",
+                  f"{_figure(before.perplexity)} -> {_figure(after.perplexity)}"
+                  f"{f' ({change:+.0%})' if math.isfinite(change) else ''}",
                   f"{prompt!r} ->",
                   f"  before: {before.continuation!r}",
                   f"  after:  {after.continuation!r}"]
@@ -61,3 +63,9 @@ def summary(report: Any, output: Path | None, before: Snapshot | None = None,
     else:
         lines.append("not saved (no --output)")
     return "\n".join(lines)
+
+
+def _figure(perplexity: float) -> str:
+    """``perplexity`` to two decimals, or "not finite" for NaN and Inf (a model whose logits
+    are): a summary never shows ``nan`` as a figure."""
+    return f"{perplexity:.2f}" if math.isfinite(perplexity) else "not finite"

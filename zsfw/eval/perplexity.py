@@ -95,9 +95,9 @@ def evaluate(model: nn.Module | str | Path, data: Any, tokenizer: Any = None, wi
         model, loaded_tokenizer = load_model(model)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None and (bos == "each" or not isinstance(data, torch.Tensor)):
-        from transformers import AutoTokenizer
+        from zsfw.models import own_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        tokenizer = own_tokenizer(model, "perplexity of text")
     if not isinstance(data, torch.Tensor):
         from zsfw.compression.calibration import load_texts, tokenize
 

@@ -15,9 +15,7 @@ loader that checks inputs against the manifest before running the package (see `
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsfw.checkpoint.destination import file_mode
-from zsfw.checkpoint.hf_quantizer import zsfw_config
+from zsfw._fs import atomic_file
+from zsfw.checkpoint.schema import zsfw_config
 from zsfw.errors import ServingError
 
 MANIFEST_VERSION = 1
@@ -57,16 +55,9 @@ def export(model: nn.Module, out: str | Path, tokenizer: Any = None, max_sequenc
                           1: torch.export.Dim("seq", min=2, max=max_sequence)}}
     with torch.no_grad():
         program = torch.export.export(_Logits(model), (example,), dynamic_shapes=dims)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
-        os.close(fd)
-        try:
-            with warnings.catch_warnings():  # torch's own deprecation notes, not the user's concern
-                warnings.simplefilter("ignore", FutureWarning)
-                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            os.chmod(tmp, file_mode())
-            os.replace(tmp, out)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_file(out, suffix=".pt2") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes, not the user's
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
         logits = _Logits(model)(example)
     config = getattr(model, "config", None)
     compressed = zsfw_config(config)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
 from zsfw.checkpoint.files import checkpoint_files, read_config
-from zsfw.checkpoint.hf_quantizer import ZsfwConfig
+from zsfw.checkpoint.schema import ZsfwConfig
 from zsfw.checkpoint.schema import QUANT_METHOD, owner_of
 from zsfw.checksums import check_checkpoint
 from zsfw.errors import CheckpointError
