@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from zsfw import plugins
-from zsfw.allocation import ByteBudget
+from zsfw.budget import ByteBudget
 from zsfw.errors import AllocationError
-from zsfw.interfaces import LayerScores
+from zsfw.protocols import LayerScores
 
 
 class CountFormat:

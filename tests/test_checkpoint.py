@@ -184,8 +184,8 @@ def test_packed_roundtrip_is_int8_accurate():
 
 
 def test_int8_keeps_about_twice_the_rank_of_bf16():
-    from zsfw.allocation import ByteBudget
-    from zsfw.interfaces import LayerScores
+    from zsfw.budget import ByteBudget
+    from zsfw.protocols import LayerScores
 
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's layer shapes
     layers = [LayerScores(f"l{i}", m, n, False, torch.linspace(1, 0.01, min(m, n)), torch.zeros(min(m, n)))

@@ -326,7 +326,7 @@ def test_r7_a_full_disk_mid_run_is_one_line_and_leaves_nothing(tmp_path, llama, 
     def disk_full(*args, **kwargs):
         raise full
 
-    module = {"save": "checkpoint.save", "factors": "compression.store", "hidden states": "compression.streaming"}
+    module = {"save": "checkpoint.save", "factors": "compression.factor_store", "hidden states": "compression.streaming"}
     monkeypatch.setattr(f"zsfw.{module[where]}.save_file", disk_full)
     assert main([*command, "--output", str(out), "--overwrite", "--held-out", "0"]) == 2
     folder = out if where == "save" else spill

@@ -83,7 +83,7 @@ def test_wide_inputs_use_int32_pivots_and_cost_them():
 
 
 def test_pivga_keeps_more_rank_than_bf16_at_the_same_bytes():
-    from zsfw.allocation import useful_rank
+    from zsfw.budget import useful_rank
 
     pivga, bf16 = (zsfw.plugins.create("storage", name) for name in ("pivga", "bf16"))
     for m, n, more in ((576, 576, 1.35), (1536, 576, 1.2), (576, 1536, 1.2)):

@@ -7,7 +7,7 @@
 Public API: ``compress``, ``load``, ``save``, ``evaluate``, ``generate``, ``export``,
 ``load_recipe``. Plugin API (what a plugin may import from ``zsfw`` and ``zsfw.errors``, and
 nothing else is promised; a test holds the shipped plugins to it): ``hookimpl``, the protocols
-and data of ``zsfw.interfaces``, the budget, plan and frontier of ``zsfw.allocation``, the
+and data of ``zsfw.protocols``, the budget, plan and frontier of ``zsfw.budget``, the
 modules of ``zsfw.modules``, the score, whitening and factor helpers, the calibration pass
 (``collect_statistics``, ``next_token_loss``), what a correction problem's gradients can be
 asked for (``CORRECTION_LOSSES``, ``CORRECTION_WINDOWS``, ``CORRECTION_PRECISIONS``,
@@ -39,13 +39,13 @@ _LAZY = {  # public name -> the module that defines it ("module:attribute" where
     "register_plugin": "zsfw.plugins", "storage_format": "zsfw.plugins",
     "create_component": "zsfw.plugins",
     # the plugin API
-    "LayerSpectrum": "zsfw.interfaces", "LayerScores": "zsfw.interfaces",
-    "StorageFormat": "zsfw.interfaces", "Scorer": "zsfw.interfaces", "Allocator": "zsfw.interfaces",
-    "AllocationProblem": "zsfw.interfaces", "ModelAwareAllocator": "zsfw.interfaces",
-    "Corrector": "zsfw.interfaces", "CorrectionProblem": "zsfw.interfaces", "Stage": "zsfw.interfaces",
-    "LayerFactors": "zsfw.interfaces", "FormatChooser": "zsfw.interfaces",
-    "ByteBudget": "zsfw.allocation", "AllocationPlan": "zsfw.allocation", "Allocation": "zsfw.allocation",
-    "DropFrontier": "zsfw.allocation", "rank_of": "zsfw.allocation", "useful_rank": "zsfw.allocation",
+    "LayerSpectrum": "zsfw.protocols", "LayerScores": "zsfw.protocols",
+    "StorageFormat": "zsfw.protocols", "Scorer": "zsfw.protocols", "Allocator": "zsfw.protocols",
+    "AllocationProblem": "zsfw.protocols", "ModelAwareAllocator": "zsfw.protocols",
+    "Corrector": "zsfw.protocols", "CorrectionProblem": "zsfw.protocols", "Stage": "zsfw.protocols",
+    "LayerFactors": "zsfw.protocols", "FormatChooser": "zsfw.protocols",
+    "ByteBudget": "zsfw.budget", "AllocationPlan": "zsfw.budget", "Allocation": "zsfw.budget",
+    "DropFrontier": "zsfw.budget", "rank_of": "zsfw.budget", "useful_rank": "zsfw.budget",
     "LowRankLinear": "zsfw.modules", "StoredLinear": "zsfw.modules", "weight_as": "zsfw.modules",
     "first_order_scores": "zsfw.compression.linalg", "lowrank_factors": "zsfw.compression.linalg",
     "whitened_svd": "zsfw.compression.linalg", "whitening_factor": "zsfw.compression.linalg",

@@ -18,7 +18,7 @@ def _compress(args: argparse.Namespace) -> int:
     from zsfw.compression.calibration import drawn_windows, text_tokens
     from zsfw.checkpoint.destination import is_zsfw_output
     from zsfw.compression.pipeline import already_compressed, compress
-    from zsfw.compression.store import check_spill
+    from zsfw.compression.factor_store import check_spill
     from zsfw.eval.gains import snapshot, summary
     from zsfw.models import DEFAULT_MODEL, load_model
     from zsfw.errors import ModelLoadError

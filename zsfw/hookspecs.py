@@ -13,7 +13,7 @@ the ``zsfw`` entry-point group or registered with ``zsfw.register_plugin``. Each
 ``register`` takes a class with a string ``name`` attribute; a recipe instantiates it by that
 name with the options the recipe gives (``scorer: {name: my_scorer, alpha: 0.5}``), which must
 be keyword arguments of its constructor. The protocols each kind implements are in
-``zsfw.interfaces``.
+``zsfw.protocols``.
 
 Contract common to every hook:
 
@@ -58,7 +58,7 @@ Register = Callable[[type], None]
 
 @hookspec
 def zsfw_register_stages(register: Register) -> None:
-    """Register pre-compression stages: classes implementing ``zsfw.interfaces.Stage``.
+    """Register pre-compression stages: classes implementing ``zsfw.protocols.Stage``.
 
     A recipe lists stages by name (``stages: [{name: prehab, epochs: 1}]``); they run in that
     order after the calibration windows are drawn and before the statistics pass, and each gets
@@ -72,7 +72,7 @@ def zsfw_register_stages(register: Register) -> None:
 
 @hookspec
 def zsfw_register_scorers(register: Register) -> None:
-    """Register importance scorers: classes implementing ``zsfw.interfaces.Scorer``.
+    """Register importance scorers: classes implementing ``zsfw.protocols.Scorer``.
 
     ``score`` gets each layer's whitened SVD (and its gradient when ``needs_gradient``) and
     returns one float score per component: the estimated loss change of dropping it.
@@ -81,19 +81,19 @@ def zsfw_register_scorers(register: Register) -> None:
 
 @hookspec
 def zsfw_register_allocators(register: Register) -> None:
-    """Register rank allocators: classes implementing ``zsfw.interfaces.Allocator``.
+    """Register rank allocators: classes implementing ``zsfw.protocols.Allocator``.
 
     ``allocate(layers, budget)`` returns an ``AllocationPlan`` whose cost is within
     ``budget.limit``, keeping each layer's top components unless it sets
     ``keeps_any_component = True``. An allocator that sets ``needs_model = True`` is instead called as
-    ``allocate(problem)`` with a ``zsfw.interfaces.AllocationProblem``, which can also evaluate
+    ``allocate(problem)`` with a ``zsfw.protocols.AllocationProblem``, which can also evaluate
     the loss and its gradient for soft-truncated layers.
     """
 
 
 @hookspec
 def zsfw_register_correctors(register: Register) -> None:
-    """Register correctors: classes implementing ``zsfw.interfaces.Corrector``.
+    """Register correctors: classes implementing ``zsfw.protocols.Corrector``.
 
     ``correct`` gets a ``CorrectionProblem`` (the truncated model with its plan) after
     truncation and returns the calibration loss measured at the start of each cycle.
@@ -102,7 +102,7 @@ def zsfw_register_correctors(register: Register) -> None:
 
 @hookspec
 def zsfw_register_storage_formats(register: Register) -> None:
-    """Register storage formats: classes implementing ``zsfw.interfaces.StorageFormat``.
+    """Register storage formats: classes implementing ``zsfw.protocols.StorageFormat``.
 
     A format prices a layer in bytes (the budget uses exactly these numbers), builds its module
     and an empty skeleton of it for loading. Loading a checkpoint needs only the formats it uses.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
+from zsfw.budget import REFERENCE_BYTES_PER_WEIGHT
 from zsfw.checkpoint.files import checkpoint_files, read_config
 from zsfw.checkpoint.schema import ZsfwConfig
 from zsfw.checkpoint.schema import QUANT_METHOD, owner_of

@@ -33,7 +33,7 @@ from zsfw._fs import honour_umask, new_folder
 from zsfw.checkpoint.destination import (OUTPUT_SETTING, check_destination, replace,
                                          writing)
 from zsfw.checkpoint.files import INDEX_FILE, SINGLE_FILE
-from zsfw.allocation import REFERENCE_BYTES_PER_WEIGHT
+from zsfw.budget import REFERENCE_BYTES_PER_WEIGHT
 from zsfw.checkpoint.schema import mark_config_file, owner_of, zsfw_config
 from zsfw.checksums import sha256_of
 from zsfw.errors import CheckpointError

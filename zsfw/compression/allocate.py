@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from zsfw.allocation import AllocationPlan, ByteBudget
+from zsfw.budget import AllocationPlan, ByteBudget
 from zsfw.compression.driver import Driver
-from zsfw.compression.store import FactorStore
+from zsfw.compression.factor_store import FactorStore
 from zsfw.errors import AllocationError
-from zsfw.interfaces import LayerScores, StorageFormat
+from zsfw.protocols import LayerScores, StorageFormat
 
 
 class StoredFactors:

@@ -37,7 +37,7 @@ from zsfw.checksums import check_sums, sha256_of, write_sums
 from zsfw.compression.driver import StatisticsPass
 from zsfw.compression.statistics import GroupStatistics
 from zsfw._fs import publish, work_folder
-from zsfw.compression.store import FactorStore
+from zsfw.compression.factor_store import FactorStore
 from zsfw.residency import residency
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _indexed(key: str, read: Callable[[Path, dict], Any]) -> Callable[[Path], An
     return reader
 
 
-class StatisticsCache:
+class CompressionCache:
     """Stage results, statistics and factorization entries in ``directory``, one per key."""
 
     def __init__(self, directory: str | Path) -> None:
@@ -224,5 +224,5 @@ class StatisticsCache:
         return FactorStore(work_folder(self.directory, ".factors-"), final=self.factors_path(key), key=key)
 
 
-def open_cache(directory: Any) -> StatisticsCache | None:
-    return None if directory is None else StatisticsCache(directory)
+def open_cache(directory: Any) -> CompressionCache | None:
+    return None if directory is None else CompressionCache(directory)

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from zsfw.allocation import AllocationPlan
+from zsfw.budget import AllocationPlan
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import truncate as best_rank
 from zsfw.compression.sequential import PairedMoments, paired_moments
 from zsfw.compression.statistics import autocast, distillation_loss, next_token_loss
-from zsfw.compression.store import FactorStore
+from zsfw.compression.factor_store import FactorStore
 from zsfw.compression.truncate import kept_factors
 from zsfw.errors import RecipeError, one_of
-from zsfw.interfaces import Corrector
+from zsfw.protocols import Corrector
 from zsfw.modules import LowRankLinear
 
 if TYPE_CHECKING:

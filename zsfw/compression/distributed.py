@@ -21,9 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from zsfw.compression.statistics import GroupStatistics, Objective
-from zsfw.compression.store import FactorStore
+from zsfw.compression.factor_store import FactorStore
 from zsfw.errors import CalibrationError, DeviceError
-from zsfw.interfaces import LayerScores
+from zsfw.protocols import LayerScores
 from zsfw.recipe import CalibrationConfig
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from zsfw.compression import distributed
 from zsfw.compression.statistics import GroupStatistics, Objective, collect
-from zsfw.compression.store import FactorStore
+from zsfw.compression.factor_store import FactorStore
 from zsfw.errors import CalibrationError
 from zsfw.recipe import CalibrationConfig, ExecutionConfig
 

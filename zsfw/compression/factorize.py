@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsfw.compression.cache import StatisticsCache, factorization_key, statistics_key
+from zsfw.compression.cache import CompressionCache, factorization_key, statistics_key
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import Whitening, lowrank_factors, whitened_svd, whitening_factor
 from zsfw.compression.report import Report
 from zsfw.compression.statistics import GroupStatistics
-from zsfw.compression.store import FactorStore
-from zsfw.interfaces import LayerScores, LayerSpectrum, Scorer, StorageFormat
+from zsfw.compression.factor_store import FactorStore
+from zsfw.protocols import LayerScores, LayerSpectrum, Scorer, StorageFormat
 from zsfw.recipe import ZeroSumSVDModifier
 from zsfw.residency import RESIDENT, Resident, residency
 
@@ -75,7 +75,7 @@ def _factorize_group(targets: dict[str, nn.Linear], group: GroupStatistics, scor
 
 def factor_store(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
                  modifier: ZeroSumSVDModifier, scorer: Scorer, driver: Driver,
-                 cache: StatisticsCache | None, report: Report, spill: StorageFormat | None = None,
+                 cache: CompressionCache | None, report: Report, spill: StorageFormat | None = None,
                  whiteners: bool = True) -> FactorStore:
     """The factorization of every target: a cached one when the cache holds it, else computed
     from statistics (cached, or from the driver's pass) and, with a cache, stored there (cache

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zsfw.allocation import dropped
+from zsfw.budget import dropped
 
 log = logging.getLogger(__name__)
 

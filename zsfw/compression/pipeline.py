@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from zsfw import capabilities, plugins
-from zsfw.allocation import AllocationPlan
+from zsfw.budget import AllocationPlan
 from zsfw.checkpoint.destination import check_destination
 from zsfw.checkpoint import save
 from zsfw.checkpoint.save import CheckpointWriter, expected_bytes, tokenizer_bytes
@@ -36,7 +36,7 @@ from zsfw.compression.finite import FiniteCheck
 from zsfw.compression.plan import Planner
 from zsfw.compression.report import Report
 from zsfw.compression.stages import run_stages
-from zsfw.compression.store import FactorStore, check_spill, spilling
+from zsfw.compression.factor_store import FactorStore, check_spill, spilling
 from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, ModelLoadError

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsfw.allocation import AllocationPlan
+from zsfw.budget import AllocationPlan
 from zsfw.capabilities import needs
 from zsfw.compression.allocate import allocate, chooses_formats
-from zsfw.compression.cache import StatisticsCache
+from zsfw.compression.cache import CompressionCache
 from zsfw.compression.driver import Driver
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
-from zsfw.compression.store import FactorStore
+from zsfw.compression.factor_store import FactorStore
 from zsfw.recipe import ZeroSumSVDModifier
 
 
@@ -30,7 +30,7 @@ class Planner:
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
                  modifier: ZeroSumSVDModifier, scorer: Any, allocator: Any, storage: Any, driver: Driver,
-                 validation: torch.Tensor | None, cache: StatisticsCache | None) -> None:
+                 validation: torch.Tensor | None, cache: CompressionCache | None) -> None:
         self.model, self.targets, self.windows, self.modifier = model, targets, windows, modifier
         self.scorer, self.allocator, self.storage, self.driver = scorer, allocator, storage, driver
         self.validation, self.cache = validation, cache

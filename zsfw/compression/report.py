@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
-from zsfw.allocation import AllocationPlan
+from zsfw.budget import AllocationPlan
 from zsfw.compression.linalg import relative_tail_energy
 
 T = TypeVar("T")

@@ -22,7 +22,7 @@ from torch import nn
 
 from zsfw import plugins
 from zsfw.capabilities import check_stage_plan, needs
-from zsfw.compression.cache import StatisticsCache, stage_key
+from zsfw.compression.cache import CompressionCache, stage_key
 from zsfw.recipe import PluginSpec
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def run_stages(specs: list[PluginSpec], model: nn.Module, targets: dict[str, nn.Linear],
                windows: torch.Tensor, training: torch.Tensor | None = None,
-               validation: torch.Tensor | None = None, cache: StatisticsCache | None = None,
+               validation: torch.Tensor | None = None, cache: CompressionCache | None = None,
                planner: Planner | None = None) -> list[dict[str, Any]]:
     """Apply each stage (or load its cached result); returns per stage its name, options and summary.
     A stage that needs a plan gets ``planner.for_stage()`` of the model before it (only when it

@@ -38,7 +38,7 @@ from zsfw.compression.layers import hidden_of, layer_arguments, owners, passthro
 from zsfw.compression.statistics import (GroupStatistics, Objective, InputMoments, checked_gradient, frozen,
                                          gradient_windows, loss_function, mean_loss, summed_gradient, widen)
 from zsfw._fs import spill_root, work_folder
-from zsfw.compression.store import spilling
+from zsfw.compression.factor_store import spilling
 from zsfw.compression.transfer import to_device, to_host
 from zsfw.errors import CalibrationError
 from zsfw.residency import decoder_layers, residency

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsfw.allocation import Allocation, AllocationPlan
-from zsfw.compression.store import FactorStore
+from zsfw.budget import Allocation, AllocationPlan
+from zsfw.compression.factor_store import FactorStore
 from zsfw.errors import AllocationError
 from zsfw.residency import residency
 

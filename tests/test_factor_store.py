@@ -9,8 +9,8 @@ import torch
 import zsfw
 from helpers import recipe
 from zsfw import plugins
-from zsfw.allocation import useful_rank
-from zsfw.compression.store import FactorStore
+from zsfw.budget import useful_rank
+from zsfw.compression.factor_store import FactorStore
 
 
 @pytest.mark.parametrize("storage", ["bf16", "fp32", "int8", "packed", "pivga"])

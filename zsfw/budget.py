@@ -18,7 +18,7 @@ from typing import Sequence, Union
 import torch
 
 from zsfw.errors import AllocationError
-from zsfw.interfaces import LayerScores, StorageFormat
+from zsfw.protocols import LayerScores, StorageFormat
 
 REFERENCE_BYTES_PER_WEIGHT = 2
 """``ratio`` counts bytes against the target layers at 16 bits per weight, the size checkpoints

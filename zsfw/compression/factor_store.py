@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from zsfw._fs import publish, spill_root, work_folder
 from zsfw.checkpoint.destination import probe, writing
 from zsfw.checksums import sha256_of, write_sums
-from zsfw.allocation import useful_rank
+from zsfw.budget import useful_rank
 from zsfw.compression.transfer import to_device, to_host
-from zsfw.interfaces import LayerScores, StorageFormat
+from zsfw.protocols import LayerScores, StorageFormat
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from zsfw.allocation import AllocationPlan, ByteBudget
+    from zsfw.budget import AllocationPlan, ByteBudget
 
 
 @dataclass
