@@ -11,7 +11,7 @@ and data of ``zsfw.protocols``, the budget, plan and frontier of ``zsfw.budget``
 modules of ``zsfw.modules``, the score, whitening and factor helpers, the calibration pass
 (``collect_statistics``, ``next_token_loss``), what a correction problem's gradients can be
 asked for (``CORRECTION_LOSSES``, ``CORRECTION_WINDOWS``, ``CORRECTION_PRECISIONS``,
-``native_precision``), ``create_component`` for composite plugins, and the errors of
+``native_precision``), ``create_component`` for composite plugins, ``option_of`` for a ``needs_for`` classmethod, and the errors of
 ``zsfw.errors``. See ``zsfw.hookspecs`` for the hooks.
 
 ``import zsfw`` is cheap: names load on first use, and zsfw's ``transformers`` quantizer (which
@@ -37,7 +37,7 @@ _LAZY = {  # public name -> the module that defines it ("module:attribute" where
     "save": "zsfw.checkpoint.save", "load": "zsfw.checkpoint.load",
     "load_recipe": "zsfw.recipe", "Recipe": "zsfw.recipe", "ZeroSumSVDModifier": "zsfw.recipe",
     "register_plugin": "zsfw.plugins", "storage_format": "zsfw.plugins",
-    "create_component": "zsfw.plugins",
+    "create_component": "zsfw.plugins", "option_of": "zsfw.capabilities",
     # the plugin API
     "LayerSpectrum": "zsfw.protocols", "LayerScores": "zsfw.protocols",
     "StorageFormat": "zsfw.protocols", "Scorer": "zsfw.protocols", "Allocator": "zsfw.protocols",

@@ -17,7 +17,7 @@ import torch
 
 import zsfw
 from zsfw import AllocationPlan, ByteBudget, DropFrontier, LayerScores, LayerSpectrum
-from zsfw.capabilities import option_of
+from zsfw import option_of
 
 
 class SigmaScorer:

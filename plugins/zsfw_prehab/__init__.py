@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 import zsfw
 from zsfw import AllocationPlan, next_token_loss, whitening_factor
 from zsfw import collect_statistics as collect
-from zsfw.capabilities import option_of
+from zsfw import option_of
 
 SURROGATES = ("stable_rank", "tail")
 RANKS = ("uniform", "plan")

@@ -13,7 +13,7 @@ import zsfw
 from zsfw import CorrectionProblem
 from zsfw import (CORRECTION_LOSSES as LOSSES, CORRECTION_PRECISIONS as PRECISIONS,
                   CORRECTION_WINDOWS as WINDOWS, native_precision)
-from zsfw.capabilities import option_of
+from zsfw import option_of
 from zsfw.errors import one_of
 
 
