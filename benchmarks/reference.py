@@ -136,7 +136,7 @@ def main() -> None:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
-        if "ppl" in cell:  # not a helper process under torchrun
+        if "wiki_ppl" in cell:  # not a helper process under torchrun
             (CELLS / f"{args.cell}.json").write_text(json.dumps(cell, indent=1))
         return
     for method in args.only:
