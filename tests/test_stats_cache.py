@@ -77,6 +77,23 @@ def test_a_failed_factorization_leaves_no_cache_entry(llama, windows, tmp_path, 
     assert not _entries(tmp_path, "factors") and not list(tmp_path.glob(".factors-*"))
 
 
+def test_r7_a_full_disk_under_the_statistics_cache_is_one_line_and_leaves_nothing(llama, windows, tmp_path,
+                                                                                 monkeypatch):
+    import errno
+
+    from zsfw.compression import cache
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "save_file", full)
+    with pytest.raises(zsfw.DestinationError, match=r"cannot write statistics in .*No space left on "
+                                                     r"device.*--statistics-cache") as caught:
+        zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
+    assert "\n" not in str(caught.value)
+    assert not _entries(tmp_path, "statistics") and not list(tmp_path.glob(".statistics-*"))
+
+
 def test_an_unreadable_entry_is_a_warned_miss_and_is_recomputed(llama, windows, tmp_path, caplog):
     first, _ = zsfw.compress(copy.deepcopy(llama), _recipe(), windows, statistics_cache=tmp_path)
     for entry in tmp_path.glob("factors-*/index.safetensors"):

@@ -37,7 +37,8 @@ from zsfw.checksums import check_sums, sha256_of, write_sums
 from zsfw.compression.driver import StatisticsPass
 from zsfw.compression.statistics import GroupStatistics
 from zsfw._fs import publish, work_folder
-from zsfw.compression.factor_store import FactorStore
+from zsfw.checkpoint.destination import writing
+from zsfw.compression.factor_store import CACHE_SETTING, FactorStore
 from zsfw.residency import residency
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,11 @@ class _CachedPass:
                     {n: f.get_tensor(f"G:{n}") for n in entry["members"] if f"G:{n}" in keys})
 
 
+def _writing(what: str, folder: Path):
+    """Where a full or unwritable cache folder becomes a one-line error naming it."""
+    return writing(what, folder, CACHE_SETTING)
+
+
 class _RecordingPass:
     """Passes a statistics pass through, writing each group into a new cache entry."""
 
@@ -122,14 +128,16 @@ class _RecordingPass:
                     tensors["C"] = stats.covariance.contiguous()
                 name = f"group-{i:05d}.safetensors"
                 groups.append({"file": name, "group": stats.group, "members": stats.members})
-                save_file(tensors, tmp / name)
-                digests[name] = sha256_of(tmp / name)  # at once, while in the page cache
+                with _writing("statistics", self.directory):
+                    save_file(tensors, tmp / name)
+                    digests[name] = sha256_of(tmp / name)  # at once, while in the page cache
                 yield stats
             self.tokens, self.loss = self.source.tokens, self.source.loss
-            (tmp / "index.json").write_text(json.dumps(
-                {"key": self.key, "tokens": self.tokens, "loss": repr(self.loss), "groups": groups}))
-            write_sums(tmp, digests | {"index.json": sha256_of(tmp / "index.json")})
-            publish(tmp, self.final)
+            with _writing("statistics", self.directory):
+                (tmp / "index.json").write_text(json.dumps(
+                    {"key": self.key, "tokens": self.tokens, "loss": repr(self.loss), "groups": groups}))
+                write_sums(tmp, digests | {"index.json": sha256_of(tmp / "index.json")})
+                publish(tmp, self.final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
 
@@ -193,10 +201,11 @@ class CompressionCache:
         """Store the model's weights after a stage and its summary under ``key``."""
         tmp = work_folder(self.directory, ".stage-")
         try:
-            save_model(model, str(tmp / "model.safetensors"))
-            (tmp / "index.json").write_text(json.dumps({"key": key, "summary": summary}, default=str))
-            write_sums(tmp, {name: sha256_of(tmp / name) for name in ("model.safetensors", "index.json")})
-            publish(tmp, self.stage_path(key))
+            with _writing("a stage's result", self.directory):
+                save_model(model, str(tmp / "model.safetensors"))
+                (tmp / "index.json").write_text(json.dumps({"key": key, "summary": summary}, default=str))
+                write_sums(tmp, {name: sha256_of(tmp / name) for name in ("model.safetensors", "index.json")})
+                publish(tmp, self.stage_path(key))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
