@@ -8,6 +8,20 @@ or nothing is saved.
 Memory stays bounded: the driver hands over one input group's statistics at a time, the
 factorize step drops them once the group's SVDs and scores are done, and the SVD factors wait on
 disk in the factor store until the plan says which of them to keep.
+
+Arguments of ``compress``: it compresses ``model`` in place as ``recipe`` says, calibrating on
+``dataset`` (text, read with ``tokenizer`` or the model's own, or a windows × tokens tensor of ids);
+returns it and a report. With ``output_dir`` it is saved there (an existing folder only with
+``overwrite``; a folder that another program makes there meanwhile is left alone, the model kept
+beside it); with ``statistics_cache`` stages' results, statistics and factorizations are reused when
+model, data and settings match. A corrector judges its steps on ``validation`` (windows × tokens ids
+held out from the calibration text), by default ``calibration.validation_samples`` windows drawn
+from ``dataset``'s text apart from the calibration windows. A training stage (prehab), or a
+corrector set to train on them (``refine`` with ``windows: training``), learns from ``training``
+windows, by default ``calibration.training_samples`` drawn apart from both. A compressed model whose
+output on a calibration window is NaN or Inf (after truncation or after correction) is a
+``NonFiniteError`` naming the first module that outputs it, and is not saved; ``allow_non_finite``
+keeps (and saves) it with a warning in the report instead.
 """
 
 from __future__ import annotations
@@ -51,21 +65,7 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
              output_dir: str | Path | None = None, tokenizer: Any = None, overwrite: bool = False,
              statistics_cache: str | Path | None = None, validation: torch.Tensor | None = None,
              training: torch.Tensor | None = None, allow_non_finite: bool = False) -> tuple[nn.Module, Report]:
-    """Compress ``model`` in place as ``recipe`` says, calibrating on ``dataset`` (text, read with
-    ``tokenizer`` or the model's own, or a windows × tokens tensor of ids); returns it and a report.
-    With ``output_dir`` it is saved there (an existing folder only with ``overwrite``; a folder
-    that another program makes there meanwhile is left alone, the model kept beside it); with
-    ``statistics_cache`` stages' results, statistics and factorizations are reused when model, data and
-    settings match.
-    A corrector judges its steps on ``validation`` (windows × tokens ids held out from the
-    calibration text), by default ``calibration.validation_samples`` windows drawn from ``dataset``'s
-    text apart from the calibration windows. A training stage (prehab), or a corrector set to
-    train on them (``refine`` with ``windows: training``), learns from ``training`` windows, by
-    default ``calibration.training_samples`` drawn apart from both.
-    A compressed model whose output on a calibration window is NaN or Inf (after truncation or
-    after correction) is a ``NonFiniteError`` naming the first module that outputs it, and is not
-    saved; ``allow_non_finite`` keeps (and saves) it with a warning in the report instead.
-    """
+    """Compress ``model`` in place as ``recipe`` says; returns it and a report (arguments: the module docstring)."""
     recipe = load_recipe(recipe)
     m = recipe.modifier
     _refuse_compressed(model)
@@ -86,11 +86,10 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     store = driver.gathered(planner.factorize(report, bool(corrector) or chooses_formats(storage)))
     if store is None:  # a helper process under torchrun: process 0 takes it from here
         return model, report
-    writer = None
+    writer = None  # with lazy weights, the writer that saves each layer as it is truncated
     try:
         plan = _allocate(planner, store, report)
-        if lazy:  # its layers are saved as they are truncated
-            writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES, checked=True)
+        writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES, checked=True) if lazy else None
         correction = corrector and Correction(model, targets, plan, store, driver, validation, planner,
                                               training, windows, m.calibration.batch_size)
         check = FiniteCheck(model, windows[:1], allow_non_finite, report.warnings)
