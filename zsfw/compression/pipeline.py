@@ -55,6 +55,7 @@ from zsfw.compression.targets import find_targets
 from zsfw.compression.truncate import truncate
 from zsfw.errors import CalibrationError, ModelLoadError
 from zsfw.memory import release_free_heap
+from zsfw.models import own_tokenizer
 from zsfw.recipe import RecipeLike, ZeroSumSVDModifier, load_recipe
 from zsfw.residency import compute_device, place, residency, wanted_device
 
@@ -148,7 +149,7 @@ def _destination(model: nn.Module, targets: dict[str, nn.Linear], m: ZeroSumSVDM
     spill = check_spill()
     if output_dir is None:
         return None, None
-    saved_tokenizer = tokenizer or _own_tokenizer(model)
+    saved_tokenizer = tokenizer or own_tokenizer(model)
     with spilling("the tokenizer (saved there to measure it)"):
         needed = expected_bytes(model, targets, m.ratio) + tokenizer_bytes(saved_tokenizer, spill)
     return check_destination(output_dir, overwrite, [getattr(model, "name_or_path", "")], needed), saved_tokenizer
@@ -227,9 +228,3 @@ def _training(given: torch.Tensor | None, drawn: torch.Tensor | None, m: ZeroSum
         [m.corrector.name] if m.corrector and capabilities.needs("corrector", m.corrector).needs_training else [])
     raise CalibrationError(f"{trainers} train on windows held out from calibration: with a tensor "
                            f"dataset pass training= (windows × tokens), or calibrate on text")
-
-
-def _own_tokenizer(model: nn.Module) -> Any:
-    from zsfw.models import own_tokenizer
-
-    return own_tokenizer(model)
