@@ -254,7 +254,7 @@ def test_norm_gradients_are_the_models_own_and_trained_norms_are_kept(llama, win
     """With ``norms`` the pass also gives each normalization layer's gradient (that of the model
     with the factors' products as weights); refine then moves them, the teacher keeps the originals."""
     from zsfw.compression import pipeline
-    from zsfw.compression.correct import normalizations
+    from zsfw.compression.trainable import normalizations
     from zsfw.compression.statistics import next_token_loss
 
     correct, checked = pipeline.correct, []
@@ -546,3 +546,52 @@ def test_a_correction_that_ends_in_nan_gives_the_one_shot_state_back(llama, wind
     assert _same_weights(corrected, one_shot)
     result = report.correction_result
     assert result["result"] == "reverted to one-shot" and result["final"] == result["one_shot"] < float("inf")
+
+
+class _Moving:
+    """A stand-in problem whose state is a number and whose validation loss is ``losses[state]``."""
+
+    def __init__(self, losses):
+        self.losses, self.state = losses, 0
+
+    def validation_loss(self):
+        return self.losses[self.state]
+
+    def snapshot(self):
+        return self.state
+
+    def restore(self, state):
+        self.state = state
+
+
+@pytest.mark.parametrize("losses, path, kept, best, final", [
+    ([3.0, 2.0, 2.5], [1, 2], False, 2.0, 1),  # the best step is taken back at the end
+    ([3.0, 2.0, 1.0], [1, 2], True, 1.0, 2),  # the last step is the best: it stays
+    ([3.0, 4.0, float("nan")], [1, 2], False, 3.0, 0),  # nothing beats the start; NaN is never kept
+    ([3.0, 3.0], [1], True, 3.0, 1),  # as good as the best counts as kept
+])
+def test_keep_best_keeps_the_lowest_validation_loss_and_never_a_nan(losses, path, kept, best, final):
+    from zsfw.compression.correct import KeepBest
+
+    problem = _Moving(losses)
+    tracker = KeepBest(problem)
+    for state in path:
+        problem.state = state
+        assert tracker.offer() == (losses[state] < min(losses[:state]))
+    assert tracker.settle() == kept
+    assert tracker.loss == best and problem.state == final
+
+
+def test_correction_implements_every_member_of_the_documented_interface():
+    import inspect
+
+    from zsfw.compression.correct import KeepBest
+    from zsfw.protocols import CorrectionProblem, KeepBestTracker
+
+    for protocol, implementation in ((CorrectionProblem, Correction), (KeepBestTracker, KeepBest)):
+        methods = {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
+        attributes = set(protocol.__annotations__)
+        assert methods and attributes
+        assert all(callable(getattr(implementation, n, None)) for n in methods), protocol.__name__
+        source = "".join(inspect.getsource(c) for c in implementation.__mro__[:-1])  # attributes set in __init__
+        assert all(f"self.{n}" in source or hasattr(implementation, n) for n in attributes), protocol.__name__

@@ -175,29 +175,77 @@ class Stage(Protocol):
         ...
 
 
-class CorrectionProblem(Protocol):
-    """The truncated model as a corrector sees it: dense rank-k weights it may move."""
+class KeepBestTracker(Protocol):
+    """The best state of a correction on the validation windows (from ``keep_best``)."""
 
+    loss: float  # the best validation loss so far
+    state: Any  # its snapshot
+
+    def offer(self) -> bool:
+        """Keep the current state if its validation loss is below ``loss``; whether it was."""
+        ...
+
+    def settle(self) -> bool:
+        """Go back to ``state`` unless the current state is as good; whether it was kept."""
+        ...
+
+
+class CorrectionProblem(Protocol):
+    """The truncated model as a corrector sees it: dense rank-k weights it may move.
+
+    State (what may move): ``layers``, ``plan``, ``factors``, ``norms``, ``dense``, ``original``,
+    ``weight``, ``install``, ``retruncate``, ``module_weight``, ``set_weight``, ``snapshot``,
+    ``restore``. Gradients: ``gradients``, ``factor_gradients``, ``paired_moments``. Judging:
+    ``validation_loss``, ``keep_best``, ``record``. Re-planning: ``replan``. Whatever a corrector
+    does, the pipeline keeps its result only if it is no worse than the one shot on the
+    validation windows.
+    """
+
+    # -- state
     layers: Sequence[str]  # the low-rank layers of the plan
     plan: AllocationPlan
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B, A), its weight is B @ A
-    gradient_windows: int  # how many windows ``gradients`` can share out
-    training_windows: int  # how many ``factor_gradients(windows="training")`` can share out (0: none drawn)
     norms: Sequence[str]  # the model's normalization layers (``factor_gradients(extra=…)``, ``set_weight``)
     dense: Sequence[str]  # the targets the plan keeps dense (likewise)
+    gradient_windows: int  # how many windows ``gradients`` can share out
+    training_windows: int  # how many ``factor_gradients(windows="training")`` can share out (0: none drawn)
 
-    def original(self, name: str) -> torch.Tensor: ...
+    def original(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s weight before truncation."""
+        ...
 
-    def weight(self, name: str) -> torch.Tensor: ...
-
-    def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
-        """Calibration loss and ∂L/∂W of every layer: ONE forward/backward for all layers, over
-        the gradient windows or, with ``share = (part, parts)``, that one of ``parts``
-        interleaved disjoint shares of them."""
+    def weight(self, name: str) -> torch.Tensor:
+        """Low-rank layer ``name``'s current (dense rank-k) weight."""
         ...
 
     def install(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         """Make ``B @ A`` (rank k of the plan) layer ``name``'s weight."""
+        ...
+
+    def retruncate(self, name: str, weight: torch.Tensor) -> None:
+        """Install the best rank-k (whitened) approximation of ``weight`` for layer ``name``."""
+        ...
+
+    def module_weight(self, name: str) -> torch.Tensor:
+        """Normalization layer or dense layer ``name``'s current weight."""
+        ...
+
+    def set_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Make ``weight`` normalization layer or dense layer ``name``'s weight (snapshots include
+        it); refused for a dense layer whose storage format quantizes it."""
+        ...
+
+    def snapshot(self) -> Any:
+        """The current state of every layer (and the plan), for ``restore``."""
+        ...
+
+    def restore(self, snapshot: Any) -> None: ...
+
+    # -- gradients
+    def gradients(self, share: tuple[int, int] = (0, 1)) -> tuple[float, dict[str, torch.Tensor]]:
+        """Calibration loss and ∂L/∂W of every layer: ONE forward/backward for all layers, over
+        the gradient windows or, with ``share = (part, parts)``, that one of ``parts``
+        interleaved disjoint shares of them."""
         ...
 
     def factor_gradients(self, share: tuple[int, int] = (0, 1), loss: str = "next_token",
@@ -213,19 +261,6 @@ class CorrectionProblem(Protocol):
         (in-memory driver only)."""
         ...
 
-    def module_weight(self, name: str) -> torch.Tensor:
-        """Normalization layer or dense layer ``name``'s current weight."""
-        ...
-
-    def set_weight(self, name: str, weight: torch.Tensor) -> None:
-        """Make ``weight`` normalization layer or dense layer ``name``'s weight (snapshots include
-        it); refused for a dense layer whose storage format quantizes it."""
-        ...
-
-    def retruncate(self, name: str, weight: torch.Tensor) -> None:
-        """Install the best rank-k (whitened) approximation of ``weight`` for layer ``name``."""
-        ...
-
     def paired_moments(self) -> Iterator[Any]:
         """Decoder layer by decoder layer, for each group of low-rank layers reading one input:
         ``PairedMoments`` (names, E[x x̂ᵀ], E[x̂ x̂ᵀ], last) of the uncompressed model's inputs x
@@ -233,26 +268,26 @@ class CorrectionProblem(Protocol):
         is asked for shapes the inputs after it (sequential compensation; in-memory driver only)."""
         ...
 
-    def replan(self, weights: dict[str, torch.Tensor]) -> None:
-        """Make ``weights`` the dense weights of the plan's low-rank layers (the other targets keep
-        their original weights), re-run statistics, factorization, scores and allocation at the
-        recipe's ratio on that model, and install the new plan's truncation (``plan``, ``layers``
-        and ``factors`` change; ``snapshot``/``restore`` include the plan)."""
-        ...
-
+    # -- judging
     def validation_loss(self) -> float:
         """Mean next-token loss of the current weights on held-out validation windows (forward
         only; judge steps and keep the best state on this, not on the calibration loss)."""
         ...
 
-    def snapshot(self) -> Any:
-        """The current state of every layer, for ``restore``."""
+    def keep_best(self) -> KeepBestTracker:
+        """A tracker of the best state from now on: ``offer()`` after a step, ``settle()`` at the end."""
         ...
-
-    def restore(self, snapshot: Any) -> None: ...
 
     def record(self, **entry: Any) -> None:
         """Note a measured step (e.g. cycle, scale, validation loss, accepted) for the report."""
+        ...
+
+    # -- re-planning
+    def replan(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make ``weights`` the dense weights of the plan's low-rank layers (the other targets keep
+        their original weights), re-run statistics, factorization, scores and allocation at the
+        recipe's ratio on that model, and install the new plan's truncation (``plan``, ``layers``
+        and ``factors`` change; ``snapshot``/``restore`` include the plan)."""
         ...
 
 

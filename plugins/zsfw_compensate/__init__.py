@@ -65,18 +65,16 @@ class CompensateCorrector:
         self.shrink, self.judge = shrink, one_of("judge", judge, JUDGES)
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
-        best, state = problem.validation_loss(), problem.snapshot()
+        best = problem.keep_best()
         for group in problem.paired_moments():
             for name in group.names:
                 W = problem.original(name).to(group.own.device)
                 problem.install(name, *compensated(W, group.cross, group.own, self.shrink, problem.plan.rank(name)))
             if group.last and self.judge == "layer":
-                value = problem.validation_loss()
-                problem.record(cycle=group.layer + 1, validation_loss=value, accepted=value < best)
-                if value < best:
-                    best, state = value, problem.snapshot()
-                else:
-                    problem.restore(state)
+                accepted = best.offer()
+                problem.record(cycle=group.layer + 1, validation_loss=problem.validation_loss(), accepted=accepted)
+                if not accepted:
+                    problem.restore(best.state)
         return []
 
 

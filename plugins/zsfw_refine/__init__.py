@@ -109,7 +109,7 @@ class RefineCorrector:
         optimizer = torch.optim.Adam([*(p for pair in params.values() for p in pair), *weights.values()], lr=self.lr,
                                      fused=device.type in ("cpu", "cuda"))  # one kernel: ~3× faster than the loop
         precision = native_precision(device) if self.precision == "auto" else self.precision
-        best = (problem.validation_loss(), problem.snapshot())
+        best = problem.keep_best()
         generator = torch.Generator().manual_seed(self.seed)
         order = [int(i) for _ in range(-(-self.steps // shares)) for i in torch.randperm(shares, generator=generator)]
         start, losses = time.perf_counter(), []
@@ -135,14 +135,12 @@ class RefineCorrector:
                 value, recent = problem.validation_loss(), losses[-self.validate_every:]
                 trained = {("calibration_kl" if self.loss == "distill" else "calibration_loss"):
                            sum(recent) / len(recent)}  # what the steps minimised, named as such
-                problem.record(cycle=step, **trained, validation_loss=value, accepted=value < best[0],
+                problem.record(cycle=step, **trained, validation_loss=value, accepted=best.offer(),
                                precision=precision)
-                if value < best[0]:
-                    best = (value, problem.snapshot())
             if last:
                 break
-        if self.keep_best and problem.validation_loss() > best[0]:
-            problem.restore(best[1])
+        if self.keep_best:
+            best.settle()
         return losses
 
 

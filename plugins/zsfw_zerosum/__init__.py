@@ -122,8 +122,8 @@ class ProjectedGradientCorrector:
 
     def correct(self, problem: CorrectionProblem) -> list[float]:
         losses = []
-        current = problem.validation_loss()
-        best = (current, problem.snapshot())
+        best = problem.keep_best()
+        current = best.loss
         for cycle in range(1, self.cycles + 1):
             loss, grads = problem.gradients(((cycle - 1) % self.rotate, self.rotate))
             losses.append(loss)
@@ -153,10 +153,9 @@ class ProjectedGradientCorrector:
                     break
                 continue
             current = value
-            if value < best[0]:
-                best = (value, problem.snapshot())
-        if self.keep_best and problem.validation_loss() > best[0]:
-            problem.restore(best[1])
+            best.offer()
+        if self.keep_best:
+            best.settle()
         return losses
 
     @staticmethod

@@ -46,6 +46,7 @@ from zsfw.compression.calibration import DatasetLike, coverage_warnings, token_i
 from zsfw.compression.correct import Correction, correct
 from zsfw.compression import distributed
 from zsfw.compression.driver import driver_for, gradient_share
+from zsfw.compression.feedback import Feedback
 from zsfw.compression.finite import FiniteCheck
 from zsfw.compression.plan import Planner
 from zsfw.compression.report import Report
@@ -91,8 +92,8 @@ def compress(model: nn.Module, recipe: RecipeLike = None, dataset: DatasetLike |
     try:
         plan = _allocate(planner, store, report)
         writer = CheckpointWriter(output_dir, overwrite, save.LAZY_MAX_SHARD_BYTES, checked=True) if lazy else None
-        correction = corrector and Correction(model, targets, plan, store, driver, validation, planner,
-                                              training, windows, m.calibration.batch_size)
+        feedback = Feedback(driver, validation, training, windows, m.calibration.batch_size)
+        correction = corrector and Correction(model, targets, plan, store, feedback, planner)
         check = FiniteCheck(model, windows[:1], allow_non_finite, report.warnings)
         with report.phase("truncate"):
             truncate(model, targets, plan, store, correction, writer, check)
