@@ -7,7 +7,9 @@ drop components one at a time.
 
 A layer *keeps* either its top k components (a rank k, the usual case) or a given set of
 component indices (ablations that drop anywhere in a spectrum); it is *dense* when its kept
-components would not cost less than the dense layer, and is then stored whole.
+components would not cost less than the dense layer, and is then stored whole. In a format
+with a quantized base (``has_base``) rank k is the base plus k residual components, and rank 0,
+the base alone, is allowed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,22 @@ def dropped(full_rank: int, kept: Allocation) -> torch.Tensor:
     mask = torch.ones(full_rank, dtype=torch.bool)
     mask[slice(None, kept) if isinstance(kept, int) else kept] = False
     return mask
+
+
+def has_base(storage: StorageFormat) -> bool:
+    """Whether ``storage`` stores rank k as a quantized base plus k residual components."""
+    return bool(getattr(storage, "has_base", False))
+
+
+def variant_of(storage: StorageFormat) -> str:
+    """Which factorization a layer in ``storage`` is truncated from: its residual on the
+    format's base (the format's ``base_key``), or the weight's own ("")."""
+    return storage.base_key if has_base(storage) else ""
+
+
+def min_rank(storage: StorageFormat) -> int:
+    """The lowest rank ``storage`` stores: 0 (the quantized base alone) in a format with a base, else 1."""
+    return 0 if has_base(storage) else 1
 
 
 def useful_rank(storage: StorageFormat, out_features: int, in_features: int, bias: bool) -> int:
@@ -88,6 +106,10 @@ class ByteBudget:
         low = storage.lowrank_bytes(layer.out_features, layer.in_features, rank, layer.has_bias)
         return min(low, dense)
 
+    def min_rank(self, layer: LayerScores) -> int:
+        """The lowest rank ``layer`` may keep in its format."""
+        return min_rank(self.format(layer))
+
     def is_dense(self, layer: LayerScores, rank: int) -> bool:
         return rank >= layer.full_rank or self.cost(layer, rank) == self.format(layer).dense_bytes(
             layer.out_features, layer.in_features, layer.has_bias
@@ -97,10 +119,10 @@ class ByteBudget:
         return sum(self.cost(l, rank_of(ranks[l.name])) for l in layers)
 
     def uniform_rank(self, layer: LayerScores) -> int:
-        """The largest rank (≥ 1) at which the layer costs at most the budget's ratio of its
-        16-bit bytes: what a uniform allocation gives it."""
+        """The largest rank (at least the format's lowest) at which the layer costs at most the
+        budget's ratio of its 16-bit bytes: what a uniform allocation gives it."""
         allowed = self.limit / self.original * self.reference_bytes(layer)
-        lo, hi = 1, layer.full_rank
+        lo, hi = self.min_rank(layer), layer.full_rank
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.cost(layer, mid) <= allowed:
@@ -123,11 +145,11 @@ class AllocationPlan(Mapping[str, Allocation]):
         self.budget = budget
         self._kept: dict[str, Allocation] = {}
         for layer in layers:
-            value = kept.get(layer.name)
-            if not _valid(value, layer.full_rank):
+            value, lowest = kept.get(layer.name), budget.min_rank(layer)
+            if not _valid(value, layer.full_rank, lowest):
                 raise AllocationError(
                     f"layer {layer.name!r} was given {value!r}; allowed: a rank in "
-                    f"1..{layer.full_rank} or a 1-D tensor of distinct component indices in "
+                    f"{lowest}..{layer.full_rank} or a 1-D tensor of distinct component indices in "
                     f"0..{layer.full_rank - 1}")
             self._kept[layer.name] = value
         extra = set(kept) - set(self.layers)
@@ -176,12 +198,12 @@ class AllocationPlan(Mapping[str, Allocation]):
                                   f"{self.budget.limit}")
 
 
-def _valid(kept: object, full_rank: int) -> bool:
+def _valid(kept: object, full_rank: int, lowest: int) -> bool:
     if isinstance(kept, torch.Tensor):
-        return (kept.dim() == 1 and kept.dtype in (torch.int32, torch.int64) and kept.numel() > 0
+        return (kept.dim() == 1 and kept.dtype in (torch.int32, torch.int64) and kept.numel() >= max(lowest, 1)
                 and kept.unique().numel() == kept.numel()
                 and 0 <= int(kept.min()) and int(kept.max()) < full_rank)
-    return isinstance(kept, int) and not isinstance(kept, bool) and 1 <= kept <= full_rank
+    return isinstance(kept, int) and not isinstance(kept, bool) and lowest <= kept <= full_rank
 
 
 class DropFrontier:
@@ -193,11 +215,11 @@ class DropFrontier:
     """
 
     def __init__(self, layers: Sequence[LayerScores], budget: ByteBudget,
-                 min_rank: int | Sequence[int] = 1) -> None:
+                 min_rank: int | Sequence[int] = 0) -> None:
         self.layers = list(layers)
         self.budget = budget
-        self.floors = [max(1, min_rank)] * len(self.layers) if isinstance(min_rank, int) else [
-            max(1, min(k, l.full_rank)) for k, l in zip(min_rank, self.layers)]  # per layer
+        floors = [min_rank] * len(self.layers) if isinstance(min_rank, int) else min_rank
+        self.floors = [max(budget.min_rank(l), min(k, l.full_rank)) for k, l in zip(floors, self.layers)]  # per layer
         self.ranks = [l.full_rank for l in self.layers]
         self.scores = [l.scores.tolist() for l in self.layers]
         self.spent = sum(budget.cost(l, k) for l, k in zip(self.layers, self.ranks))

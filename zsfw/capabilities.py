@@ -29,6 +29,8 @@ class Needs:
     needs_memory_driver: str | None = None  # why it needs execution.driver 'memory' (None: it does not)
     keeps_any_component: bool = False  # an allocator that may keep any components, not the top ones
     needs_gradient: bool = False  # a scorer given each layer's gradient
+    has_base: bool = False  # a storage format that stores a quantized base plus a low-rank residual
+    needs_hessian: bool = False  # a storage format whose base is rounded with H = C (GPTQ)
 
 
 def needs(kind: str, spec: Any) -> Needs:
@@ -66,12 +68,27 @@ def check(m: Any, lazy: bool, output_dir: str | Path | None, statistics_cache: s
     one at a time), or several processes under torchrun, cannot do yet; one-line ``RecipeError``."""
     _check_driver(m)
     model_aware = needs("allocator", m.allocator).needs_model
+    storage = needs("storage", m.storage)
+    if storage.has_base:
+        _check_base(m, model_aware, storage.needs_hessian)
     if lazy:
         _check_lazy(m, output_dir, model_aware)
     from zsfw.compression import distributed
 
     if distributed.launched():
-        _check_processes(m, statistics_cache, model_aware)
+        _check_processes(m, statistics_cache, model_aware, storage.has_base)
+
+
+def _check_base(m: Any, model_aware: bool, needs_hessian: bool) -> None:
+    """A format with a quantized base: its residual is truncated as planned (no corrector moves it
+    yet, no model-aware allocator soft-truncates it), and GPTQ rounding needs the moments C."""
+    wanted = ["no corrector" if m.corrector else "",
+              f"an allocator that needs no model, not {m.allocator.name!r}" if model_aware else "",
+              "whiten: true (GPTQ rounds with the input moments C)" if needs_hessian and not m.whiten else ""]
+    wanted = [w for w in wanted if w]
+    if wanted:
+        raise RecipeError(f"storage {m.storage.name!r} with a quantized base needs {', '.join(wanted)}; "
+                          f"recipes/hybrid.yaml is one that runs")
 
 
 def _check_driver(m: Any) -> None:
@@ -92,10 +109,11 @@ def _check_lazy(m: Any, output_dir: str | Path | None, model_aware: bool) -> Non
                           f"execution.weights 'resident' (recipes/zero_sum_oneshot.yaml has no corrector)")
 
 
-def _check_processes(m: Any, statistics_cache: str | Path | None, model_aware: bool) -> None:
+def _check_processes(m: Any, statistics_cache: str | Path | None, model_aware: bool, based: bool) -> None:
     planning = ", ".join(repr(s.name) for s in m.stages if needs("stage", s).needs_plan)
     unsupported = [what for what, used in (("a corrector", m.corrector), ("a statistics cache", statistics_cache),
                                            (f"allocator {m.allocator.name!r}", model_aware),
+                                           (f"storage {m.storage.name!r} (a quantized base)", based),
                                            (f"stage {planning} (it aims at the allocation plan)", planning))
                    if used]
     if unsupported:

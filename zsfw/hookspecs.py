@@ -37,6 +37,9 @@ together before any work):
 - ``needs_training: bool`` (stage, corrector): the run draws training windows for it.
 - ``needs_plan: bool`` (stage): gets the plan compression would make of the model before it.
 - ``needs_memory_driver: str | None`` (corrector): why it needs ``execution.driver: memory``.
+- ``has_base: bool`` (storage): stores rank k as a quantized base Q(W) plus k components of the
+  whitened residual W − Q(W) (rank 0: the base alone); see ``zsfw.protocols.BasedFormat``.
+- ``needs_hessian: bool`` (storage with a base): rounds the base with H = C, the layer's input moments.
 - ``needs_for(options) -> dict`` (classmethod): those of the above that depend on the recipe's options.
 - ``members_option: str`` (a composite, such as ``chain``): the option listing its members; it
   needs what any member needs.

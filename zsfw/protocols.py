@@ -70,12 +70,45 @@ class StorageFormat(Protocol):
         ...
 
 
+class BasedFormat(StorageFormat, Protocol):
+    """A storage format with a quantized base (``has_base = True``): rank k stores Q(W), the
+    weight quantized, plus the top k components of the whitened residual (W − Q(W))·S, in
+    ``hybrid_module``; rank 0 is the base alone, and ``dense_module`` the layer at full precision
+    (what the full residual converges to). The factorization holds each layer's residual under
+    ``base_key`` (formats with one key share it) and its base as ``base_tensors``."""
+
+    has_base: ClassVar[bool]
+    base_key: str  # names Q: formats whose Q is the same (bits, group, rounding) share one key
+    needs_hessian: bool  # ``quantize`` wants H (GPTQ)
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> Any:
+        """Q(W) of ``weight`` (out×in); ``hessian`` H = S Sᵀ (in×in, float64) when ``needs_hessian``."""
+        ...
+
+    def dequantize(self, base: Any) -> torch.Tensor:
+        """Q(W) as a float tensor (out×in)."""
+        ...
+
+    def base_tensors(self, base: Any) -> dict[str, torch.Tensor]: ...
+
+    def base_from_tensors(self, tensors: dict[str, torch.Tensor]) -> Any: ...
+
+    def hybrid_module(self, base: Any, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """The layer Q(W) + B A (B: out×k, A: k×in, k ≥ 0) plus ``bias``."""
+        ...
+
+
 class LayerFactors(Protocol):
     """What a format chooser may read of each layer: its whitened-SVD factors and whitening."""
 
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, name: str, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """B = U Σ^½ (out×r) and A = Σ^½ Vᵀ S⁻¹ (r×in), float64, of every component kept for
-        truncation (B[:, :k] @ A[:k] is the rank-k truncation)."""
+        truncation (B[:, :k] @ A[:k] is the rank-k truncation); of the residual on the base
+        ``variant`` (a ``BasedFormat``'s ``base_key``) when one is named."""
+        ...
+
+    def spectrum(self, name: str, variant: str = "") -> LayerScores:
+        """The layer's spectrum and scores (of its residual on base ``variant`` when one is named)."""
         ...
 
     def whitener(self, name: str) -> torch.Tensor | None:

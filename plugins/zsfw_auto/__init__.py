@@ -14,7 +14,10 @@ unit of whitened norm: a dropped component is an error of whitened norm σ_i, so
 calibrates the layer's quantization error in the same units. e is measured at the rank each
 format would give the layer under a uniform allocation and scaled as √(k / k_ref) (the error of
 independent roundings grows with the square root of how many numbers are stored); a dense layer's
-error is measured on the dense module. The format of each layer is the one the Lagrangian
+error is measured on the dense module. A member with a quantized base (``has_base``: int4, int3, …)
+stores rank k as the base plus k components of the whitened residual W − Q(W), whose remaining
+error has whitened norm √(Σ_{i≥k} σ_i²) (σ the residual's singular values, rank 0 the base alone):
+its predicted loss is κ_l times that, the same model as a quantized layer's. The format of each layer is the one the Lagrangian
 relaxation min Σ_l min_{f,k} P(l, f, k) + λ·bytes(l, f, k) picks at the smallest λ that meets the
 budget; the recipe's allocator then chooses every rank with each layer priced by its format.
 
@@ -32,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import zsfw
-from zsfw import ByteBudget, LayerFactors, LayerScores, StorageFormat, useful_rank
+from zsfw import ByteBudget, LayerFactors, LayerScores, StorageFormat, has_base, useful_rank
 
 DEFAULT_FORMATS = ("bf16", "pivga", "int8", "packed")
 BISECTIONS = 60
@@ -78,7 +81,6 @@ def options(layer: LayerScores, storage: StorageFormat, reference_rank: int, fac
     kappa = sensitivity(layer)
     tail = layer.scores.abs().flip(0).cumsum(0).flip(0)  # Σ_{i≥k} |ΔL_i| for k = 0..r−1
     dense_cost = storage.dense_bytes(m, n, bias)
-    ranks = range(1, min(useful_rank(storage, m, n, bias), B.shape[1] - 1) + 1)  # cheaper than dense
     weight = B @ A
     linear = nn.Linear(n, m, bias=b is not None, dtype=torch.float32)
     with torch.no_grad():
@@ -86,6 +88,9 @@ def options(layer: LayerScores, storage: StorageFormat, reference_rank: int, fac
         if b is not None:
             linear.bias.copy_(b)
     dense_error = kappa * whitened_norm(effective_weight(storage.dense_module(linear), n) - weight, S)
+    if has_base(storage):
+        return _based_options(layer, storage, factors, kappa, dense_cost, dense_error)
+    ranks = range(1, min(useful_rank(storage, m, n, bias), B.shape[1] - 1) + 1)  # cheaper than dense
     costs, losses = [], []
     if ranks:
         k_ref = min(max(reference_rank, 1), ranks[-1])
@@ -96,6 +101,19 @@ def options(layer: LayerScores, storage: StorageFormat, reference_rank: int, fac
             losses.append(float(tail[k]) + error * math.sqrt(k / k_ref))
     costs.append(dense_cost)
     losses.append(dense_error)
+    return Options(torch.tensor(costs, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64))
+
+
+def _based_options(layer: LayerScores, storage: StorageFormat, factors: LayerFactors, kappa: float,
+                   dense_cost: int, dense_error: float) -> Options:
+    """The ``Options`` of ``layer`` in a format with a quantized base: rank k (0: the base alone)
+    leaves the residual's components from k on, of whitened norm √(Σ_{i≥k} σ_i²)."""
+    m, n, bias = layer.out_features, layer.in_features, layer.has_bias
+    sigma = factors.spectrum(layer.name, storage.base_key).sigma.to(torch.float64)
+    left = (sigma ** 2).flip(0).cumsum(0).flip(0).clamp_min(0).sqrt()  # for k = 0..r−1
+    ranks = range(0, min(useful_rank(storage, m, n, bias), sigma.numel() - 1) + 1)
+    costs = [storage.lowrank_bytes(m, n, k, bias) for k in ranks] + [dense_cost]
+    losses = [kappa * float(left[k]) for k in ranks] + [dense_error]
     return Options(torch.tensor(costs, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64))
 
 
@@ -135,6 +153,7 @@ class AutoStorage:
     """A storage format per layer, from a list, by predicted loss at the byte budget (zsfw's own)."""
 
     name: ClassVar[str] = "auto"
+    members_option: ClassVar[str] = "formats"  # it has a base where a member has (``zsfw.capabilities``)
 
     def __init__(self, formats: Sequence[Any] = DEFAULT_FORMATS) -> None:
         if isinstance(formats, (str, dict)) or not formats:

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from zsfw.budget import has_base
 from zsfw.checkpoint.schema import ZsfwConfig, zsfw_config
 from zsfw.checkpoint.schema import owner_of
 from zsfw.errors import CheckpointError
@@ -48,6 +49,9 @@ def load_modules(model: nn.Module, config: ZsfwConfig, files: list[str | Path]) 
     for name, record in records.items():
         if not state[name]:
             raise CheckpointError(f"no tensors for compressed module {name!r} in the checkpoint")
+        if record.rank == 0 and not has_base(formats[name]):
+            raise CheckpointError(f"quantization_config gives module {name!r} rank 0 in format {record.format!r}, "
+                                  f"which has no quantized base; a stored rank there is 1 or more")
         module = formats[name].skeleton(record.out_features, record.in_features, record.rank, record.bias)
         try:
             result = module.load_state_dict(state.pop(name), strict=False, assign=True)

@@ -52,10 +52,10 @@ class ModuleRecord:
                                   f"({e!r}); expected format, out_features, in_features, rank, "
                                   f"bias, got {row}") from None
         full = min(record.out_features, record.in_features)
-        if record.rank is not None and not 0 < record.rank < full:
+        if record.rank is not None and not 0 <= record.rank < full:  # 0: a quantized base alone
             raise CheckpointError(f"quantization_config gives module {name!r} ({record.out_features}x"
                                   f"{record.in_features}) rank {record.rank}; a stored rank is in "
-                                  f"1..{full - 1} (null for a dense layer)")
+                                  f"0..{full - 1} (0 only in a format with a quantized base; null for a dense layer)")
         return record
 
     def to_dict(self) -> dict:

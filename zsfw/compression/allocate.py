@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from zsfw.budget import AllocationPlan, ByteBudget
+from zsfw.budget import AllocationPlan, ByteBudget, has_base, variant_of
 from zsfw.compression.driver import Driver
 from zsfw.compression.factor_store import FactorStore
 from zsfw.errors import AllocationError
@@ -29,9 +29,12 @@ class StoredFactors:
     def __init__(self, store: FactorStore, targets: dict[str, nn.Linear]) -> None:
         self.store, self.targets = store, targets
 
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        B, A = self.store.factors(name, torch.device("cpu"))
+    def factors(self, name: str, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        B, A = self.store.factors(name, torch.device("cpu"), variant)
         return B.to(torch.float64), A.to(torch.float64)
+
+    def spectrum(self, name: str, variant: str = "") -> LayerScores:
+        return self.store.spectrum(name, variant)
 
     def whitener(self, name: str) -> torch.Tensor | None:
         S = self.store.whitener(name, torch.device("cpu"))
@@ -98,8 +101,10 @@ def allocate(allocator: Any, name: str, ratio: float, storage: StorageFormat, st
     budget of ``ratio`` priced by ``storage``; returns its plan, checked. A model-aware
     allocator judges its states on the ``validation`` windows; a format chooser ``storage`` picks
     each layer's format first."""
-    layers = [store.layers[target] for target in targets]
-    formats = storage.choose(layers, ratio, StoredFactors(store, targets)) if chooses_formats(storage) else None
+    formats = None
+    if chooses_formats(storage):
+        formats = storage.choose([store.layers[t] for t in targets], ratio, StoredFactors(store, targets))
+    layers = [store.spectrum(t, variant_of((formats or {}).get(t, storage))) for t in targets]
     budget = ByteBudget(layers, ratio, storage, formats)
     try:
         if getattr(allocator, "needs_model", False):
@@ -119,3 +124,16 @@ def allocate(allocator: Any, name: str, ratio: float, storage: StorageFormat, st
 def chooses_formats(storage: Any) -> bool:
     """Whether ``storage`` is a format chooser (``storage: auto``) rather than one format."""
     return callable(getattr(storage, "choose", None))
+
+
+def based_formats(storage: Any) -> dict[str, StorageFormat]:
+    """The formats with a quantized base ``storage`` may store a layer in, by base key: whose
+    residuals the factorization must hold."""
+    members = storage.members.values() if chooses_formats(storage) else [storage]
+    return {member.base_key: member for member in members if has_base(member)}
+
+
+def needs_plain(storage: Any) -> bool:
+    """Whether a layer may be truncated from its own weight's factorization (any format but a
+    single one with a base; a format chooser also reads the plain scores)."""
+    return chooses_formats(storage) or not has_base(storage)

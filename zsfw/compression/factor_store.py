@@ -3,6 +3,10 @@ SVD (every component, or those a top-k plan can keep) and, when a corrector need
 group's whitening factor S, kept on disk between factorization and truncation, with the spectra
 and scores allocators need in memory.
 
+A format with a quantized base (``has_base``) factorizes the residual W − Q(W) instead: its
+*variant* (the format's ``base_key``) holds each layer's residual factors, spectrum and scores
+and the quantized base itself; the plain factorization is variant "".
+
 One object owns its folder, its keys and its cleanup. A temporary store lives in a fresh folder
 and is removed by ``close``. A store created by the factorization cache is written in a hidden
 folder of the cache and becomes an entry only when ``commit`` renames it into place; ``close``
@@ -61,7 +65,8 @@ class FactorStore:
         self.key = key
         self.spill = spill  # keep each layer's components up to this format's useful rank; None: all
         self.whiteners = whiteners  # keep each group's S (a corrector re-truncates with it)
-        self.layers: dict[str, LayerScores] = {}
+        self.layers: dict[str, LayerScores] = {}  # the plain factorization's (variant "")
+        self.variants: dict[str, dict[str, LayerScores]] = {}  # base key -> the residuals'
         self.whitener_of: dict[str, str] = {}  # layer -> its whitening group
         self.notes: dict[str, str] = {}  # layer -> how S was obtained, when unusual
         self.tokens = 0
@@ -78,6 +83,10 @@ class FactorStore:
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
+
+    @staticmethod
+    def _prefix(variant: str) -> str:
+        return "factors" if not variant else f"residual.{variant}"
 
     def _save(self, tensors: dict[str, torch.Tensor], path: Path,
               metadata: dict[str, str] | None = None) -> None:
@@ -104,18 +113,32 @@ class FactorStore:
             self._save(to_host({"S": S}), self._path(f"S.{group}"))
 
     def put_layer(self, scores: LayerScores, B: torch.Tensor, A: torch.Tensor,
-                  group: str | None, note: str = "") -> None:
+                  group: str | None, note: str = "", variant: str = "") -> None:
         """A layer's factors B = U Σ^½ and A = Σ^½ Vᵀ S⁻¹ of its kept components (to disk,
-        fp32) and its spectrum and scores (kept in memory)."""
-        self._save(to_host({"B": B.float(), "A": A.float()}), self._path(f"factors.{scores.name}"))
-        self.layers[scores.name] = scores
+        fp32) and its spectrum and scores (kept in memory); of its residual on the base
+        ``variant`` when one is named."""
+        self._save(to_host({"B": B.float(), "A": A.float()}), self._path(f"{self._prefix(variant)}.{scores.name}"))
+        (self.variants.setdefault(variant, {}) if variant else self.layers)[scores.name] = scores
         if group is not None:
             self.whitener_of[scores.name] = group
             self.notes[scores.name] = note
 
-    def factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """B (out×r) and A (r×in), fp32, of the layer's top r kept components."""
-        found = load_file(self._path(f"factors.{name}"))
+    def put_base(self, variant: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """The tensors of layer ``name``'s quantized base in the base ``variant``."""
+        self._save(to_host({key: t.contiguous() for key, t in tensors.items()}), self._path(f"base.{variant}.{name}"))
+
+    def base(self, variant: str, name: str) -> dict[str, torch.Tensor]:
+        """What ``put_base`` stored (on the CPU)."""
+        return load_file(self._path(f"base.{variant}.{name}"))
+
+    def spectrum(self, name: str, variant: str = "") -> LayerScores:
+        """Layer ``name``'s spectrum and scores: of its weight, or of its residual on base ``variant``."""
+        return self.variants[variant][name] if variant else self.layers[name]
+
+    def factors(self, name: str, device: torch.device, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """B (out×r) and A (r×in), fp32, of the layer's top r kept components (of its residual on
+        base ``variant`` when one is named)."""
+        found = load_file(self._path(f"{self._prefix(variant)}.{name}"))
         return to_device(found["B"], device), to_device(found["A"], device)
 
     def whitener(self, name: str, device: torch.device) -> torch.Tensor | None:
@@ -127,11 +150,13 @@ class FactorStore:
 
     def commit(self) -> None:
         """Write the index and, for a cache entry, its ``SHA256SUMS`` and rename the folder into place."""
-        tensors = {}
-        for name, layer in self.layers.items():
-            tensors[f"sigma:{name}"] = layer.sigma.contiguous()
-            tensors[f"scores:{name}"] = layer.scores.contiguous()
-        shapes = {name: [l.out_features, l.in_features, l.has_bias] for name, l in self.layers.items()}
+        tensors, shapes = {}, {}
+        for variant, layers in (("", self.layers), *self.variants.items()):
+            tag = f"{variant}:" if variant else ""
+            for name, layer in layers.items():
+                tensors[f"sigma:{tag}{name}"] = layer.sigma.contiguous()
+                tensors[f"scores:{tag}{name}"] = layer.scores.contiguous()
+                shapes[f"{tag}{name}"] = [layer.out_features, layer.in_features, layer.has_bias]
         self._save(tensors, self.directory / INDEX, metadata={
             "key": self.key, "shapes": json.dumps(shapes, sort_keys=True),
             "whitener_of": json.dumps(self.whitener_of, sort_keys=True),
@@ -157,9 +182,11 @@ class FactorStore:
             store.whitener_of = json.loads(meta["whitener_of"])
             store.notes = json.loads(meta["notes"])
             store.tokens, store.loss = int(meta["tokens"]), float(meta["loss"])
-            for name, (out_f, in_f, bias) in json.loads(meta["shapes"]).items():
-                store.layers[name] = LayerScores(name, out_f, in_f, bias, f.get_tensor(f"sigma:{name}"),
-                                                 f.get_tensor(f"scores:{name}"))
+            for tagged, (out_f, in_f, bias) in json.loads(meta["shapes"]).items():
+                variant, _, name = tagged.rpartition(":")
+                layer = LayerScores(name, out_f, in_f, bias, f.get_tensor(f"sigma:{tagged}"),
+                                    f.get_tensor(f"scores:{tagged}"))
+                (store.variants.setdefault(variant, {}) if variant else store.layers)[name] = layer
         store.committed = True
         log.info("whitened SVDs and scores from the cache: %s", directory)
         return store

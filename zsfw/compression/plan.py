@@ -14,7 +14,7 @@ from torch import nn
 
 from zsfw.budget import AllocationPlan
 from zsfw.capabilities import needs
-from zsfw.compression.allocate import allocate, chooses_formats
+from zsfw.compression.allocate import allocate, based_formats, chooses_formats, needs_plain
 from zsfw.compression.cache import CompressionCache
 from zsfw.compression.driver import Driver
 from zsfw.compression.factorize import factor_store
@@ -53,7 +53,8 @@ class Planner:
         (unless not ``cached``) when it holds them; ``whiteners``: keep each group's factor S."""
         return factor_store(self.model, self.targets, self.windows, modifier or self.modifier, self.scorer,
                             self.driver, self.cache if cached else None, report,
-                            None if self.every_component else self.storage, whiteners)
+                            None if self.every_component else self.storage, whiteners,
+                            based_formats(self.storage), needs_plain(self.storage))
 
     def allocate(self, store: FactorStore) -> AllocationPlan:
         """The allocator's plan of ``store``'s layers at the recipe's ratio."""

@@ -12,16 +12,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsfw.budget import Allocation, AllocationPlan
+from zsfw.budget import Allocation, AllocationPlan, variant_of
 from zsfw.compression.factor_store import FactorStore
 from zsfw.errors import AllocationError
 from zsfw.residency import residency
 
 
 def kept_factors(store: FactorStore, name: str, kept: Allocation,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """B (out×k) and A (k×in), float64, of the components ``kept`` of layer ``name``."""
-    B, A = store.factors(name, device)
+                 device: torch.device, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """B (out×k) and A (k×in), float64, of the components ``kept`` of layer ``name`` (of its
+    residual on base ``variant`` when one is named)."""
+    B, A = store.factors(name, device, variant)
     needed = kept if isinstance(kept, int) else int(kept.max()) + 1 if kept.numel() else 0
     if needed > B.shape[1]:
         raise AllocationError(f"the plan keeps component {needed - 1} of {name!r}, but only its top "
@@ -47,14 +48,20 @@ def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPl
             for name in names:
                 linear = targets[name]
                 new = linear
+                storage = plan.format(name)
+                variant = variant_of(storage)
                 if plan.is_dense(name):
-                    new = plan.format(name).dense_module(linear)
+                    new = storage.dense_module(linear)
+                elif variant:  # the quantized base plus the kept residual components
+                    B, A = kept_factors(store, name, plan[name], linear.weight.device, variant)
+                    base = storage.base_from_tensors(store.base(variant, name))
+                    new = storage.hybrid_module(base, B, A, linear.bias)
                 else:
                     B, A = kept_factors(store, name, plan[name], linear.weight.device)
                     if correction is not None:
                         correction.install(name, B, A)
                     else:
-                        new = plan.format(name).lowrank_module(B, A, linear.bias)
+                        new = storage.lowrank_module(B, A, linear.bias)
                 if new is not linear:
                     model.set_submodule(name, new)
                     weights.retire(linear)  # its weights are not kept alive by ``targets``
