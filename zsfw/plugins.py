@@ -25,8 +25,8 @@ ENTRY_POINT_GROUP = "zsfw"
 # Every shipped plugin, registered first so the built-in recipes work with autoload disabled; the
 # same modules are also the distribution's entry points (pyproject.toml), as a third party's would be.
 DEFAULT_PLUGINS = ("zsfw_zerosum", "zsfw_baselines", "zsfw_dense", "zsfw_torchao", "zsfw_packed",
-                   "zsfw_refine", "zsfw_pivga", "zsfw_fermigrad", "zsfw_prehab", "zsfw_auto",
-                   "zsfw_compensate", "zsfw_chain")
+                   "zsfw_refine", "zsfw_pivga", "zsfw_groupwise", "zsfw_fermigrad", "zsfw_prehab",
+                   "zsfw_auto", "zsfw_compensate", "zsfw_chain")
 KINDS = {
     "stage": "zsfw_register_stages",
     "scorer": "zsfw_register_scorers",
