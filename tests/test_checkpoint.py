@@ -27,6 +27,10 @@ FORMATS = {  # label -> the recipe's storage spec
     "int8-dynamic": {"name": "int8", "activation": "dynamic"}, "fp8": "fp8", "packed": "packed",
     "pivga": "pivga", "pivga-int8": {"name": "pivga", "dtype": "int8"},
     "auto": ["bf16", "pivga", "int8", "packed"],  # auto: a format per layer
+    "int4": {"name": "int4", "group_size": 16},  # a quantized base plus a residual (width 32)
+    "int3-gptq": {"name": "int3", "group_size": 16, "rounding": "gptq"},
+    "auto-bits": {"name": "auto", "formats": ["bf16", "int8", {"name": "int4", "group_size": 16},
+                                             {"name": "int2", "group_size": 16}]},
 }
 
 

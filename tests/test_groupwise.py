@@ -11,7 +11,7 @@ import torch
 import zsfw
 from zsfw.checkpoint.save import module_tensors
 from zsfw.errors import PluginError, RecipeError
-from zsfw_groupwise import (GroupwiseLinear, GroupwiseWeight, pack, packed_bytes, quantize_gptq, quantize_rtn,
+from zsfw_groupwise import (GroupwiseWeight, pack, packed_bytes, quantize_gptq, quantize_rtn,
                             unpack)
 
 BITS = (2, 3, 4)
@@ -266,10 +266,8 @@ def test_bad_options_and_a_residual_without_its_base_are_refused():
     with pytest.raises(PluginError, match="group_size must be a positive integer, got 0"):
         _fmt(3, group_size=0)
     fmt = _fmt(2)
-    with pytest.raises(RuntimeError, match="lowrank_module needs base="):
+    with pytest.raises(RuntimeError, match="build its layers with hybrid_module"):
         fmt.lowrank_module(torch.zeros(8, 1), torch.zeros(1, 64), None)
-    base = quantize_rtn(_weight(8, 64), 2, 64)
-    assert isinstance(fmt.lowrank_module(torch.zeros(8, 1), torch.zeros(1, 64), None, base=base), GroupwiseLinear)
     with pytest.raises(ValueError, match="got a base of 4 bits"):
         fmt.hybrid_module(quantize_rtn(_weight(8, 64), 4, 64), torch.zeros(8, 0), torch.zeros(0, 64), None)
 
@@ -283,3 +281,12 @@ def test_dense_layers_are_bf16_and_their_skeleton_loads():
     skeleton.load_state_dict(dense.state_dict(), assign=True)
     x = torch.randn(3, 64)
     assert torch.equal(skeleton(x), dense(x))
+
+
+def test_the_base_travels_through_the_factor_store_tensors_unchanged():
+    fmt = _fmt(3, rounding="rtn")
+    base = fmt.quantize(_weight(8, 128))
+    again = fmt.base_from_tensors(fmt.base_tensors(base))
+    assert torch.equal(again.qdata, base.qdata) and torch.equal(again.scale, base.scale)
+    torch.testing.assert_close(fmt.dequantize(again), base.dequantize(), rtol=0, atol=0)
+    assert fmt.base_key == "int3-g64-rtn" and _fmt(3, rounding="gptq").base_key != fmt.base_key

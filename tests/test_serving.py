@@ -14,7 +14,8 @@ from zsfw._fs import current_umask
 from helpers import recipe
 
 FORMATS = ["fp32", "bf16", "fp16", "int8", {"name": "int8", "activation": "dynamic"}, "fp8", "packed", "pivga",
-           {"name": "pivga", "dtype": "int8"}]
+           {"name": "pivga", "dtype": "int8"}, {"name": "int4", "group_size": 16},
+           {"name": "auto", "formats": ["bf16", {"name": "int3", "group_size": 16}]}]
 COMPILED_TOLERANCE = 1e-4  # relative logit error, compiled vs eager (inductor fuses and reorders)
 # int8 dynamic activations: a reordered max can move an activation's rounding by one int8 step
 DYNAMIC_ACTIVATION_TOLERANCE = 1e-2

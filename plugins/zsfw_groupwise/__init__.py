@@ -55,10 +55,30 @@ class GroupwiseFormat:
             raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
         self.group_size, self.rounding = group_size, rounding
 
+    @classmethod
+    def needs_for(cls, options: dict) -> dict:
+        """``needs_hessian`` as the recipe's options make it (``zsfw.capabilities``)."""
+        return {"needs_hessian": zsfw.option_of(cls, options, "rounding") == "gptq"}
+
     @property
     def needs_hessian(self) -> bool:
         """Whether ``quantize`` needs the layer's input second moment (GPTQ rounding)."""
         return self.rounding == "gptq"
+
+    @property
+    def base_key(self) -> str:
+        """What the base depends on: formats with one key share one residual factorization."""
+        return f"int{self.bits}-g{self.group_size}-{self.rounding}"
+
+    def dequantize(self, base: GroupwiseWeight) -> torch.Tensor:
+        return base.dequantize()
+
+    def base_tensors(self, base: GroupwiseWeight) -> dict[str, torch.Tensor]:
+        """The base as the factor store keeps it between factorization and truncation."""
+        return {"qdata": base.qdata, "scale": base.scale}
+
+    def base_from_tensors(self, tensors: dict[str, torch.Tensor]) -> GroupwiseWeight:
+        return GroupwiseWeight(tensors["qdata"], tensors["scale"], self.bits, self.group_size)
 
     def _check_groups(self, out_features: int, in_features: int) -> None:
         if in_features % self.group_size:
@@ -99,13 +119,10 @@ class GroupwiseFormat:
                              f"{base.bits} bits in groups of {base.group_size}")
         return GroupwiseLinear.from_parts(base, B, A, bias)
 
-    def lowrank_module(self, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, *,
-                       base: GroupwiseWeight | None = None) -> GroupwiseLinear:
-        """``hybrid_module(base, B, A, bias)``; a residual without its base is a pipeline bug."""
-        if base is None:
-            raise RuntimeError(f"storage {self.name} stores a quantized base plus a residual: "
-                               f"lowrank_module needs base= (from quantize), or call hybrid_module")
-        return self.hybrid_module(base, B, A, bias)
+    def lowrank_module(self, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """Never called: the pipeline builds a based format's layers with ``hybrid_module``."""
+        raise RuntimeError(f"storage {self.name} stores a quantized base plus a residual: "
+                           f"build its layers with hybrid_module")  # a pipeline bug
 
     def dense_module(self, linear: nn.Linear) -> nn.Module:
         return DENSE.dense_module(linear)

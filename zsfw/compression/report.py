@@ -155,13 +155,14 @@ class Report:
         """A plain-text table: one row per layer, then totals, timings and memory."""
         mixed = len(self.format_counts) > 1  # storage: auto: a format column
         head = (f"{'module':<40} {'shape':>11} {'rank':>11} {'format ' if mixed else ''}"
-                f"{'kept':>6} {'bytes':>10} {'ΔL sum':>10} {'w.err':>6}")
+                f"{'kept':>6} {'bits':>5} {'bytes':>10} {'ΔL sum':>10} {'w.err':>6}")
         rows = [head, "-" * len(head)]
         for l in self.layers:
             rank = "dense" if l.dense else f"{l.rank}/{l.full_rank}"
             fmt = f"{l.format:>6} " if mixed else ""
             rows.append(f"{l.name[-40:]:<40} {l.shape[0]:>5}x{l.shape[1]:<5} {rank:>11} {fmt}"
-                        f"{l.kept:>6.3f} {l.bytes:>10} {l.predicted_delta_loss:>10.3g} "
+                        f"{l.kept:>6.3f} {8 * l.bytes / (l.shape[0] * l.shape[1]):>5.2f} {l.bytes:>10} "
+                        f"{l.predicted_delta_loss:>10.3g} "
                         f"{l.whitened_error:>6.3f}{'  ' + l.whitening if l.whitening else ''}")
         t = self.to_dict()["totals"]
         rows += ["-" * len(head),
@@ -181,8 +182,9 @@ class Report:
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
                  + f" (total {t['seconds']:.1f}s)",
                  f"peak RSS: {max(self.peak_rss_mb.values(), default=peak_rss_mb()):.0f} MB",
-                 "columns: rank kept/full ('dense': stored whole); kept = bytes / bytes at 16 bits "
-                 "per weight; ΔL sum = the scorer's predicted loss change of the dropped "
+                 "columns: rank kept/full ('dense': stored whole; in a format with a quantized base, the "
+                 "residual's rank on it, 0: the base alone); kept = bytes / bytes at 16 bits per weight; "
+                 "bits = bits per weight; ΔL sum = the scorer's predicted loss change of the dropped "
                  "components; w.err = ‖(W − W_k)S‖ / ‖W S‖, the whitened relative error"]
         rows += [f"warning: {w}" for w in self.warnings]
         if self.files:
