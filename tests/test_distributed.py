@@ -21,8 +21,8 @@ from helpers import patterned_windows, recipe, source_model
 
 windows = patterned_windows()
 model = source_model({source!r}, {execution!r})
-_, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution={execution!r}), windows,
-                          output_dir={out!r})
+_, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution={execution!r}, storage={storage!r}),
+                          windows, output_dir={out!r})
 if torch.distributed.get_rank() == 0:
     json.dump({{"ranks": [l.rank for l in report.layers], "bytes": [l.written_bytes for l in report.layers],
                "loss": report.calibration_loss, "tokens": report.calibration_tokens}}, open({result!r}, "w"))
@@ -30,10 +30,10 @@ torch.distributed.destroy_process_group()
 """
 
 
-def _torchrun(tmp_path: Path, execution: dict) -> dict:
+def _torchrun(tmp_path: Path, execution: dict, storage) -> dict:
     script = tmp_path / "run.py"
     result = tmp_path / "result.json"
-    script.write_text(SCRIPT.format(tests=str(HERE), execution=execution, out=str(tmp_path / "two"),
+    script.write_text(SCRIPT.format(tests=str(HERE), execution=execution, storage=storage, out=str(tmp_path / "two"),
                                     result=str(result), source=str(tmp_path / "source")))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=600,
@@ -42,15 +42,16 @@ def _torchrun(tmp_path: Path, execution: dict) -> dict:
     return json.loads(result.read_text())
 
 
-@pytest.mark.parametrize("execution", [{"driver": "memory"}, {"driver": "streamed"},
-                                       {"driver": "streamed", "weights": "lazy"}])
-def test_two_processes_give_what_one_gives(execution, tmp_path):
+@pytest.mark.parametrize("execution, storage", [
+    ({"driver": "memory"}, "bf16"), ({"driver": "streamed"}, "bf16"), ({"driver": "streamed", "weights": "lazy"}, "bf16"),
+    ({"driver": "streamed"}, ["bf16", {"name": "int4", "group_size": 16, "rounding": "gptq"}])])  # residuals too
+def test_two_processes_give_what_one_gives(execution, storage, tmp_path):
     windows = patterned_windows()
     train_briefly(tiny_llama(), windows).save_pretrained(tmp_path / "source")
-    two = _torchrun(tmp_path, execution)
+    two = _torchrun(tmp_path, execution, storage)
     model = source_model(str(tmp_path / "source"), execution)
-    _, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution=execution), windows,
-                              output_dir=tmp_path / "one")
+    _, report = zsfw.compress(model, recipe(ratio=0.6, gradient_samples=6, execution=execution, storage=storage),
+                              windows, output_dir=tmp_path / "one")
     assert two["ranks"] == [l.rank for l in report.layers]
     assert two["bytes"] == [l.written_bytes for l in report.layers]
     assert two["tokens"] == report.calibration_tokens

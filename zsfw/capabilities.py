@@ -76,7 +76,7 @@ def check(m: Any, lazy: bool, output_dir: str | Path | None, statistics_cache: s
     from zsfw.compression import distributed
 
     if distributed.launched():
-        _check_processes(m, statistics_cache, model_aware, storage.has_base)
+        _check_processes(m, statistics_cache, model_aware)
 
 
 def _check_base(m: Any, model_aware: bool, needs_hessian: bool) -> None:
@@ -109,11 +109,10 @@ def _check_lazy(m: Any, output_dir: str | Path | None, model_aware: bool) -> Non
                           f"execution.weights 'resident' (recipes/zero_sum_oneshot.yaml has no corrector)")
 
 
-def _check_processes(m: Any, statistics_cache: str | Path | None, model_aware: bool, based: bool) -> None:
+def _check_processes(m: Any, statistics_cache: str | Path | None, model_aware: bool) -> None:
     planning = ", ".join(repr(s.name) for s in m.stages if needs("stage", s).needs_plan)
     unsupported = [what for what, used in (("a corrector", m.corrector), ("a statistics cache", statistics_cache),
                                            (f"allocator {m.allocator.name!r}", model_aware),
-                                           (f"storage {m.storage.name!r} (a quantized base)", based),
                                            (f"stage {planning} (it aims at the allocation plan)", planning))
                    if used]
     if unsupported:

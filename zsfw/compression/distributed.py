@@ -170,17 +170,25 @@ def _cost(linear: nn.Linear) -> float:
 
 def _send(store: FactorStore, group: str, members: list[str]) -> None:
     whitener = store.whitener(members[0], _wire()) if store.whiteners else None
-    factors = {name: store.factors(name, _wire()) for name in members}
+    variants = [v for v in ("", *sorted(store.variants)) if members[0] in (store.variants[v] if v else store.layers)]
+    parts = [(v, name) for v in variants for name in members]  # the plain factorization and each base's residual
+    factors = {part: store.factors(part[1], _wire(), part[0]) for part in parts}
+    bases = {(v, name): store.base(v, name) for v, name in parts if v}
     dist.send_object_list([{"notes": {n: store.notes.get(n, "") for n in members},
                             "whitened": members[0] in store.whitener_of,
                             "S": None if whitener is None else (tuple(whitener.shape), whitener.dtype),
-                            "ranks": {n: B.shape[1] for n, (B, _) in factors.items()},
-                            "layers": {name: store.layers[name] for name in members}}], dst=0)
+                            "ranks": {part: B.shape[1] for part, (B, _) in factors.items()},
+                            "layers": {(v, n): store.spectrum(n, v) for v, n in parts},
+                            "bases": {part: {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+                                      for part, tensors in bases.items()}}], dst=0)
     if whitener is not None:
         dist.send(whitener.contiguous(), dst=0)
     for B, A in factors.values():
         dist.send(B.contiguous(), dst=0)
         dist.send(A.contiguous(), dst=0)
+    for tensors in bases.values():
+        for tensor in tensors.values():
+            dist.send(tensor.to(_wire()).contiguous(), dst=0)
 
 
 def _receive(store: FactorStore, group: str, members: list[str], owner: int) -> None:
@@ -192,11 +200,16 @@ def _receive(store: FactorStore, group: str, members: list[str], owner: int) -> 
         S = torch.empty(shape, dtype=dtype, device=_wire())
         dist.recv(S, src=owner)
         store.put_whitener(group, S)
-    for name in members:
-        layer: LayerScores = info["layers"][name]
-        r = info["ranks"][name]
+    for (variant, name), layer in info["layers"].items():
+        layer: LayerScores
+        r = info["ranks"][variant, name]
         B = torch.empty(layer.out_features, r, device=_wire())
         A = torch.empty(r, layer.in_features, device=_wire())
         dist.recv(B, src=owner)
         dist.recv(A, src=owner)
-        store.put_layer(layer, B, A, group if info["whitened"] else None, info["notes"][name])
+        store.put_layer(layer, B, A, group if info["whitened"] else None, info["notes"][name], variant)
+    for (variant, name), shapes in info["bases"].items():
+        tensors = {key: torch.empty(shape, dtype=dtype, device=_wire()) for key, (shape, dtype) in shapes.items()}
+        for tensor in tensors.values():
+            dist.recv(tensor, src=owner)
+        store.put_base(variant, name, tensors)
