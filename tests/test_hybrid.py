@@ -168,3 +168,12 @@ def test_auto_chooses_between_a_based_format_and_factors_under_one_budget(llama,
     model, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, storage=["bf16", "grid"]), windows)
     assert stored_bytes(model, report) == sum(layer.bytes for layer in report.layers) <= report.budget_bytes
     assert {layer.format for layer in report.layers} <= {"bf16", "grid"}
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_alone_and_skipped_in_auto(llama, windows):
+    with pytest.raises(RecipeError, match=r"storage 'int4' cannot hold layer 'model.layers.0.self_attn.q_proj' "
+                                          r"\(32x32\) with its options .*group_size': 64.* a group_size that divides 32"):
+        zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, storage={"name": "int4", "group_size": 64}), windows)
+    model, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.45, storage=["bf16", "int8", "int4"]), windows)
+    chosen = {layer.name: layer.format for layer in report.layers}
+    assert all(fmt != "int4" or model.get_submodule(name).in_features % 64 == 0 for name, fmt in chosen.items())

@@ -47,7 +47,7 @@ _LAZY = {  # public name -> the module that defines it ("module:attribute" where
     "LayerFactors": "zsfw.protocols", "BasedFormat": "zsfw.protocols", "FormatChooser": "zsfw.protocols",
     "ByteBudget": "zsfw.budget", "AllocationPlan": "zsfw.budget", "Allocation": "zsfw.budget",
     "DropFrontier": "zsfw.budget", "rank_of": "zsfw.budget", "useful_rank": "zsfw.budget",
-    "has_base": "zsfw.budget",
+    "has_base": "zsfw.budget", "fits": "zsfw.budget",
     "LowRankLinear": "zsfw.modules", "StoredLinear": "zsfw.modules", "weight_as": "zsfw.modules",
     "first_order_scores": "zsfw.compression.linalg", "lowrank_factors": "zsfw.compression.linalg",
     "whitened_svd": "zsfw.compression.linalg", "whitening_factor": "zsfw.compression.linalg",

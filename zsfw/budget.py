@@ -54,6 +54,13 @@ def variant_of(storage: StorageFormat) -> str:
     return storage.base_key if has_base(storage) else ""
 
 
+def fits(storage: StorageFormat, out_features: int, in_features: int) -> bool:
+    """Whether ``storage`` can hold an out×in layer (a group-wise format needs its group size to
+    divide the inputs); a format without ``fits`` holds any."""
+    check = getattr(storage, "fits", None)
+    return check is None or bool(check(out_features, in_features))
+
+
 def min_rank(storage: StorageFormat) -> int:
     """The lowest rank ``storage`` stores: 0 (the quantized base alone) in a format with a base, else 1."""
     return 0 if has_base(storage) else 1

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import zsfw
-from zsfw import ByteBudget, LayerFactors, LayerScores, StorageFormat, has_base, useful_rank
+from zsfw import ByteBudget, LayerFactors, LayerScores, StorageFormat, fits, has_base, useful_rank
 
 DEFAULT_FORMATS = ("bf16", "pivga", "int8", "packed")
 BISECTIONS = 60
@@ -117,15 +117,18 @@ def _based_options(layer: LayerScores, storage: StorageFormat, factors: LayerFac
     return Options(torch.tensor(costs, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64))
 
 
-def lagrangian_choice(choices: Sequence[Sequence[Options]], limit: float) -> list[tuple[int, int]]:
+def lagrangian_choice(choices: Sequence[Sequence[Options | None]], limit: float) -> list[tuple[int, int]]:
     """For each layer, (member, option) minimising loss + λ·bytes at the smallest λ whose picks
-    cost at most ``limit`` in all (the cheapest picks when none does)."""
+    cost at most ``limit`` in all (the cheapest picks when none does); a member whose options are
+    None cannot hold the layer."""
 
     def picks(lam: float) -> tuple[float, list[tuple[int, int]]]:
         total, chosen = 0.0, []
         for layer in choices:
             best = []  # (value, member, option) of each member's best option; ties: the first member
             for i, o in enumerate(layer):
+                if o is None:
+                    continue
                 value = o.losses + lam * o.costs
                 j = int(value.argmin())
                 best.append((float(value[j]), i, j))
@@ -172,6 +175,7 @@ class AutoStorage:
         members = list(self.members.values())
         budgets = [ByteBudget(layers, ratio, member) for member in members]
         choices = [[options(layer, member, budget.uniform_rank(layer), factors)
+                    if fits(member, layer.out_features, layer.in_features) else None  # never picked
                     for member, budget in zip(members, budgets)]
                    for layer in tqdm(layers, desc="choose formats", unit="layer")]
         picked = lagrangian_choice(choices, budgets[0].limit)

@@ -80,8 +80,13 @@ class GroupwiseFormat:
     def base_from_tensors(self, tensors: dict[str, torch.Tensor]) -> GroupwiseWeight:
         return GroupwiseWeight(tensors["qdata"], tensors["scale"], self.bits, self.group_size)
 
+    def fits(self, out_features: int, in_features: int) -> bool:
+        """Whether the group size divides the layer's inputs (``storage: auto`` gives another
+        member the layers it does not)."""
+        return in_features % self.group_size == 0
+
     def _check_groups(self, out_features: int, in_features: int) -> None:
-        if in_features % self.group_size:
+        if not self.fits(out_features, in_features):
             divisor = max(d for d in range(1, self.group_size + 1) if in_features % d == 0)
             raise RecipeError(f"storage {self.name}: group_size {self.group_size} does not divide the "
                               f"{in_features} inputs of a {out_features}x{in_features} layer; use a "

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsfw.budget import fits
 from zsfw.compression.cache import CompressionCache, factorization_key, statistics_key
 from zsfw.compression.driver import Driver
 from zsfw.compression.linalg import Whitening, lowrank_factors, whitened_svd, whitening_factor
@@ -76,6 +77,8 @@ def _factorize_group(targets: dict[str, nn.Linear], group: GroupStatistics, scor
                 _factorize_layer(name, weight, targets[name].bias is not None, S, gradient, scorer, store,
                                  group.group, note)
             for key, storage in bases.items():
+                if not fits(storage, *weight.shape):  # auto gives this layer another format
+                    continue
                 base = storage.quantize(weight, hessian if storage.needs_hessian else None)
                 store.put_base(key, name, storage.base_tensors(base))
                 residual = weight - storage.dequantize(base).to(weight.device, weight.dtype)

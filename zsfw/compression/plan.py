@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsfw.budget import AllocationPlan
+from zsfw.budget import AllocationPlan, fits
 from zsfw.capabilities import needs
 from zsfw.compression.allocate import allocate, based_formats, chooses_formats, needs_plain
 from zsfw.compression.cache import CompressionCache
@@ -20,7 +20,21 @@ from zsfw.compression.driver import Driver
 from zsfw.compression.factorize import factor_store
 from zsfw.compression.report import Report
 from zsfw.compression.factor_store import FactorStore
+from zsfw.errors import RecipeError
 from zsfw.recipe import ZeroSumSVDModifier
+
+
+def _check_fits(storage: Any, targets: dict[str, nn.Linear]) -> None:
+    """Refuse, before any pass, a single storage format that cannot hold a target (``storage:
+    auto`` gives such a layer another member instead)."""
+    if chooses_formats(storage):
+        return
+    for name, linear in targets.items():
+        if not fits(storage, linear.out_features, linear.in_features):
+            raise RecipeError(f"storage {storage.name!r} cannot hold layer {name!r} ({linear.out_features}x"
+                              f"{linear.in_features}) with its options {vars(storage)}; change them (e.g. a "
+                              f"group_size that divides {linear.in_features}) or list it in storage: auto "
+                              f"with formats that can")
 
 
 class Planner:
@@ -34,6 +48,7 @@ class Planner:
         self.model, self.targets, self.windows, self.modifier = model, targets, windows, modifier
         self.scorer, self.allocator, self.storage, self.driver = scorer, allocator, storage, driver
         self.validation, self.cache = validation, cache
+        _check_fits(storage, targets)
         allocating = needs("allocator", modifier.allocator)
         # which member format keeps the most is not known yet: every component waits in the store
         self.every_component = allocating.needs_model or allocating.keeps_any_component or chooses_formats(storage)
