@@ -37,6 +37,10 @@ SETTINGS = {
     "int4": {"storage": {"name": "int4", "rounding": "rtn"}},  # base + loss-allocated residual
     "int4_gptq": {"storage": {"name": "int4", "rounding": "gptq"}},
     "int3_gptq": {"storage": {"name": "int3", "rounding": "gptq"}},
+    # the same residual budget, not allocated by loss: every layer the same share (EoRA-like), or
+    # by whitened σ alone
+    "int3_gptq_uniform": {"storage": {"name": "int3", "rounding": "gptq"}, "allocator": "uniform"},
+    "int3_gptq_sigma": {"storage": {"name": "int3", "rounding": "gptq"}, "scorer": "sigma"},
     # bits per layer: a format (and residual rank) per layer under the one budget
     "auto_gptq": {"storage": {"name": "auto", "formats": [
         "bf16", "int8", {"name": "int4", "rounding": "gptq"}, {"name": "int3", "rounding": "gptq"}]}},

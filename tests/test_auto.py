@@ -185,3 +185,36 @@ def test_the_list_form_and_bad_lists():
         AutoStorage(["bf16", "nope"])
     with pytest.raises(RecipeError):
         zsfw.load_recipe(recipe(storage={"name": "auto", "colours": 3}))
+
+
+class HandMadeResiduals(HandMade):
+    """``HandMade`` with residuals on an int4 base (group 12): ``flat``'s is spread thin, ``steep``'s
+    one component (a cheap rank-1 residual removes it)."""
+
+    RESIDUAL = {"flat": torch.full((12,), 0.05, dtype=torch.float64),
+                "steep": torch.tensor([0.3] + [1e-4] * 11, dtype=torch.float64)}
+
+    def spectrum(self, name, variant=""):
+        if not variant:
+            return next(l for l in self.layers() if l.name == name)
+        sigma = self.RESIDUAL[name]
+        return zsfw.LayerScores(name, 12, 12, False, sigma, 0.01 * sigma)
+
+
+@pytest.mark.parametrize("ratio", [0.8, 0.5, 0.42, 0.36])
+def test_with_a_quantized_base_member_the_choice_is_the_brute_force_choice(ratio):
+    case = HandMadeResiduals()
+    auto = AutoStorage(["bf16", "pivga", {"name": "int4", "group_size": 12}])
+    layers = case.layers()
+    chosen = auto.choose(layers, ratio, case)
+    members = list(auto.members.values())
+    budgets = [zsfw.ByteBudget(layers, ratio, m) for m in members]
+    choices = [[options(layer, m, b.uniform_rank(layer), case) for m, b in zip(members, budgets)] for layer in layers]
+    based = choices[0][2]  # flat in int4: rank 0.. then dense; loss κ·√(Σ_{i≥k} σ_i²) of the residual
+    kappa = 0.01  # |ΔL_i| / σ_i of the hand-made scores
+    assert based.costs[0] == members[2].base_bytes(12, 12) and based.costs[-1] == 12 * 12 * 2
+    assert torch.allclose(based.losses[:-1], kappa * 0.05 * (12 - torch.arange(len(based.costs) - 1.0)).sqrt().double())
+    expected = brute_force(choices, budgets[0].limit)
+    assert {name: f.name for name, f in chosen.items()} == {l.name: members[m].name for l, m in zip(layers, expected)}
+    if ratio < 0.5:  # the flat layer is cheapest as its int4 base, the steep one as rank-1 factors
+        assert chosen["flat"].name == "int4" and chosen["steep"].name == "pivga"
