@@ -31,6 +31,11 @@ COMPENSATE = "its copy of the uncompressed model"
      Needs(needs_training=True, needs_memory_driver="loss: distill and norms: true")),
     ("corrector", {"name": "chain", "correctors": ["compensate", {"name": "refine", "windows": "training"}]},
      Needs(needs_training=True, needs_memory_driver=f"compensate ({COMPENSATE})")),
+    ("storage", "int4", Needs(has_base=True)),
+    ("storage", {"name": "int3", "rounding": "gptq"}, Needs(has_base=True, needs_hessian=True)),
+    ("storage", {"name": "auto", "formats": ["bf16", {"name": "int4", "rounding": "gptq"}]},
+     Needs(has_base=True, needs_hessian=True)),
+    ("storage", "auto", Needs()),
 ])
 def test_needs_are_read_from_the_class_and_the_options(kind, spec, declared, monkeypatch):
     cls = plugins.component(kind, PluginSpec.model_validate(spec).name).cls
@@ -68,6 +73,12 @@ RULES = [  # modifier keys, lazily loaded, output folder, statistics cache, unde
      "^allocator 'fermigrad' cannot be used across several processes yet;"),
     ({"stages": [PLAN_STAGE]}, False, None, None, True,
      r"^stage 'prehab' \(it aims at the allocation plan\) cannot be used across several processes yet;"),
+    ({"storage": "int4", "corrector": "refine"}, False, None, None, False,
+     "^storage 'int4' with a quantized base needs no corrector; recipes/hybrid.yaml is one that runs$"),
+    ({"storage": ["bf16", "int4"], "corrector": None, "allocator": "fermigrad"}, False, None, None, False,
+     "^storage 'auto' with a quantized base needs an allocator that needs no model, not 'fermigrad';"),
+    ({"storage": {"name": "int4", "rounding": "gptq"}, "corrector": None, "whiten": False}, False, None, None, False,
+     r"^storage 'int4' with a quantized base needs whiten: true \(GPTQ rounds with the input moments C\);"),
 ]
 
 

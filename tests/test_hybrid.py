@@ -44,17 +44,7 @@ class Grid:
     name: ClassVar[str] = "grid"
     has_base: ClassVar[bool] = True
     base_key = "grid15"
-
-    def __init__(self, rounding: str = "rtn") -> None:
-        self.rounding = rounding
-
-    @classmethod
-    def needs_for(cls, options):
-        return {"needs_hessian": options.get("rounding") == "gptq"}
-
-    @property
-    def needs_hessian(self) -> bool:
-        return self.rounding == "gptq"
+    needs_hessian = False
 
     def quantize(self, weight, hessian):
         step = weight.abs().max().float().clamp_min(1e-12) / LEVELS
@@ -152,16 +142,6 @@ def test_the_full_residual_reconstructs_the_weight(llama, windows):
             assert store.spectrum(name, "grid15").scores.shape == (min(linear.weight.shape),)
     finally:
         store.close()
-
-
-@pytest.mark.parametrize("modifier, message", [
-    ({"corrector": "projected_gradient"}, "storage 'grid' with a quantized base needs no corrector"),
-    ({"storage": {"name": "grid", "rounding": "gptq"}, "whiten": False, "corrector": None},
-     "needs whiten: true"),
-])
-def test_what_a_based_format_cannot_run_with_is_refused_in_one_line(llama, windows, modifier, message):
-    with pytest.raises(RecipeError, match=message):
-        zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, **{"storage": "grid", **modifier}), windows)
 
 
 def test_auto_chooses_between_a_based_format_and_factors_under_one_budget(llama, windows):
