@@ -161,8 +161,10 @@ def llama_folder(llama, tmp_path):
     return folder
 
 
+@pytest.mark.parametrize("storage", ["bf16", ["bf16", {"name": "int4", "group_size": 16, "rounding": "gptq"}]],
+                         ids=["bf16", "auto-int4"])  # the second with quantized bases and residuals
 def test_lazy_weights_give_the_same_checkpoint_one_layer_at_a_time(llama, llama_folder, windows, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, storage):
     from zsfw.residency import LazyWeights, lazy_model, residency
 
     held, most = set(), [0]
@@ -191,14 +193,15 @@ def test_lazy_weights_give_the_same_checkpoint_one_layer_at_a_time(llama, llama_
     assert all(p.is_meta for layer in lazy.model.layers for p in layer.parameters())
     replaced = find_targets(lazy, ["Linear"], ["lm_head"])
     embedding = weakref.ref(lazy.model.embed_tokens.weight)  # freed, not only out of the model
-    _, report = zsfw.compress(lazy, recipe(ratio=0.6, execution=streamed, batch_size=2), windows,
+    _, report = zsfw.compress(lazy, recipe(ratio=0.6, execution=streamed, batch_size=2, storage=storage), windows,
                               output_dir=tmp_path / "lazy")
     assert most[0] == 1 and residency(lazy).holders == [0, 0]  # one layer in memory at a time, all let go
     assert all(t.is_meta for m in replaced.values() for t in m.parameters())  # nothing kept alive by them
     assert outside_while_factorizing and all(all(meta) for meta in outside_while_factorizing)
     assert not lazy.model.embed_tokens.weight.is_meta and lazy.lm_head.weight is lazy.model.embed_tokens.weight
     _, resident = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, execution={"driver": "streamed"},
-                                                              batch_size=2), windows, output_dir=tmp_path / "resident")
+                                                              batch_size=2, storage=storage),
+                                windows, output_dir=tmp_path / "resident")
     assert [l.rank for l in report.layers] == [l.rank for l in resident.layers]
     assert [l.written_bytes for l in report.layers] == [l.written_bytes for l in resident.layers]
     assert _files(tmp_path / "lazy") == _files(tmp_path / "resident")  # byte for byte
