@@ -185,7 +185,8 @@ class Report:
                  "columns: rank kept/full ('dense': stored whole; in a format with a quantized base, the "
                  "residual's rank on it, 0: the base alone); kept = bytes / bytes at 16 bits per weight; "
                  "bits = bits per weight; ΔL sum = the scorer's predicted loss change of the dropped "
-                 "components; w.err = ‖(W − W_k)S‖ / ‖W S‖, the whitened relative error"]
+                 "components; w.err = ‖(W − W_k)S‖ / ‖W S‖, the whitened relative error (with a quantized base: of "
+                 "the residual W − Q(W), what its rank k leaves of it)"]
         rows += [f"warning: {w}" for w in self.warnings]
         if self.files:
             rows.append(f"saved: {t['written_bytes']} bytes of compressed-module tensors (predicted "
