@@ -85,9 +85,17 @@ def peers() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(PEER_CELLS.glob("*.json"))] if PEER_CELLS.is_dir() else []
 
 
-def _spread(values: list[float]) -> str:
+def _passes() -> dict[int, float]:
+    """Seconds of each draw's calibration pass (the cell that ran it; the others hit the cache)."""
+    out: dict[int, float] = {}
+    for c in cells():
+        out[c["draw"]] = max(out.get(c["draw"], 0.0), c["phases"].get("statistics", 0.0))
+    return out
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table() -> str:
@@ -102,11 +110,15 @@ def table() -> str:
              "8×2048 tokens, news = the first 8×2048 tokens of the news text; `val loss` = the 8 validation "
              "windows settings are chosen on. Bytes: of the target layers, against bf16. Several draws: "
              "mean ± standard deviation. Peers: `benchmarks/peers.py` on the same windows (draw 3).",
+             "`compress s` leaves out the calibration pass, which the cells of a draw share through the "
+             "statistics cache: " + ", ".join(f"draw {d}: {t:.0f} s" for d, t in sorted(_passes().items()))
+             + " (threads: the cells' `threads`).",
              "",
              "| method | ratio | bytes vs bf16 | wiki PPL | news PPL | val loss | compress s | draws | layers (format: count) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(peers(), key=lambda p: (p["bytes_vs_bf16"], p["method"])):
-        lines.append(f"| {p['method']} (peer) | | {p['bytes_vs_bf16']:.3f} | {p['wiki']:.2f} | {p['news']:.2f} | | "
+        val = f"{p['val_loss']:.4f}" if p.get("val_loss") is not None else ""
+        lines.append(f"| {p['method']} (peer) | | {p['bytes_vs_bf16']:.3f} | {p['wiki']:.2f} | {p['news']:.2f} | {val} | "
                      f"{p['seconds']:.0f} | 3 | |")
     for (setting, ratio), group in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         formats: dict[str, int] = {}
@@ -114,7 +126,8 @@ def table() -> str:
             formats[layer["format"]] = formats.get(layer["format"], 0) + 1
         lines.append(f"| zsfw {setting} | {ratio:g} | {statistics.fmean(c['kept'] for c in group):.3f} | "
                      f"{_spread([c['wiki_ppl'] for c in group])} | {_spread([c['news_ppl'] for c in group])} | "
-                     f"{_spread([c['val_loss'] for c in group])} | {statistics.fmean(c['compress_seconds'] for c in group):.0f} | "
+                     f"{_spread([c['val_loss'] for c in group], 4)} | "
+                     f"{statistics.fmean(c['compress_seconds'] - c['phases'].get('statistics', 0) for c in group):.0f} | "
                      f"{', '.join(str(c['draw']) for c in group)} | "
                      f"{', '.join(f'{k}: {v}' for k, v in sorted(formats.items()))} |")
     return "\n".join(lines)

@@ -563,3 +563,18 @@ def test_r7_the_space_check_counts_the_tokenizer_files(llama, tokenizer, windows
     with pytest.raises(DestinationError, match="MB free, the compressed model needs about"):
         zsfw.compress(llama, _recipe("bf16"), windows, output_dir=tmp_path / "out", tokenizer=tokenizer)
     assert not (tmp_path / "out").exists() and list((tmp_path / "spill").iterdir()) == []
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+def test_a_rank_one_torchao_layer_is_stored_as_rank_two_and_priced_so(storage, tmp_path):
+    fmt = zsfw.storage_format(storage)
+    assert fmt.lowrank_bytes(576, 64, 1, False) == fmt.lowrank_bytes(576, 64, 2, False)
+    B, A = torch.randn(576, 1), torch.randn(1, 64)
+    module = fmt.lowrank_module(B, A, None)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x).float(), (x @ A.T) @ B.T, rtol=0.05, atol=0.05 * (B.abs().max() * (x @ A.T).abs().max()).item())
+    state, _ = module_tensors("m", module)
+    assert sum(t.numel() * t.element_size() for t in state.values()) == fmt.lowrank_bytes(576, 64, 1, False)
+    skeleton = fmt.skeleton(576, 64, 1, False)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}

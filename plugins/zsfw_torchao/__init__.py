@@ -25,6 +25,9 @@ from zsfw import LowRankLinear, StoredLinear
 logging.getLogger("torchao").setLevel(logging.ERROR)  # CUDA-only extensions fail to load on CPU
 
 BIAS_DTYPE = torch.bfloat16
+STORED_MIN_RANK = 2
+"""torchao cannot quantize a factor with one input (a rank-1 layer's B, out×1: its per-row scale
+reshape fails), so rank 1 is stored, and priced, as rank 2 whose second component is zero."""
 
 
 class TorchaoFactors:
@@ -37,6 +40,7 @@ class TorchaoFactors:
         raise NotImplementedError
 
     def lowrank_bytes(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:
+        rank = max(rank, STORED_MIN_RANK)
         return (rank * (out_features + in_features) + self.row_bytes * (rank + out_features)
                 + (out_features * BIAS_DTYPE.itemsize if bias else 0))
 
@@ -45,6 +49,9 @@ class TorchaoFactors:
                 + (out_features * BIAS_DTYPE.itemsize if bias else 0))
 
     def lowrank_module(self, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        pad = STORED_MIN_RANK - B.shape[1]
+        if pad > 0:  # B's extra column is zero; A's extra row repeats its first (a zero row's scale is 0: NaN in fp8)
+            B, A = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1), torch.cat([A, A[:1].expand(pad, -1)])
         return self._quantized(LowRankLinear.from_factors(B, A, bias, torch.float32))
 
     def dense_module(self, linear: nn.Linear) -> nn.Module:
@@ -53,7 +60,7 @@ class TorchaoFactors:
     def skeleton(self, out_features: int, in_features: int, rank: int | None, bias: bool) -> nn.Module:
         with torch.device("meta"):
             module = (StoredLinear(in_features, out_features, bias=bias) if rank is None
-                      else LowRankLinear(in_features, out_features, rank, bias=bias))
+                      else LowRankLinear(in_features, out_features, max(rank, STORED_MIN_RANK), bias=bias))
         return _as_stored(module.requires_grad_(False))
 
     def _quantized(self, module: nn.Module) -> nn.Module:
