@@ -28,9 +28,9 @@ def test_a_store_for_one_format_keeps_its_useful_ranks_and_gives_the_same_model(
     kept = {}
     put = FactorStore.put_layer
 
-    def spy(self, scores, B, A, group, note=""):
+    def spy(self, scores, B, A, group, note="", variant=""):
         kept[scores.name] = (self.spill is not None, B.shape[1], A.shape[0], scores.full_rank)
-        put(self, scores, B, A, group, note)
+        put(self, scores, B, A, group, note, variant)
 
     monkeypatch.setattr(FactorStore, "put_layer", spy)
     compact, report = zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6), windows)
@@ -50,9 +50,9 @@ def test_an_allocator_keeping_any_component_gets_every_component(llama, windows,
     kept = {}
     put = FactorStore.put_layer
 
-    def spy(self, scores, B, A, group, note=""):
+    def spy(self, scores, B, A, group, note="", variant=""):
         kept[scores.name] = (B.shape[1], scores.full_rank)
-        put(self, scores, B, A, group, note)
+        put(self, scores, B, A, group, note, variant)
 
     monkeypatch.setattr(FactorStore, "put_layer", spy)
     zsfw.compress(copy.deepcopy(llama), recipe(ratio=0.6, allocator="greedy_negative"), windows)
