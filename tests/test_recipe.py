@@ -44,7 +44,7 @@ def test_path_string_dict_and_object_give_the_same_recipe(tmp_path):
     ("calibration: {samples: 2, gradient_samples: 3}", r"gradient_samples \(3\) must be <= samples \(2\)"),
     ("scorer: magic", r"scorer: 'magic' is not a registered scorer; registered: first_order, sigma"),
     ("allocator: {name: nope}", r"allocator: 'nope' is not a registered allocator; registered: .*zero_sum"),
-    ("storage: int3", r"storage: 'int3' is not a registered storage; registered: auto, bf16, fp16, fp32"),
+    ("storage: int5", r"storage: 'int5' is not a registered storage; registered: auto, bf16, fp16, fp32, fp8, int2, int3, int4, int8"),
     ("targets: ['re:(']", r"targets: .*'re:\(' is not a valid regex.*got \['re:\('\]"),
     ("whiten: maybe", r"whiten: .*valid boolean.*got 'maybe'"),
 ])
