@@ -45,8 +45,6 @@ SETTINGS = {
     "auto_gptq": {"storage": {"name": "auto", "formats": [
         "bf16", "int8", {"name": "int4", "rounding": "gptq"}, {"name": "int3", "rounding": "gptq"}]}},
     "auto_rtn": {"storage": {"name": "auto", "formats": ["bf16", "int8", "int4", "int3"]}},
-    "auto_gptq_fine": {"storage": {"name": "auto", "formats": [  # finer steps of bits a weight
-        "bf16", "int8", *({"name": f"int{b}", "rounding": "gptq", "group_size": g} for b in (4, 3) for g in (32, 64))]}},
 }
 
 
