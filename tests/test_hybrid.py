@@ -137,7 +137,8 @@ def test_the_full_residual_reconstructs_the_weight(llama, windows):
                   bases={"grid15": Grid()}, plain=False)
         for name, linear in targets.items():
             B, A = store.factors(name, torch.device("cpu"), "grid15")
-            base = Grid().dequantize(Grid().base_from_tensors(store.base("grid15", name)))
+            base = Grid().dequantize(Grid().base_from_tensors(store.base("grid15", name, torch.device("cpu"))))
+            assert all(t.is_meta for t in store.base("grid15", name, torch.device("meta")).values())  # where asked
             torch.testing.assert_close(base + B @ A, linear.weight.detach(), rtol=1e-4, atol=1e-5)
             assert store.spectrum(name, "grid15").scores.shape == (min(linear.weight.shape),)
     finally:

@@ -173,7 +173,7 @@ def _send(store: FactorStore, group: str, members: list[str]) -> None:
     variants = [v for v in ("", *sorted(store.variants)) if members[0] in (store.variants[v] if v else store.layers)]
     parts = [(v, name) for v in variants for name in members]  # the plain factorization and each base's residual
     factors = {part: store.factors(part[1], _wire(), part[0]) for part in parts}
-    bases = {(v, name): store.base(v, name) for v, name in parts if v}
+    bases = {(v, name): store.base(v, name, _wire()) for v, name in parts if v}
     dist.send_object_list([{"notes": {n: store.notes.get(n, "") for n in members},
                             "whitened": members[0] in store.whitener_of,
                             "S": None if whitener is None else (tuple(whitener.shape), whitener.dtype),
@@ -188,7 +188,7 @@ def _send(store: FactorStore, group: str, members: list[str]) -> None:
         dist.send(A.contiguous(), dst=0)
     for tensors in bases.values():
         for tensor in tensors.values():
-            dist.send(tensor.to(_wire()).contiguous(), dst=0)
+            dist.send(tensor.contiguous(), dst=0)
 
 
 def _receive(store: FactorStore, group: str, members: list[str], owner: int) -> None:

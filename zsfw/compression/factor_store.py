@@ -127,9 +127,9 @@ class FactorStore:
         """The tensors of layer ``name``'s quantized base in the base ``variant``."""
         self._save(to_host({key: t.contiguous() for key, t in tensors.items()}), self._path(f"base.{variant}.{name}"))
 
-    def base(self, variant: str, name: str) -> dict[str, torch.Tensor]:
-        """What ``put_base`` stored (on the CPU)."""
-        return load_file(self._path(f"base.{variant}.{name}"))
+    def base(self, variant: str, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """What ``put_base`` stored, on ``device`` (where the layer's module is built, like ``factors``)."""
+        return {key: to_device(t, device) for key, t in load_file(self._path(f"base.{variant}.{name}")).items()}
 
     def spectrum(self, name: str, variant: str = "") -> LayerScores:
         """Layer ``name``'s spectrum and scores: of its weight, or of its residual on base ``variant``."""

@@ -54,7 +54,7 @@ def truncate(model: nn.Module, targets: dict[str, nn.Linear], plan: AllocationPl
                     new = storage.dense_module(linear)
                 elif variant:  # the quantized base plus the kept residual components
                     B, A = kept_factors(store, name, plan[name], linear.weight.device, variant)
-                    base = storage.base_from_tensors(store.base(variant, name))
+                    base = storage.base_from_tensors(store.base(variant, name, linear.weight.device))
                     new = storage.hybrid_module(base, B, A, linear.bias)
                 else:
                     B, A = kept_factors(store, name, plan[name], linear.weight.device)
